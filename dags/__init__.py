@@ -1,0 +1,1 @@
+"""Dask graph wiring for morphset stages (no stage logic lives here)."""

@@ -1,0 +1,202 @@
+"""Load the versioned Arrow schemas declared as data in ``schemas/<name>.yaml``.
+
+Every column of every stage output is declared exactly once, there. A schema file looks like::
+
+    name: detections
+    version: 1
+    doc: one row per image ...
+    columns:
+      - {name: image_id, type: string, nullable: false, doc: path relative to the dataset root}
+      - {name: boxes, type: "list<list<float32>[4]>", doc: all boxes x0 y0 x1 y1}
+
+Type grammar: ``string | binary | bool | int8..int64 | uint8..uint64 | float16 | float32 | float64
+| list<T> | list<T>[n]`` (fixed-size list), nested freely.
+
+Writers call :func:`conform` (refuses a table whose columns or types differ); readers call
+:func:`check_version` on the Parquet key-value metadata (refuses a version mismatch, naming both).
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+import yaml
+
+SCHEMA_DIR = Path(__file__).resolve().parents[1] / "schemas"
+META_SCHEMA_NAME = b"morphset.schema"
+META_SCHEMA_VERSION = b"morphset.schema_version"
+
+
+class SchemaError(ValueError):
+    """A table or file does not match its declared schema."""
+
+
+_PRIMITIVES = {
+    "string": pa.string(),
+    "binary": pa.binary(),
+    "bool": pa.bool_(),
+    "int8": pa.int8(),
+    "int16": pa.int16(),
+    "int32": pa.int32(),
+    "int64": pa.int64(),
+    "uint8": pa.uint8(),
+    "uint16": pa.uint16(),
+    "uint32": pa.uint32(),
+    "uint64": pa.uint64(),
+    "float16": pa.float16(),
+    "float32": pa.float32(),
+    "float64": pa.float64(),
+}
+_LIST_RE = re.compile(r"^list<(?P<inner>.+)>(\[(?P<size>\d+)\])?$")
+
+
+def parse_type(text: str) -> pa.DataType:
+    """Parse the schema files' type grammar into an Arrow type."""
+    t = text.strip()
+    if t in _PRIMITIVES:
+        return _PRIMITIVES[t]
+    m = _LIST_RE.match(t)
+    if not m:
+        raise SchemaError(f"unknown column type {text!r}")
+    inner = parse_type(m.group("inner"))
+    if m.group("size"):
+        return pa.list_(inner, int(m.group("size")))
+    return pa.list_(inner)
+
+
+@dataclass(frozen=True)
+class StageSchema:
+    name: str
+    version: int
+    doc: str
+    arrow: pa.Schema  # with the name/version in its metadata
+    docs: dict[str, str]
+
+    @property
+    def columns(self) -> list[str]:
+        return list(self.arrow.names)
+
+    def empty_table(self) -> pa.Table:
+        return self.arrow.empty_table()
+
+    def metadata(self, extra: dict[str, str] | None = None) -> dict[bytes, bytes]:
+        md = dict(self.arrow.metadata or {})
+        for k, v in (extra or {}).items():
+            md[k.encode()] = str(v).encode()
+        return md
+
+
+def _schema_path(name: str) -> Path:
+    return SCHEMA_DIR / f"{name}.yaml"
+
+
+@functools.cache
+def load_schema(name: str) -> StageSchema:
+    """Load ``schemas/<name>.yaml``; errors name the file and the offending key."""
+    path = _schema_path(name)
+    if not path.is_file():
+        known = sorted(p.stem for p in SCHEMA_DIR.glob("*.yaml"))
+        raise SchemaError(f"{path}: no such schema (known: {', '.join(known)})")
+    with open(path, encoding="utf-8") as f:
+        raw = yaml.safe_load(f)
+    if not isinstance(raw, dict) or raw.get("name") != name:
+        raise SchemaError(f"{path}: expected a mapping with 'name: {name}'")
+    version = raw.get("version")
+    if not isinstance(version, int) or version < 1:
+        raise SchemaError(f"{path}: 'version' must be a positive integer, got {version!r}")
+    cols = raw.get("columns")
+    if not isinstance(cols, list) or not cols:
+        raise SchemaError(f"{path}: 'columns' must be a non-empty list")
+    fields, docs, seen = [], {}, set()
+    for i, col in enumerate(cols):
+        where = f"{path}: columns[{i}]"
+        if not isinstance(col, dict) or "name" not in col or "type" not in col:
+            raise SchemaError(f"{where}: expected a mapping with 'name' and 'type'")
+        unknown = set(col) - {"name", "type", "nullable", "doc"}
+        if unknown:
+            raise SchemaError(f"{where}: unknown keys {sorted(unknown)} (allowed: name, type, nullable, doc)")
+        cname = col["name"]
+        if cname in seen:
+            raise SchemaError(f"{where}: column {cname!r} declared twice")
+        seen.add(cname)
+        try:
+            typ = parse_type(str(col["type"]))
+        except SchemaError as exc:
+            raise SchemaError(f"{where} ({cname}): {exc}") from None
+        fields.append(pa.field(cname, typ, nullable=bool(col.get("nullable", True))))
+        docs[cname] = str(col.get("doc", ""))
+    md = {META_SCHEMA_NAME: name.encode(), META_SCHEMA_VERSION: str(version).encode()}
+    return StageSchema(name, version, str(raw.get("doc", "")), pa.schema(fields, metadata=md), docs)
+
+
+def all_schema_names() -> list[str]:
+    return sorted(p.stem for p in SCHEMA_DIR.glob("*.yaml") if p.stem != "manifest")
+
+
+def conform(table: pa.Table, schema: StageSchema, extra_metadata: dict[str, str] | None = None) -> pa.Table:
+    """Return ``table`` with exactly the declared columns, order and types, or raise.
+
+    Column order is normalised; a missing or unexpected column, a type that differs from the
+    declaration, or a null in a non-nullable column is refused.
+    """
+    want = schema.arrow
+    have = set(table.column_names)
+    missing = [n for n in want.names if n not in have]
+    extra = sorted(have - set(want.names))
+    if missing or extra:
+        raise SchemaError(
+            f"table for schema {schema.name!r} v{schema.version}: missing columns {missing}, unexpected columns {extra}"
+        )
+    cols = []
+    for f in want:
+        col = table.column(f.name)
+        if not col.type.equals(f.type):
+            # Accept a null-typed column (all rows null) and exact-safe casts of the same kind.
+            if pa.types.is_null(col.type):
+                col = pa.nulls(len(table), f.type)
+            else:
+                raise SchemaError(
+                    f"table for schema {schema.name!r} v{schema.version}: column {f.name!r} has type {col.type}, declared {f.type}"
+                )
+        if not f.nullable and col.null_count:
+            raise SchemaError(
+                f"table for schema {schema.name!r} v{schema.version}: column {f.name!r} is not nullable but has {col.null_count} nulls"
+            )
+        cols.append(col)
+    return pa.Table.from_arrays(cols, schema=want.with_metadata(schema.metadata(extra_metadata)))
+
+
+def check_version(metadata: dict[bytes, bytes] | None, schema: StageSchema, where: str) -> None:
+    """Refuse a file whose stored schema name/version differ from the declared one."""
+    md = metadata or {}
+    name = md.get(META_SCHEMA_NAME, b"").decode() or None
+    ver = md.get(META_SCHEMA_VERSION, b"").decode() or None
+    if name != schema.name or ver != str(schema.version):
+        raise SchemaError(
+            f"{where}: written with schema {name or '<none>'} v{ver or '<none>'}, "
+            f"this morphset reads {schema.name} v{schema.version}; rebuild the stage (mode overwrite)"
+        )
+
+
+def from_rows(
+    rows: list[dict], schema: StageSchema, extra_metadata: dict[str, str] | None = None
+) -> pa.Table:
+    """Build a conforming table from a list of row dicts (missing nullable keys become null)."""
+    if not rows:
+        return conform(schema.empty_table(), schema, extra_metadata)
+    unknown = set().union(*(r.keys() for r in rows)) - set(schema.arrow.names)
+    if unknown:
+        raise SchemaError(f"rows for schema {schema.name!r}: unexpected keys {sorted(unknown)}")
+    arrays = []
+    for f in schema.arrow:
+        try:
+            arrays.append(pa.array([r.get(f.name) for r in rows], type=f.type))
+        except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, ValueError) as exc:
+            raise SchemaError(
+                f"rows for schema {schema.name!r}: column {f.name!r} ({f.type}): {exc}"
+            ) from None
+    return conform(pa.Table.from_arrays(arrays, schema=schema.arrow), schema, extra_metadata)

@@ -1,0 +1,199 @@
+"""Shard store: stage outputs as ``<run>/<stage>/part-NNNNN.parquet`` plus a JSON sidecar.
+
+Commit protocol (what makes resume and re-executed Dask tasks safe):
+1. the Parquet file is written under a hidden temporary name in the same directory, then renamed;
+2. the sidecar ``part-NNNNN.json`` is written the same way, last. It is the done-marker.
+A shard is *done* only if its sidecar exists and records the fingerprint of the current inputs and
+parameters. A writer killed between 1 and 2 leaves a shard that is not done; the rerun rewrites it.
+A task that runs twice writes identical content twice. Readers only ever open Parquet files whose
+sidecar exists, and hidden names (``_tmp-…``) are ignored by ``pyarrow.dataset``.
+
+Everything goes through fsspec, so ``file://``, ``memory://`` and object stores share this code.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import io
+import json
+import re
+import uuid
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+import fsspec
+import pyarrow as pa
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+
+from pipeline import __version__
+from pipeline.schemas import StageSchema, check_version, conform
+
+PART_RE = re.compile(r"part-(\d{5})\.json$")
+ROW_GROUP_SIZE = 2048  # bounded row groups: column selection never reads more than this many rows of bytes
+
+
+def fingerprint(*parts: Any) -> str:
+    """Stable sha256 of JSON-serialisable parts (dict keys sorted)."""
+    h = hashlib.sha256()
+    for p in parts:
+        h.update(json.dumps(p, sort_keys=True, default=str, separators=(",", ":")).encode())
+        h.update(b"\x00")
+    return h.hexdigest()
+
+
+def failure_counts(table: pa.Table, column: str = "failure_reason") -> dict[str, int]:
+    if column not in table.column_names:
+        return {}
+    counts = Counter(r for r in table.column(column).to_pylist() if r is not None)
+    return dict(sorted(counts.items()))
+
+
+@dataclass
+class ShardStore:
+    """The shards of one stage of one run."""
+
+    run_root: str
+    stage: str
+    storage_options: dict | None = None
+
+    def __post_init__(self) -> None:
+        self.fs, root = fsspec.core.url_to_fs(self.run_root, **(self.storage_options or {}))
+        self.root = root.rstrip("/")
+        self.dir = f"{self.root}/{self.stage}"
+
+    # --- paths ---------------------------------------------------------------------------
+    def data_path(self, shard: int) -> str:
+        return f"{self.dir}/part-{shard:05d}.parquet"
+
+    def sidecar_path(self, shard: int) -> str:
+        return f"{self.dir}/part-{shard:05d}.json"
+
+    def failed_path(self, shard: int) -> str:
+        return f"{self.dir}/part-{shard:05d}.failed.json"
+
+    def _tmp(self, final: str) -> str:
+        d, name = final.rsplit("/", 1)
+        return f"{d}/_tmp-{uuid.uuid4().hex[:12]}-{name}"
+
+    def _atomic_write(self, final: str, data: bytes) -> None:
+        self.fs.makedirs(self.dir, exist_ok=True)
+        tmp = self._tmp(final)
+        with self.fs.open(tmp, "wb") as f:
+            f.write(data)
+        try:
+            self.fs.mv(tmp, final)
+        except Exception:
+            self.fs.rm(tmp)
+            raise
+
+    # --- writing -------------------------------------------------------------------------
+    def write(
+        self,
+        shard: int,
+        table: pa.Table,
+        schema: StageSchema,
+        fingerprint: str,
+        params_hash: str,
+        seconds: float,
+        extra_metadata: dict[str, str] | None = None,
+        extra_sidecar: dict | None = None,
+    ) -> dict:
+        """Validate ``table`` against ``schema`` and commit the shard (data, then sidecar)."""
+        table = conform(table, schema, extra_metadata)
+        buf = io.BytesIO()
+        pq.write_table(table, buf, row_group_size=ROW_GROUP_SIZE, compression="zstd")
+        self._atomic_write(self.data_path(shard), buf.getvalue())
+        sidecar = {
+            "stage": self.stage,
+            "shard": shard,
+            "rows": table.num_rows,
+            "failures": failure_counts(table),
+            "seconds": round(float(seconds), 4),
+            "fingerprint": fingerprint,
+            "params_hash": params_hash,
+            "schema": schema.name,
+            "schema_version": schema.version,
+            "morphset_version": __version__,
+            "written_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        }
+        sidecar.update(extra_sidecar or {})
+        self._atomic_write(self.sidecar_path(shard), json.dumps(sidecar, indent=1, sort_keys=True).encode())
+        if self.fs.exists(self.failed_path(shard)):
+            self.fs.rm(self.failed_path(shard))
+        return sidecar
+
+    def mark_failed(self, shard: int, fingerprint: str, error: str, traceback: str) -> None:
+        """Record a shard whose task raised (after retries); the shard stays not-done."""
+        doc = {
+            "stage": self.stage,
+            "shard": shard,
+            "fingerprint": fingerprint,
+            "error": error,
+            "traceback": traceback,
+            "written_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        }
+        self._atomic_write(self.failed_path(shard), json.dumps(doc, indent=1).encode())
+
+    def remove(self, shard: int) -> None:
+        for p in (self.sidecar_path(shard), self.data_path(shard), self.failed_path(shard)):
+            if self.fs.exists(p):
+                self.fs.rm(p)
+
+    def clear(self) -> None:
+        if self.fs.exists(self.dir):
+            self.fs.rm(self.dir, recursive=True)
+
+    # --- reading -------------------------------------------------------------------------
+    def sidecar(self, shard: int) -> dict | None:
+        try:
+            with self.fs.open(self.sidecar_path(shard), "rb") as f:
+                return json.loads(f.read())
+        except FileNotFoundError:
+            return None
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return None  # a corrupt sidecar means not done
+
+    def failure(self, shard: int) -> dict | None:
+        try:
+            with self.fs.open(self.failed_path(shard), "rb") as f:
+                return json.loads(f.read())
+        except (FileNotFoundError, json.JSONDecodeError):
+            return None
+
+    def is_done(self, shard: int, fingerprint: str | None = None) -> bool:
+        sc = self.sidecar(shard)
+        if sc is None or not self.fs.exists(self.data_path(shard)):
+            return False
+        return fingerprint is None or sc.get("fingerprint") == fingerprint
+
+    def shards_with_sidecar(self) -> list[int]:
+        if not self.fs.exists(self.dir):
+            return []
+        out = []
+        for p in self.fs.ls(self.dir, detail=False):
+            m = PART_RE.search(p.rsplit("/", 1)[-1])
+            if m:
+                out.append(int(m.group(1)))
+        return sorted(out)
+
+    def read(self, shard: int, schema: StageSchema, columns: list[str] | None = None) -> pa.Table:
+        """Read one committed shard, refusing a schema-version mismatch."""
+        path = self.data_path(shard)
+        if self.sidecar(shard) is None:
+            raise FileNotFoundError(f"{path}: shard not committed (no sidecar)")
+        with self.fs.open(path, "rb") as f:
+            pf = pq.ParquetFile(f)
+            check_version(pf.schema_arrow.metadata, schema, path)
+            return pf.read(columns=columns)
+
+    def dataset(self, schema: StageSchema, shards: list[int] | None = None) -> pads.Dataset:
+        """A pyarrow dataset over committed shards (column selection reads only those columns)."""
+        shards = self.shards_with_sidecar() if shards is None else shards
+        paths = [self.data_path(s) for s in shards if self.sidecar(s) is not None]
+        for p in paths[:1]:
+            with self.fs.open(p, "rb") as f:
+                check_version(pq.ParquetFile(f).schema_arrow.metadata, schema, p)
+        return pads.dataset(paths, schema=schema.arrow, format="parquet", filesystem=self.fs)
