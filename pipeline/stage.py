@@ -30,6 +30,9 @@ class StageSpec:
     func: str  # "module:function", imported lazily (TensorFlow and torch stay out of the driver)
     resources: dict = field(default_factory=dict)  # Dask worker resources, e.g. {"GPU": 1}
     doc: str = ""
+    # A stage-level JSON file (in this stage's directory) computed from all shards before this
+    # stage runs, e.g. export's subject-label map; its content is part of every shard fingerprint.
+    global_input: str | None = None
 
     def function(self) -> Callable[[dict[str, pa.Table], ShardContext], pa.Table]:
         mod, fn = self.func.split(":")
@@ -63,6 +66,7 @@ STAGES: dict[str, StageSpec] = {
             ("index", "detect", "landmarks", "fit"),
             "pipeline.export:run_shard",
             doc="aligned crops + fit targets, the hand-off to trainers",
+            global_input="_labels.json",
         ),
     )
 }
@@ -107,6 +111,11 @@ def shard_fingerprint(
         if sc is None:
             return None
         ups.append(sc["fingerprint"])
+    if spec.global_input:
+        doc = ShardStore(run_root, stage, storage_options).read_json(spec.global_input)
+        if doc is None:
+            return None
+        ups.append(fingerprint(doc))
     return fingerprint(ups, stage_params_hash(manifest, stage))
 
 
@@ -123,7 +132,7 @@ def process_shard(
     out = ShardStore(run_root, stage, storage_options)
     fp = shard_fingerprint(manifest, run_root, stage, shard, storage_options)
     if fp is None:
-        raise RuntimeError(f"{stage} shard {shard}: an input shard ({', '.join(spec.inputs)}) is not done")
+        raise RuntimeError(f"{stage} shard {shard}: an input ({', '.join(spec.inputs)}) is not done")
     if not force and out.is_done(shard, fp):
         return {**out.sidecar(shard), "skipped": True}
     t0 = time.perf_counter()

@@ -125,6 +125,19 @@ class ShardStore:
             self.fs.rm(self.failed_path(shard))
         return sidecar
 
+    def write_json(self, name: str, doc: dict) -> None:
+        """An auxiliary stage-level JSON file (``_summary.json`` ...), written atomically."""
+        self._atomic_write(
+            f"{self.dir}/{name}", json.dumps(doc, indent=1, ensure_ascii=False, sort_keys=True).encode()
+        )
+
+    def read_json(self, name: str) -> dict | None:
+        try:
+            with self.fs.open(f"{self.dir}/{name}", "rb") as f:
+                return json.loads(f.read())
+        except (FileNotFoundError, json.JSONDecodeError):
+            return None
+
     def mark_failed(self, shard: int, fingerprint: str, error: str, traceback: str) -> None:
         """Record a shard whose task raised (after retries); the shard stays not-done."""
         doc = {

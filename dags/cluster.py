@@ -1,0 +1,75 @@
+"""Where the graph runs: an embedded LocalCluster (default), an existing Dask cluster, or in-process.
+
+``execution.scheduler`` (or ``--scheduler``):
+- ``null``: a ``distributed.LocalCluster`` sized to the machine — one single-threaded worker process
+  per core with a memory limit — started and closed by the command;
+- ``tcp://host:8786``: join a running cluster (dask-jobqueue, dask-kubernetes, ``dask scheduler`` ...);
+- ``sync``: no cluster, shards run one after another in this process (debugging, tiny runs).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Iterator
+
+from pipeline.manifest import Manifest
+
+log = logging.getLogger("morphset.cluster")
+
+
+def _quiet_dask_logs() -> None:
+    for name in ("distributed", "distributed.worker", "distributed.scheduler", "distributed.nanny", "bokeh"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+@contextlib.contextmanager
+def open_client(manifest: Manifest, echo: bool = True) -> Iterator[object | None]:
+    """Yield a ``distributed.Client`` (or None for ``sync``); close what this function started."""
+    ex = manifest.data.get("execution", {})
+    scheduler = ex.get("scheduler")
+    if scheduler == "sync":
+        yield None
+        return
+    from distributed import Client, LocalCluster
+
+    _quiet_dask_logs()
+    if scheduler:
+        client = Client(scheduler, timeout="30s")
+        if echo:
+            print(f"joined Dask cluster {scheduler}; dashboard: {client.dashboard_link}", flush=True)
+        try:
+            yield client
+        finally:
+            client.close()
+        return
+    n_workers = ex.get("n_workers") or os.cpu_count() or 1
+    # Workers inherit this; it keeps TensorFlow quiet and stops BLAS oversubscribing the cores.
+    env = {
+        "TF_CPP_MIN_LOG_LEVEL": "3",
+        "OMP_NUM_THREADS": "1",
+        "OPENBLAS_NUM_THREADS": "1",
+        "MKL_NUM_THREADS": "1",
+    }
+    os.environ.update({k: os.environ.get(k, v) for k, v in env.items()})
+    cluster = LocalCluster(
+        n_workers=n_workers,
+        threads_per_worker=ex.get("threads_per_worker", 1),
+        processes=True,
+        memory_limit=ex.get("memory_limit", "4GiB"),
+        dashboard_address=":0" if ex.get("dashboard", True) else None,
+        silence_logs=logging.WARNING,
+    )
+    client = Client(cluster)
+    if echo:
+        link = client.dashboard_link if ex.get("dashboard", True) else "off"
+        print(
+            f"LocalCluster: {n_workers} worker process(es) x {ex.get('threads_per_worker', 1)} thread(s); dashboard: {link}",
+            flush=True,
+        )
+    try:
+        yield client
+    finally:
+        client.close()
+        cluster.close()

@@ -1,0 +1,68 @@
+"""``morphset ingest``: scan a dataset into index shards."""
+
+from __future__ import annotations
+
+import argparse
+
+from pipeline.commands._common import add_run_argument, manifest_from_args, run_root
+from pipeline.ingest import run_ingest
+from pipeline.status import save_run_manifest
+
+HELP = "scan a dataset (subject folders or a list file) into index shards"
+DESCRIPTION = (
+    "Scan datasets.<name> of the manifest into RUN/ingest/part-NNNNN.parquet index shards: one row per file "
+    "(unusable files keep their row with a failure reason), stable labels from sorted subject names, whole "
+    "subjects per shard. Re-running does no work unless the files or the shard size changed."
+)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_run_argument(p)
+    p.add_argument(
+        "--dataset", default=None, help="datasets.<name> to ingest (default: stages.ingest.dataset)"
+    )
+    p.add_argument("--root", default=None, help="override datasets.<name>.root (local path or fsspec URL)")
+    p.add_argument("--list-file", default=None, help="CSV path,subject; sets layout list-file")
+    p.add_argument(
+        "--shard-size", type=int, default=None, help="target images per shard (stages.ingest.shard_size)"
+    )
+    p.add_argument(
+        "--mode",
+        choices=["resume", "overwrite", "extend"],
+        default="resume",
+        help="resume: rewrite only changed shards; overwrite: rewrite all; extend: new subjects go to new shards",
+    )
+
+
+def ingest_overrides(args: argparse.Namespace, dataset: str) -> dict:
+    o: dict = {}
+    if getattr(args, "dataset", None):
+        o["stages.ingest.dataset"] = args.dataset
+    if getattr(args, "root", None):
+        o[f"datasets.{dataset}.root"] = args.root
+    if getattr(args, "list_file", None):
+        o[f"datasets.{dataset}.list_file"] = args.list_file
+        o[f"datasets.{dataset}.layout"] = "list-file"
+    if getattr(args, "shard_size", None):
+        o["stages.ingest.shard_size"] = args.shard_size
+    return o
+
+
+def run(args: argparse.Namespace) -> int:
+    base = manifest_from_args(args)
+    dataset = args.dataset or base.stage_params("ingest")["dataset"]
+    if args.root and dataset not in base.data["datasets"]:
+        base = base.with_overrides({f"datasets.{dataset}": {"root": args.root, "layout": "subject-folders"}})
+    m = base.with_overrides(ingest_overrides(args, dataset))
+    root = run_root(args, m)
+    r = run_ingest(m, root, dataset, mode=args.mode)
+    save_run_manifest(m, root)
+    print(
+        f"ingest {dataset}: {r.images} files of {r.subjects} subjects; shards written {len(r.shards_written)}, "
+        f"unchanged {len(r.shards_skipped)}, removed {len(r.shards_removed)}"
+    )
+    if r.failures:
+        print("  recorded: " + ", ".join(f"{k}={v}" for k, v in r.failures.items()))
+    for w in r.warnings:
+        print(f"  warning: {w}")
+    return 0

@@ -1,0 +1,145 @@
+"""Export: the training-set shards handed to trainers (schema ``trainset``).
+
+Only images whose detection, landmarks and fit all succeeded; subjects with fewer usable images
+than ``min_images_per_subject`` are dropped. Labels are dense over the surviving subjects and the
+train/validation split is by subject (a hash of the subject name), so both are decided once for
+the whole run by :func:`prepare_global` (``export/_labels.json``) before any export shard runs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import cv2
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from pipeline.align import transform_points, warp_crop
+from pipeline.decode import max_pixels_from, read_image
+from pipeline.manifest import Manifest
+from pipeline.schemas import from_rows, load_schema
+from pipeline.stage import ShardContext
+from pipeline.store import ShardStore
+
+LABELS_FILE = "_labels.json"
+
+
+def subject_split(subject: str, val_fraction: float, salt: str) -> str:
+    """Deterministic split by subject: the same subject lands in the same split on any machine."""
+    h = int.from_bytes(hashlib.sha256(f"{salt}:{subject}".encode()).digest()[:8], "big")
+    return "val" if (h / 2**64) < val_fraction else "train"
+
+
+def label_map(
+    usable_counts: dict[str, int], min_images: int, val_fraction: float, salt: str
+) -> dict[str, dict]:
+    """Dense labels (sorted subject names) over subjects with enough usable images."""
+    keep = sorted(s for s, n in usable_counts.items() if n >= min_images)
+    return {
+        s: {"label": i, "split": subject_split(s, val_fraction, salt), "images": usable_counts[s]}
+        for i, s in enumerate(keep)
+    }
+
+
+def prepare_global(manifest: Manifest, run_root: str, storage_options: dict | None = None) -> dict:
+    """Count usable images per subject over all committed fit shards; write ``export/_labels.json``."""
+    params = manifest.stage_params("export")
+    fits = ShardStore(run_root, "fit", storage_options)
+    schema = load_schema("fits")
+    counts: dict[str, int] = {}
+    for shard in fits.shards_with_sidecar():
+        t = fits.read(shard, schema, columns=["subject", "failure_reason"])
+        ok = t.filter(pc.is_null(t.column("failure_reason")))
+        for s in ok.column("subject").to_pylist():
+            counts[s] = counts.get(s, 0) + 1
+    labels = label_map(counts, params["min_images_per_subject"], params["val_fraction"], params["split_salt"])
+    doc = {
+        "min_images_per_subject": params["min_images_per_subject"],
+        "val_fraction": params["val_fraction"],
+        "split_salt": params["split_salt"],
+        "subjects": labels,
+        "dropped_subjects": sorted(s for s in counts if s not in labels),
+    }
+    ShardStore(run_root, "export", storage_options).write_json(LABELS_FILE, doc)
+    return doc
+
+
+def _encode_jpeg(rgb: np.ndarray, quality: int) -> bytes:
+    ok, buf = cv2.imencode(
+        ".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, int(quality)]
+    )
+    if not ok:
+        raise RuntimeError("JPEG encoding failed")
+    return buf.tobytes()
+
+
+def _build_metadata(fit_table: pa.Table, manifest: Manifest) -> dict[str, str]:
+    md = {
+        k.decode(): v.decode()
+        for k, v in (fit_table.schema.metadata or {}).items()
+        if k.startswith(b"morphset.model.")
+    }
+    md["morphset.build.params"] = json.dumps(
+        {s: manifest.stage_params(s) for s in ("ingest", "detect", "landmarks", "fit", "export")},
+        sort_keys=True,
+        default=str,
+    )
+    return md
+
+
+def run_shard(inputs: dict[str, pa.Table], ctx: ShardContext) -> pa.Table:
+    index, det, lm, fit = inputs["index"], inputs["detect"], inputs["landmarks"], inputs["fit"]
+    labels = ShardStore(ctx.run_root, "export", ctx.storage_options).read_json(LABELS_FILE)
+    if labels is None:
+        raise FileNotFoundError(
+            f"{ctx.run_root}/export/{LABELS_FILE}: subject-label map missing (run the export stage, which writes it first)"
+        )
+    subjects = labels["subjects"]
+    max_pixels = max_pixels_from(ctx.manifest)
+    quality = ctx.params["jpeg_quality"]
+    det_by_id = {r["image_id"]: r for r in det.select(["image_id", "primary_score"]).to_pylist()}
+    lm_by_id = {r["image_id"]: r for r in lm.select(["image_id", "landmarks", "align_matrix"]).to_pylist()}
+    uri_by_id = dict(zip(index.column("image_id").to_pylist(), index.column("uri").to_pylist(), strict=True))
+    rows = []
+    for f in fit.to_pylist():
+        if f["failure_reason"] is not None or f["subject"] not in subjects:
+            continue
+        image_id = f["image_id"]
+        lrow, drow = lm_by_id.get(image_id), det_by_id.get(image_id)
+        if lrow is None or drow is None or lrow["align_matrix"] is None or lrow["landmarks"] is None:
+            continue
+        decoded = read_image(uri_by_id[image_id], max_pixels, ctx.storage_options)
+        if not decoded.ok:
+            continue  # the file changed since detection; the next detect pass records the reason
+        matrix = np.asarray(lrow["align_matrix"], dtype=np.float64).reshape(2, 3)
+        crop = warp_crop(decoded.image, matrix)
+        pts = transform_points(np.asarray(lrow["landmarks"], dtype=np.float64).reshape(68, 2), matrix)
+        info = subjects[f["subject"]]
+        rows.append(
+            {
+                "image_id": image_id,
+                "subject": f["subject"],
+                "label": info["label"],
+                "split": info["split"],
+                "crop_jpeg": _encode_jpeg(crop, quality),
+                "landmarks_crop": pts.reshape(-1).astype(np.float32).tolist(),
+                "alpha_id": f["alpha_id"],
+                "alpha_exp": f["alpha_exp"],
+                "yaw": f["yaw"],
+                "pitch": f["pitch"],
+                "roll": f["roll"],
+                "scale": f["scale"],
+                "reproj_rmse_px": f["reproj_rmse_px"],
+                "reproj_nme": f["reproj_nme"],
+                "detection_score": drow["primary_score"],
+            }
+        )
+    table = from_rows(rows, load_schema("trainset"))
+    return table.replace_schema_metadata(
+        {
+            **(table.schema.metadata or {}),
+            **{k.encode(): v.encode() for k, v in _build_metadata(fit, ctx.manifest).items()},
+        }
+    )

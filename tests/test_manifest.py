@@ -1,0 +1,84 @@
+"""Manifest loading: validation errors name the key path and what was expected; overrides apply."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline.manifest import DEFAULT_MANIFEST, ManifestError, load_manifest
+
+
+def _write(tmp_path: Path, data: dict) -> Path:
+    p = tmp_path / "m.yaml"
+    p.write_text(yaml.safe_dump(data))
+    return p
+
+
+@pytest.fixture()
+def base() -> dict:
+    return yaml.safe_load(DEFAULT_MANIFEST.read_text())
+
+
+def test_repository_manifest_is_valid_and_declares_the_datasets():
+    m = load_manifest()
+    assert m.dataset("casia-webface")["expected_images"] == 494414
+    assert m.dataset("casia-webface")["expected_subjects"] == 10575
+    assert m.dataset("lfw")["expected_images"] == 13233
+    assert m.dataset("lfw")["expected_subjects"] == 5749
+    assert m.dataset("synthetic")["synthetic"] is True
+    assert len(m.model("morphable_model")["sha256"]) == 64
+
+
+def test_unknown_key_is_refused_with_its_path(tmp_path, base):
+    base["execution"]["n_wrokers"] = 2
+    with pytest.raises(ManifestError, match=r"execution: unknown key\(s\) \['n_wrokers'\]"):
+        load_manifest(_write(tmp_path, base))
+
+
+def test_wrong_type_names_key_and_expected_type(tmp_path, base):
+    base["stages"] = {"ingest": {"shard_size": "big"}}
+    with pytest.raises(ManifestError) as e:
+        load_manifest(_write(tmp_path, base))
+    assert "stages.ingest.shard_size: expected integer, got 'big'" in str(e.value)
+    assert str(tmp_path / "m.yaml") in str(e.value)
+
+
+def test_missing_required_field(tmp_path, base):
+    del base["datasets"]["lfw"]["root"]
+    with pytest.raises(ManifestError, match=r"datasets\.lfw: 'root' is required but missing"):
+        load_manifest(_write(tmp_path, base))
+
+
+def test_bad_enum_and_bad_sha(tmp_path, base):
+    base["datasets"]["lfw"]["layout"] = "flat"
+    base["models"]["dlib_landmarks"]["sha256"] = "abc"
+    with pytest.raises(ManifestError) as e:
+        load_manifest(_write(tmp_path, base))
+    msg = str(e.value)
+    assert "datasets.lfw.layout: expected one of ['subject-folders', 'list-file'], got 'flat'" in msg
+    assert "models.dlib_landmarks.sha256" in msg
+
+
+def test_invalid_yaml_names_the_line(tmp_path):
+    p = tmp_path / "bad.yaml"
+    p.write_text("version: 1\ndatasets: [\n  oops\nstages: {}\n")
+    with pytest.raises(ManifestError, match=r"bad\.yaml:\d+: not valid YAML"):
+        load_manifest(p)
+
+
+def test_overrides_win_and_are_validated():
+    m = load_manifest(overrides=["stages.ingest.shard_size=17", "execution.scheduler=tcp://h:8786"])
+    assert m.stage_params("ingest")["shard_size"] == 17
+    assert m.get("execution.scheduler") == "tcp://h:8786"
+    with pytest.raises(ManifestError, match="stages.ingest.shard_size: expected integer"):
+        load_manifest(overrides=["stages.ingest.shard_size=lots"])
+    with pytest.raises(ManifestError, match="expected KEY.PATH=VALUE"):
+        load_manifest(overrides=["stages.ingest.shard_size"])
+
+
+def test_stage_defaults_come_from_the_stage_schema():
+    m = load_manifest()
+    p = m.stage_params("ingest")
+    assert p["shard_size"] == 2000 and ".jpg" in p["image_extensions"]
