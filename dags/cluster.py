@@ -5,6 +5,10 @@
   per core with a memory limit — started and closed by the command;
 - ``tcp://host:8786``: join a running cluster (dask-jobqueue, dask-kubernetes, ``dask scheduler`` ...);
 - ``sync``: no cluster, shards run one after another in this process (debugging, tiny runs).
+
+``execution.cluster`` (with ``scheduler: null``) instead starts a batch-system cluster through
+dask-jobqueue (``kind: slurm | pbs | sge | lsf``) or a dask-kubernetes ``KubeCluster``
+(``kind: kubernetes``), scaled to ``workers`` jobs/pods. See docs/cluster.md.
 """
 
 from __future__ import annotations
@@ -22,6 +26,30 @@ log = logging.getLogger("morphset.cluster")
 def _quiet_dask_logs() -> None:
     for name in ("distributed", "distributed.worker", "distributed.scheduler", "distributed.nanny", "bokeh"):
         logging.getLogger(name).setLevel(logging.WARNING)
+
+
+_JOBQUEUE = {"slurm": "SLURMCluster", "pbs": "PBSCluster", "sge": "SGECluster", "lsf": "LSFCluster"}
+
+
+def make_batch_cluster(spec: dict) -> object:
+    """Create (not scale) the dask-jobqueue or dask-kubernetes cluster described by ``execution.cluster``."""
+    kind = spec["kind"]
+    options = dict(spec.get("options") or {})
+    if kind in _JOBQUEUE:
+        try:
+            import dask_jobqueue
+        except ImportError:
+            raise RuntimeError(
+                f"execution.cluster.kind={kind} needs dask-jobqueue: pip install 'morphset[cluster]'"
+            ) from None
+        return getattr(dask_jobqueue, _JOBQUEUE[kind])(**options)
+    try:
+        from dask_kubernetes.operator import KubeCluster
+    except ImportError:
+        raise RuntimeError(
+            "execution.cluster.kind=kubernetes needs dask-kubernetes: pip install 'morphset[cluster]'"
+        ) from None
+    return KubeCluster(**options)
 
 
 @contextlib.contextmanager
@@ -43,6 +71,22 @@ def open_client(manifest: Manifest, echo: bool = True) -> Iterator[object | None
             yield client
         finally:
             client.close()
+        return
+    if ex.get("cluster"):
+        spec = ex["cluster"]
+        cluster = make_batch_cluster(spec)
+        cluster.scale(spec.get("workers", 1))
+        client = Client(cluster)
+        if echo:
+            print(
+                f"{spec['kind']} cluster scaled to {spec.get('workers', 1)} worker(s); dashboard: {client.dashboard_link}",
+                flush=True,
+            )
+        try:
+            yield client
+        finally:
+            client.close()
+            cluster.close()
         return
     n_workers = ex.get("n_workers") or os.cpu_count() or 1
     # Workers inherit this; it keeps TensorFlow quiet and stops BLAS oversubscribing the cores.
