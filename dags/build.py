@@ -95,6 +95,8 @@ def run_stages(
     shards = ShardStore(run_root, stage_dir("index"), so).shards_with_sidecar()
     if not shards:
         raise FileNotFoundError(f"{run_root}: no index shards; run `morphset ingest` first")
+    for s in ["ingest", *stages]:
+        ShardStore(run_root, s, so).remove_temporaries()  # left by a killed run; nothing writes now
     if mode == "overwrite":
         for s in stages:
             ShardStore(run_root, s, so).clear()

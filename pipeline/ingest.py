@@ -243,6 +243,7 @@ def run_ingest(
             )
         scan = scan_list_file(ds["root"], ds["list_file"], exts, storage_options)
     store = ShardStore(run_root, "ingest", storage_options)
+    store.remove_temporaries()  # left by a killed run
     schema = load_schema("index")
     phash = ingest_params_hash(params, ds)
     by_subject: dict[str, list[Entry]] = {}

@@ -155,6 +155,16 @@ class ShardStore:
             if self.fs.exists(p):
                 self.fs.rm(p)
 
+    def remove_temporaries(self) -> int:
+        """Delete ``_tmp-*`` files a killed writer left behind. Call only when no writer of this
+        run is active (the build driver does, before submitting work)."""
+        if not self.fs.exists(self.dir):
+            return 0
+        stale = [p for p in self.fs.ls(self.dir, detail=False) if p.rsplit("/", 1)[-1].startswith("_tmp-")]
+        for p in stale:
+            self.fs.rm(p)
+        return len(stale)
+
     def clear(self) -> None:
         if self.fs.exists(self.dir):
             self.fs.rm(self.dir, recursive=True)
