@@ -93,6 +93,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ManifestError, SchemaError, FileNotFoundError, ValueError) as exc:
         print(f"morphset {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # output piped into `head` and the like
+        sys.stderr.close()
+        return 0
     except KeyboardInterrupt:
         print(
             f"morphset {args.command}: interrupted; committed shards are kept, rerun to resume",

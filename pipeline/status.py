@@ -78,7 +78,8 @@ def stage_status(manifest: Manifest, run_root: str, stage: str, storage_options:
         "rows": rows,
         "failures": dict(sorted(failures.items())),
         "seconds": round(seconds, 3),
-        "images_per_second": round(images / seconds, 2) if seconds > 0 else None,
+        # ingest's per-shard seconds cover only writing (the scan is shared), so no rate for it
+        "images_per_second": round(images / seconds, 2) if seconds > 0 and stage != "ingest" else None,
     }
 
 
