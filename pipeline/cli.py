@@ -32,6 +32,16 @@ COMMANDS = [
 ]
 
 
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Show a default only when it says something (None means: the manifest's value)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.default in (None, [], False, argparse.SUPPRESS) or "default" in text:
+            return text
+        return super()._get_help_string(action)
+
+
 def add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--manifest", default=None, help="data manifest YAML (default: the repository's data_manifest.yaml)"
@@ -52,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="morphset",
         description="Offline data preparation for 3D face research: person-labelled photos -> MTCNN -> 68 landmarks "
         "-> multi-image 3DMM fit -> Parquet training sets, on Dask; plus a compact trainer and evaluation.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_Formatter,
     )
     parser.add_argument("--version", action="version", version=f"morphset {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -67,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
             name.replace("_", "-"),
             help=mod.HELP,
             description=getattr(mod, "DESCRIPTION", mod.HELP),
-            formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+            formatter_class=_Formatter,
         )
         mod.add_arguments(p)
         add_common(p)

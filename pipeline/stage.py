@@ -33,6 +33,8 @@ class StageSpec:
     # A stage-level JSON file (in this stage's directory) computed from all shards before this
     # stage runs, e.g. export's subject-label map; its content is part of every shard fingerprint.
     global_input: str | None = None
+    # Other manifest values the output depends on (dotted keys), hashed with stages.<name>.
+    extra_keys: tuple[str, ...] = ()
 
     def function(self) -> Callable[[dict[str, pa.Table], ShardContext], pa.Table]:
         mod, fn = self.func.split(":")
@@ -44,7 +46,12 @@ STAGES: dict[str, StageSpec] = {
     s.name: s
     for s in (
         StageSpec(
-            "detect", "detections", ("index",), "pipeline.detect:run_shard", doc="MTCNN face detection"
+            "detect",
+            "detections",
+            ("index",),
+            "pipeline.detect:run_shard",
+            doc="MTCNN face detection",
+            extra_keys=("stages.decode", "models.mtcnn"),
         ),
         StageSpec(
             "landmarks",
@@ -52,6 +59,7 @@ STAGES: dict[str, StageSpec] = {
             ("index", "detect"),
             "pipeline.landmarks.stage:run_shard",
             doc="68 iBUG landmarks (FAN or dlib) on the primary MTCNN face",
+            extra_keys=("stages.decode", "models.fan", "models.dlib_landmarks"),
         ),
         StageSpec(
             "fit",
@@ -59,6 +67,7 @@ STAGES: dict[str, StageSpec] = {
             ("landmarks",),
             "pipeline.fit.stage:run_shard",
             doc="alternating multi-image 3DMM fit per subject",
+            extra_keys=("models.morphable_model",),
         ),
         StageSpec(
             "export",
@@ -67,6 +76,7 @@ STAGES: dict[str, StageSpec] = {
             "pipeline.export:run_shard",
             doc="aligned crops + fit targets, the hand-off to trainers",
             global_input="_labels.json",
+            extra_keys=("stages.decode",),
         ),
     )
 }
@@ -97,7 +107,12 @@ class ShardContext:
 
 
 def stage_params_hash(manifest: Manifest, stage: str) -> str:
-    return fingerprint(stage, manifest.stage_params(stage), load_schema(STAGES[stage].schema).version)
+    spec = STAGES[stage]
+    extra = {
+        k: (manifest.stage_params(k.split(".", 1)[1]) if k.startswith("stages.") else manifest.get(k))
+        for k in spec.extra_keys
+    }
+    return fingerprint(stage, manifest.stage_params(stage), extra, load_schema(spec.schema).version)
 
 
 def shard_fingerprint(

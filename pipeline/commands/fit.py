@@ -18,7 +18,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="array backend (execution.array_backend; auto = CuPy when a GPU is available)",
     )
 
+    p.add_argument("--precision", choices=["float32", "float64"], default=None, help="stages.fit.precision")
+    p.add_argument(
+        "--contour", action="store_true", default=None, help="jaw contour correspondence (stages.fit.contour)"
+    )
+    p.add_argument("--max-iterations", type=int, default=None, help="stages.fit.max_iterations")
+
 
 def run(args: argparse.Namespace) -> int:
-    extra = {"execution.array_backend": args.backend} if args.backend else None
-    return run_stage_command(args, ["fit"], extra)
+    extra = {}
+    if args.backend:
+        extra["execution.array_backend"] = args.backend
+    if args.precision:
+        extra["stages.fit.precision"] = args.precision
+    if args.contour:
+        extra["stages.fit.contour"] = True
+    if args.max_iterations:
+        extra["stages.fit.max_iterations"] = args.max_iterations
+    return run_stage_command(args, ["fit"], extra or None)

@@ -1,0 +1,180 @@
+"""Image bytes -> RGB uint8 (H, W, 3), shared by every stage that reads pixels.
+
+Contract: :func:`decode_image` and :func:`read_image` never raise for bad data. They return a
+:class:`DecodeResult` whose ``image`` is set on success and whose ``reason`` is a short code on
+failure (the stage writes it to ``failure_reason``; the store counts rows by it):
+
+- ``empty_file``      zero bytes
+- ``not_an_image``    no image format recognised
+- ``too_many_pixels`` width x height above ``max_pixels`` (decompression-bomb guard; checked from
+  the header, before any pixel is decoded)
+- ``truncated``       the header is fine but the pixel data ends early or is corrupt
+- ``decode_error``    anything else the decoder refuses (unsupported mode, invalid size ...)
+- ``missing`` / ``unreadable``  (``read_image`` only) the file is gone or cannot be read
+
+``detail`` holds a human-readable message for logs. Callers that prefer exceptions use
+``DecodeResult.unwrap()`` which raises :class:`DecodeError` carrying the same reason.
+
+Conversions: EXIF orientation is applied (an unreadable EXIF block is ignored); grayscale, 16-bit, palette, CMYK (incl. Adobe
+inverted CMYK JPEG) become RGB; alpha is composited onto white so transparent regions do not
+turn black. Pillow is used (not OpenCV) because it reads the header lazily, which is what makes
+the pixel-count check possible before decoding.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import warnings
+from dataclasses import dataclass
+
+import fsspec
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_PIXELS = 40_000_000
+ALPHA_BACKGROUND = (255, 255, 255)
+
+# Leading bytes of the formats Pillow reads most; used to tell "cut short" from "not an image".
+_SIGNATURES = (
+    b"\xff\xd8\xff",  # JPEG
+    b"\x89PNG\r\n\x1a\n",
+    b"GIF87a",
+    b"GIF89a",
+    b"II*\x00",  # TIFF little-endian
+    b"MM\x00*",  # TIFF big-endian
+)
+
+REASONS = (
+    "empty_file",
+    "not_an_image",
+    "too_many_pixels",
+    "truncated",
+    "decode_error",
+    "missing",
+    "unreadable",
+)
+
+
+class DecodeError(ValueError):
+    """An image could not be decoded; ``reason`` is one of :data:`REASONS`."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass(frozen=True)
+class DecodeResult:
+    image: np.ndarray | None  # (H, W, 3) uint8 RGB, C-contiguous
+    reason: str | None = None
+    detail: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.image is not None
+
+    def unwrap(self) -> np.ndarray:
+        if self.image is None:
+            raise DecodeError(self.reason or "decode_error", self.detail)
+        return self.image
+
+
+def _fail(reason: str, detail: str) -> DecodeResult:
+    return DecodeResult(None, reason, detail)
+
+
+def _to_rgb(img: Image.Image) -> np.ndarray:
+    """Convert any Pillow mode to RGB uint8."""
+    mode = img.mode
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        # Pillow's convert("RGB") clips 16-bit values at 255 instead of scaling them.
+        a = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if mode.startswith("I;16") or a.max(initial=0) > 255 else 255.0
+        g = np.clip(np.round(a * (255.0 / top)), 0, 255).astype(np.uint8)
+        return np.ascontiguousarray(np.repeat(g[:, :, None], 3, axis=2))
+    if mode == "F":
+        a = np.asarray(img, dtype=np.float64)
+        scale = 255.0 if np.nanmax(a, initial=0.0) <= 1.0 else 1.0
+        g = np.clip(np.round(np.nan_to_num(a) * scale), 0, 255).astype(np.uint8)
+        return np.ascontiguousarray(np.repeat(g[:, :, None], 3, axis=2))
+    has_alpha = mode in ("RGBA", "LA", "PA", "RGBa", "La") or (mode == "P" and "transparency" in img.info)
+    if has_alpha:
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (*ALPHA_BACKGROUND, 255))
+        img = Image.alpha_composite(background, rgba)
+    rgb = img.convert("RGB")
+    return np.ascontiguousarray(np.asarray(rgb, dtype=np.uint8))
+
+
+def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> DecodeResult:
+    """Decode image bytes to RGB uint8 with EXIF orientation applied; never raises for bad data."""
+    if not data:
+        return _fail("empty_file", "0 bytes")
+    with warnings.catch_warnings():
+        # Our own limit below replaces Pillow's warning; its hard error (2x its limit) is caught.
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            img = Image.open(io.BytesIO(data))
+        except UnidentifiedImageError:
+            if data.startswith(_SIGNATURES):
+                # a known image header that Pillow cannot even size: the file was cut short
+                return _fail("truncated", f"image header present but unreadable ({len(data)} bytes)")
+            return _fail("not_an_image", f"no image format recognised in {len(data)} bytes")
+        except Image.DecompressionBombError as exc:
+            return _fail("too_many_pixels", str(exc))
+        except (OSError, ValueError, SyntaxError) as exc:
+            # Pillow raises these when a recognised header is itself cut short or corrupt.
+            return _fail("truncated", f"{type(exc).__name__}: {exc}")
+        try:
+            w, h = img.size
+            if w <= 0 or h <= 0:
+                return _fail("decode_error", f"invalid size {w}x{h}")
+            if w * h > max_pixels:
+                return _fail("too_many_pixels", f"{w}x{h} = {w * h} pixels > max_pixels {max_pixels}")
+            try:
+                img.load()
+            except (OSError, SyntaxError, EOFError) as exc:
+                return _fail("truncated", f"{type(exc).__name__}: {exc}")
+            try:
+                img = ImageOps.exif_transpose(img)
+            except Exception as exc:  # noqa: BLE001 - a broken EXIF block must not lose the image
+                # unreadable orientation = no orientation, as image viewers treat it
+                log.debug("EXIF orientation ignored: %s: %s", type(exc).__name__, exc)
+            rgb = _to_rgb(img)
+        except Image.DecompressionBombError as exc:
+            return _fail("too_many_pixels", str(exc))
+        except (OSError, ValueError, TypeError, SyntaxError, MemoryError) as exc:
+            return _fail("decode_error", f"{type(exc).__name__}: {exc}")
+        finally:
+            img.close()
+    if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.shape[0] == 0 or rgb.shape[1] == 0:
+        return _fail("decode_error", f"unexpected decoded shape {rgb.shape}")
+    return DecodeResult(rgb)
+
+
+def read_bytes(uri: str, storage_options: dict | None = None) -> bytes:
+    """Read a whole file through fsspec (local path or URL)."""
+    with fsspec.open(uri, "rb", **(storage_options or {})) as f:
+        return f.read()
+
+
+def read_image(
+    uri: str, max_pixels: int = DEFAULT_MAX_PIXELS, storage_options: dict | None = None
+) -> DecodeResult:
+    """Read ``uri`` and decode it; a missing or unreadable file is a reason, not an exception."""
+    try:
+        data = read_bytes(uri, storage_options)
+    except FileNotFoundError as exc:
+        return _fail("missing", str(exc))
+    except (OSError, ValueError) as exc:
+        return _fail("unreadable", f"{type(exc).__name__}: {exc}")
+    return decode_image(data, max_pixels)
+
+
+def max_pixels_from(manifest: object) -> int:
+    """``stages.decode.max_pixels`` of a :class:`pipeline.manifest.Manifest` (defaults filled)."""
+    return int(manifest.stage_params("decode")["max_pixels"])  # type: ignore[attr-defined]

@@ -1,0 +1,357 @@
+"""The fit stage: landmark table of one shard -> fits table (``schemas/fits.yaml``).
+
+I/O edges only: parse and screen the landmarks, group the shard's images by subject into padded
+batches (subjects of similar image count together, at most ``batch_images`` padded slots), run
+the batched fit (:mod:`pipeline.fit.loop`) and lay the results out one row per input row.
+Per-image problems become a ``failure_reason``; nothing here raises for bad landmark data.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import array_api_compat.numpy as anp
+import numpy as np
+import pyarrow as pa
+
+from pipeline import workercache
+from pipeline.fit.camera import euler_deg
+from pipeline.fit.loop import FitOptions, FitResult, LandmarkModel, SubjectFits, fit_subjects, prepare_model
+from pipeline.fit.xp import get_namespace, resolve_backend
+from pipeline.morphable_model import N_LANDMARKS, MorphableModel
+from pipeline.schemas import conform, load_schema
+
+TOO_FEW = "too_few_landmarks"
+DEGENERATE = "degenerate_geometry"
+REJECTED = "rejected_reprojection"
+MISSING = "missing_landmarks"
+log = logging.getLogger(__name__)
+
+
+def options_from_params(params: dict) -> FitOptions:
+    """FitOptions from ``stages.fit`` (defaults already filled by the manifest)."""
+    return FitOptions(
+        max_iterations=int(params["max_iterations"]),
+        tolerance=float(params["tolerance"]),
+        identity_prior_weight=float(params["identity_prior_weight"]),
+        expression_prior_weight=float(params["expression_prior_weight"]),
+        robust_loss=str(params["robust_loss"]),
+        huber_delta_px=float(params["huber_delta_px"]),
+        pose_refine_steps=int(params["pose_refine_steps"]),
+        contour=bool(params["contour"]),
+        reject_nme=None if params["reject_nme"] is None else float(params["reject_nme"]),
+        shape_step=str(params["shape_step"]),
+        gauss_newton=bool(params["gauss_newton"]),
+    )
+
+
+# --- parsing and screening -------------------------------------------------------------------
+def parse_landmarks(table: pa.Table) -> tuple[np.ndarray, list[str | None]]:
+    """(N, 68, 2) float64 image pixels (NaN where null) and the upstream failure reasons."""
+    col = table.column("landmarks").combine_chunks()
+    n = len(col)
+    pts = np.full((n, N_LANDMARKS * 2), np.nan)
+    valid = col.is_valid().to_numpy(zero_copy_only=False)
+    if valid.any():
+        pts[valid] = col.flatten().to_numpy(zero_copy_only=False).reshape(-1, N_LANDMARKS * 2)
+    reasons = table.column("failure_reason").to_pylist()
+    reasons = [
+        r if r is not None else (None if ok else MISSING) for r, ok in zip(reasons, valid, strict=True)
+    ]
+    return pts.reshape(n, N_LANDMARKS, 2), reasons
+
+
+def screen(
+    pts: np.ndarray, reasons: list[str | None], min_landmarks: int, min_spread_px: float
+) -> tuple[list[str | None], np.ndarray]:
+    """Reasons for images that cannot be fitted, and landmark weights (N, 68) (0 = missing)."""
+    finite = np.all(np.isfinite(pts), axis=-1)
+    w = finite.astype(np.float64)
+    count = finite.sum(axis=1)
+    c = np.where(finite[..., None], pts, 0.0)
+    mean = c.sum(axis=1) / np.maximum(count, 1)[:, None]
+    d = np.where(finite[..., None], pts - mean[:, None, :], 0.0)
+    cov = np.einsum("nli,nlj->nij", d, d) / np.maximum(count, 1)[:, None, None]
+    ev = np.linalg.eigvalsh(cov)  # ascending: minor, major axis variance
+    spread = np.sqrt(np.maximum(ev.sum(axis=1), 0.0))
+    flat = np.sqrt(np.maximum(ev[:, 0], 0.0)) < 0.05 * np.sqrt(np.maximum(ev[:, 1], 0.0))
+    out = np.asarray(reasons + [None], dtype=object)[:-1]  # object array, even if all None
+    fresh = out == None  # noqa: E711  (element-wise None test on an object array)
+    out[fresh & (count < min_landmarks)] = TOO_FEW
+    degenerate = ~(spread >= min_spread_px) | flat
+    out[fresh & (count >= min_landmarks) & degenerate] = DEGENERATE
+    return out.tolist(), w
+
+
+# --- batching --------------------------------------------------------------------------------
+def plan_batches(counts: np.ndarray, batch_images: int) -> list[np.ndarray]:
+    """Subject indices per batch: sorted by image count, cut so that S * M_max <= batch_images
+    (a subject larger than the budget gets a batch of its own)."""
+    order = np.argsort(counts, kind="stable")
+    c = counts[order]
+    batches, i = [], 0
+    while i < len(c):
+        j = np.arange(i + 1, len(c) + 1)
+        fits = (j - i) * c[j - 1] <= batch_images
+        end = i + 1 + int(np.flatnonzero(fits)[-1]) if fits.any() else i + 1
+        batches.append(order[i:end])
+        i = end
+    return batches
+
+
+def padded_slots(codes: np.ndarray, subjects: np.ndarray) -> np.ndarray:
+    """(S, M) row indices of ``subjects``' rows in ``codes`` (-1 = padding), input order kept."""
+    pos = np.full(int(codes.max()) + 1 if codes.size else 1, -1)
+    pos[subjects] = np.arange(len(subjects))
+    rows = np.flatnonzero((codes >= 0) & (pos[np.maximum(codes, 0)] >= 0))
+    s = pos[codes[rows]]
+    order = np.argsort(s, kind="stable")
+    rows, s = rows[order], s[order]
+    start = np.searchsorted(s, np.arange(len(subjects)))
+    rank = np.arange(len(rows)) - start[s]
+    M = int(rank.max()) + 1 if rows.size else 1
+    slots = np.full((len(subjects), M), -1)
+    slots[s, rank] = rows
+    return slots
+
+
+# --- the table -------------------------------------------------------------------------------
+def _fixed_list(values: np.ndarray, valid: np.ndarray) -> pa.Array:
+    v = np.where(valid[:, None], values, 0.0).astype(np.float32)
+    return pa.FixedSizeListArray.from_arrays(pa.array(v.reshape(-1)), values.shape[1], mask=pa.array(~valid))
+
+
+def _var_list(values: np.ndarray, lengths: np.ndarray, valid: np.ndarray) -> pa.Array:
+    lengths = np.where(valid, lengths, 0)
+    keep = np.arange(values.shape[1])[None, :] < lengths[:, None]
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+    flat = values[keep].astype(np.float32)
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat), mask=pa.array(~valid))
+
+
+def _float(values: np.ndarray, valid: np.ndarray) -> pa.Array:
+    return pa.array(values.astype(np.float32), mask=~valid)
+
+
+def fit_landmark_table(
+    table: pa.Table,
+    model: MorphableModel,
+    opt: FitOptions,
+    lm: LandmarkModel | None = None,
+    backend: str = "numpy",
+    min_landmarks: int = 34,
+    min_spread_px: float = 2.0,
+    batch_images: int = 512,
+    precision: str = "float32",
+) -> pa.Table:
+    """Fit every subject of a landmarks table; one conforming ``fits`` row per input row.
+
+    ``lm`` (the prepared landmark model, e.g. from the worker cache) fixes namespace and dtype;
+    without it one is built for ``backend`` and ``precision``.
+    """
+    xp = get_namespace(backend)
+    if lm is None:
+        lm = prepare_model(model, xp, contour=opt.contour, dtype=getattr(xp, precision))
+    n = table.num_rows
+    pts, upstream = parse_landmarks(table)
+    reasons, w_all = screen(pts, upstream, min_landmarks, min_spread_px)
+    ok = np.array([r is None for r in reasons], dtype=bool)
+    subj_names, codes_all = np.unique(
+        np.asarray(table.column("subject").to_pylist(), dtype=object), return_inverse=True
+    )
+    n_subj = len(subj_names)
+    codes = np.where(ok, codes_all, -1)
+    counts = np.bincount(codes[ok], minlength=n_subj)
+    T = opt.max_iterations
+    sub = {
+        "alpha_id": np.full((n_subj, lm.k_id), np.nan),
+        "iterations": np.zeros(n_subj, np.int64),
+        "converged": np.zeros(n_subj, bool),
+        "objective": np.full(n_subj, np.nan),
+        "history": np.full((n_subj, T), np.nan),
+        "fitted": np.zeros(n_subj, bool),
+    }
+    img = {
+        "alpha_exp": np.full((n, lm.k_exp), np.nan),
+        "scale": np.full(n, np.nan),
+        "rotation": np.full((n, 3, 3), np.nan),
+        "translation": np.full((n, 2), np.nan),
+        "rmse": np.full(n, np.nan),
+        "nme": np.full(n, np.nan),
+        "used": np.zeros(n, bool),
+        "rejected": np.zeros(n, bool),
+    }
+    fitted_subjects = np.flatnonzero(counts > 0)
+    for batch in plan_batches(counts[fitted_subjects], batch_images):
+        sids = fitted_subjects[batch]
+        slots = padded_slots(codes, sids)
+        present = slots >= 0
+        rows = np.where(present, slots, 0)
+        v = np.swapaxes(pts[rows], -1, -2).copy()  # (S, M, 2, 68)
+        v[..., 1, :] *= -1.0  # image y points down, the model's y up
+        w = np.where(present[..., None], w_all[rows], 0.0)
+        v = np.nan_to_num(v)  # missing points carry weight 0
+        dt = lm.mean.dtype
+        try:
+            res = fit_subjects(lm, xp.asarray(v, dtype=dt), xp.asarray(w, dtype=dt), xp.asarray(present), opt)
+        except (ArithmeticError, ValueError, RuntimeError) as exc:  # LinAlgError is a ValueError
+            res = _fit_alone(lm, xp, v, w, present, opt, exc)
+        r = res.result
+        sub["alpha_id"][sids] = r.alpha_id
+        sub["iterations"][sids] = r.iterations
+        sub["converged"][sids] = r.converged
+        sub["objective"][sids] = r.objective
+        sub["history"][sids] = r.history
+        sub["fitted"][sids] = True
+        pr = slots[present]
+        img["alpha_exp"][pr] = r.alpha_exp[present]
+        img["scale"][pr] = r.scale[present]
+        img["rotation"][pr] = r.rotation[present]
+        t = r.translation[present]
+        img["translation"][pr] = np.stack([t[:, 0], -t[:, 1]], axis=-1)
+        img["rmse"][pr] = r.rmse_px[present]
+        img["nme"][pr] = res.nme[present]
+        img["used"][pr] = r.identity_mask[present]
+        img["rejected"][pr] = res.rejected[present]
+
+    # Per-image outcome after the fit.
+    finite = (
+        np.isfinite(img["scale"])
+        & np.all(np.isfinite(img["rotation"].reshape(n, 9)), axis=1)
+        & np.all(np.isfinite(img["alpha_exp"]), axis=1)
+        & (img["scale"] > 0)
+    )
+    reasons_arr = np.asarray(reasons + [None], dtype=object)[:-1]
+    reasons_arr[ok & ~finite] = DEGENERATE
+    reasons_arr[ok & finite & img["rejected"]] = REJECTED
+    reasons = reasons_arr.tolist()
+    good = reasons_arr == None  # noqa: E711
+    used = img["used"] & good
+    images_used = np.bincount(codes_all[used], minlength=n_subj)
+    sub_ok = sub["fitted"] & np.all(np.isfinite(sub["alpha_id"]), axis=1)
+    row_sub_ok = sub_ok[codes_all]
+    fitted_img = ok & finite  # pose/expression exist (also for rejected images)
+    yaw, pitch, roll = (np.asarray(a) for a in euler_deg(anp.asarray(np.nan_to_num(img["rotation"]))))
+    iters = sub["iterations"][codes_all]
+    hist_valid = row_sub_ok & (iters > 0)
+    k_id = lm.k_id
+    cols = {
+        "image_id": table.column("image_id"),
+        "subject": table.column("subject"),
+        "label": table.column("label"),
+        "alpha_id": _var_list(sub["alpha_id"][codes_all], np.full(n, k_id), row_sub_ok),
+        "alpha_exp": _var_list(img["alpha_exp"], np.full(n, lm.k_exp), fitted_img),
+        "scale": _float(img["scale"], fitted_img),
+        "rotation": _fixed_list(img["rotation"].reshape(n, 9), fitted_img),
+        "yaw": _float(yaw, fitted_img),
+        "pitch": _float(pitch, fitted_img),
+        "roll": _float(roll, fitted_img),
+        "translation": _fixed_list(img["translation"], fitted_img),
+        "reproj_rmse_px": _float(img["rmse"], fitted_img),
+        "reproj_nme": _float(img["nme"], fitted_img & np.isfinite(img["nme"])),
+        "used": pa.array(used),
+        "subject_images_used": pa.array(images_used[codes_all].astype(np.int32)),
+        "iterations": pa.array(np.where(row_sub_ok, iters, 0).astype(np.int32)),
+        "converged": pa.array(row_sub_ok & sub["converged"][codes_all]),
+        "objective": _float(
+            sub["objective"][codes_all], row_sub_ok & np.isfinite(sub["objective"][codes_all])
+        ),
+        "objective_history": _var_list(sub["history"][codes_all], iters, hist_valid),
+        "failure_reason": pa.array(reasons, type=pa.string()),
+    }
+    out = pa.table(cols)
+    meta = {
+        "morphset.model.name": model.name,
+        "morphset.model.sha256": model.sha256,
+        "morphset.model.k_id": str(model.k_id),
+        "morphset.model.k_exp": str(model.k_exp),
+        "morphset.fit.array_backend": backend,
+    }
+    return conform(out, load_schema("fits"), meta)
+
+
+def _fit_alone(
+    lm: LandmarkModel,
+    xp: Any,
+    v: np.ndarray,
+    w: np.ndarray,
+    present: np.ndarray,
+    opt: FitOptions,
+    exc: Exception,
+) -> SubjectFits:
+    """A batched solve raised (a numerically singular system somewhere in the batch): fit the
+    subjects one by one so one bad subject cannot sink the others; a subject that still fails
+    gets NaN results, which the caller records as degenerate_geometry."""
+    log.warning("fit: batched solve failed (%s); refitting %d subjects one by one", exc, v.shape[0])
+    parts = []
+    for i in range(v.shape[0]):  # error path only
+        sl = slice(i, i + 1)
+        try:
+            dt = lm.mean.dtype
+            parts.append(
+                fit_subjects(
+                    lm, xp.asarray(v[sl], dtype=dt), xp.asarray(w[sl], dtype=dt), xp.asarray(present[sl]), opt
+                )
+            )
+        except (ArithmeticError, ValueError, RuntimeError):
+            parts.append(_nan_fits(lm, present[sl], opt))
+    return _concat_fits(parts)
+
+
+def _nan_fits(lm: LandmarkModel, present: np.ndarray, opt: FitOptions) -> SubjectFits:
+    S, M = present.shape
+    nan = np.nan
+    r = FitResult(
+        alpha_id=np.full((S, lm.k_id), nan),
+        alpha_exp=np.full((S, M, lm.k_exp), nan),
+        scale=np.full((S, M), nan),
+        rotation=np.full((S, M, 3, 3), nan),
+        translation=np.full((S, M, 2), nan),
+        rmse_px=np.full((S, M), nan),
+        objective=np.full(S, nan),
+        history=np.full((S, opt.max_iterations), nan),
+        iterations=np.zeros(S, np.int32),
+        converged=np.zeros(S, bool),
+        identity_mask=np.zeros((S, M), bool),
+    )
+    return SubjectFits(r, np.full((S, M), nan), np.zeros((S, M), bool))
+
+
+def _concat_fits(parts: list[SubjectFits]) -> SubjectFits:
+    fields = FitResult.__dataclass_fields__
+    r = FitResult(**{k: np.concatenate([np.asarray(getattr(p.result, k)) for p in parts]) for k in fields})
+    return SubjectFits(r, np.concatenate([p.nme for p in parts]), np.concatenate([p.rejected for p in parts]))
+
+
+# --- the stage entry point -------------------------------------------------------------------
+def _load_model(manifest: Any) -> MorphableModel:
+    try:
+        from pipeline.model_assets import resolve_morphable_model
+    except ImportError as exc:  # the model-asset module is part of the product; say what is missing
+        raise RuntimeError(f"fit stage: cannot import pipeline.model_assets ({exc})") from exc
+    return resolve_morphable_model(manifest)
+
+
+def run_shard(inputs: dict[str, pa.Table], ctx: Any) -> pa.Table:
+    """Stage function: ``inputs["landmarks"]`` -> fits table (see :func:`fit_landmark_table`)."""
+    params = ctx.params
+    opt = options_from_params(params)
+    backend = resolve_backend(str(ctx.manifest.get("execution.array_backend", "auto") or "auto"))
+    model = _load_model(ctx.manifest)  # converted and sha-checked once per process by model_assets
+    precision = str(params["precision"])
+    xp = get_namespace(backend)
+    lm = workercache.get_or_create(
+        ("fit.landmark_model", model.sha256, backend, opt.contour, precision),
+        lambda: prepare_model(model, xp, contour=opt.contour, dtype=getattr(xp, precision)),
+    )
+    return fit_landmark_table(
+        inputs["landmarks"],
+        model,
+        opt,
+        lm=lm,
+        backend=backend,
+        min_landmarks=int(params["min_landmarks"]),
+        min_spread_px=float(params["min_spread_px"]),
+        batch_images=int(params["batch_images"]),
+    )

@@ -1,0 +1,177 @@
+"""Stage ``landmarks``: 68 iBUG points on the primary MTCNN face, plus the SphereFace align matrix.
+
+``run_shard(inputs, ctx)``: ``inputs["index"]`` and ``inputs["detect"]`` (same shard, same row
+order) -> rows of ``schemas/landmarks.yaml``, one per index row. The backend's weights are resolved
+and verified before any image is read (:func:`preflight` lets a driver do it before scheduling):
+a missing FAN checkpoint is a configuration error that stops the stage with a message naming
+the file, where to put it and the dlib alternative. Per-image problems are failure reasons:
+upstream reasons are carried forward; ``image_changed`` (the file no longer decodes to the size
+detect saw), ``align_failed`` (degenerate 5 points), ``landmarks_failed``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from pipeline import workercache
+from pipeline.align import AlignError, align_matrix_from_points
+from pipeline.decode import max_pixels_from, read_image
+from pipeline.landmarks.base import LandmarkBackend, LandmarkResult
+from pipeline.schemas import from_rows, load_schema
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("fan", "dlib")
+
+
+def _resolve_uncached(manifest: object, params: dict) -> tuple[str, str, str]:
+    backend = params["backend"]
+    if backend == "fan":
+        from pipeline.landmarks.fan import MODEL_KEY, resolve_checkpoint
+
+        path, sha = resolve_checkpoint(manifest.model(MODEL_KEY), params)  # type: ignore[attr-defined]
+    elif backend == "dlib":
+        from pipeline.landmarks.dlib_backend import MODEL_KEY, resolve_model
+
+        path, sha = resolve_model(manifest.model(MODEL_KEY))  # type: ignore[attr-defined]
+    else:
+        raise ValueError(f"stages.landmarks.backend: expected one of {list(BACKENDS)}, got {backend!r}")
+    return backend, str(path), sha
+
+
+# (backend, model entry, TORCH_HOME) -> (backend, path, sha256, (size, mtime_ns)) in this process:
+# hashing a ~100 MB weights file for every shard would cost more than landmarking a small shard.
+_VERIFIED: dict[tuple, tuple[str, str, str, tuple[int, int]]] = {}
+
+
+def resolve_weights(manifest: object, params: dict) -> tuple[str, str, str]:
+    """(backend, weights path, sha256) after locating and verifying (FAN: maybe downloading).
+
+    Verified once per process; re-verified if the file's size or modification time changes.
+    """
+    backend = params["backend"]
+    model_key = "fan" if backend == "fan" else "dlib_landmarks"
+    model = manifest.get(f"models.{model_key}")  # type: ignore[attr-defined]
+    key = (backend, json.dumps(model, sort_keys=True, default=str), os.environ.get("TORCH_HOME"))
+    hit = _VERIFIED.get(key)
+    if hit is not None:
+        try:
+            st = os.stat(hit[1])
+            if (st.st_size, st.st_mtime_ns) == hit[3]:
+                return hit[0], hit[1], hit[2]
+        except OSError:
+            pass
+    backend, path, sha = _resolve_uncached(manifest, params)
+    st = os.stat(path)
+    _VERIFIED[key] = (backend, path, sha, (st.st_size, st.st_mtime_ns))
+    return backend, path, sha
+
+
+def preflight(manifest: object) -> str:
+    """Check the configured backend's weights before any work; returns a one-line description."""
+    backend, path, sha = resolve_weights(manifest, manifest.stage_params("landmarks"))  # type: ignore[attr-defined]
+    return f"landmarks backend {backend}: {path} (sha256 {sha[:12]}…)"
+
+
+def get_backend(manifest: object, params: dict) -> LandmarkBackend:
+    """The per-process backend instance for these parameters (weights verified first)."""
+    backend, path, sha = resolve_weights(manifest, params)
+    if backend == "fan":
+        from pipeline.landmarks.fan import FanBackend
+
+        if params.get("torch_threads"):
+            import torch
+
+            torch.set_num_threads(int(params["torch_threads"]))
+        key = ("landmarks", "fan", path, sha, int(params["batch_size"]), bool(params["flip_input"]))
+        return workercache.get_or_create(
+            key, lambda: FanBackend(path, sha, params["batch_size"], params["flip_input"])
+        )
+    from pipeline.landmarks.dlib_backend import DlibBackend
+
+    return workercache.get_or_create(("landmarks", "dlib", path, sha), lambda: DlibBackend(Path(path), sha))
+
+
+def _apply(row: dict, result: LandmarkResult) -> None:
+    if isinstance(result, str):
+        log.debug("%s: landmarks failed: %s", row["image_id"], result)
+        row["failure_reason"] = "landmarks_failed"
+        return
+    pts, conf = result
+    if pts.shape != (68, 2) or not np.all(np.isfinite(pts)):
+        row["failure_reason"] = "landmarks_failed"
+        return
+    row["landmarks"] = pts.astype(np.float32).reshape(-1).tolist()
+    row["confidence"] = np.asarray(conf, dtype=np.float32).reshape(-1).tolist()
+    row["failure_reason"] = None
+
+
+def run_shard(inputs: dict[str, pa.Table], ctx: object) -> pa.Table:
+    """index + detections -> landmarks table (one row per index row, same order)."""
+    params = ctx.params  # type: ignore[attr-defined]
+    manifest = ctx.manifest  # type: ignore[attr-defined]
+    backend = get_backend(manifest, params)  # before any image: a missing checkpoint stops here
+    max_pixels = max_pixels_from(manifest)
+    storage_options = getattr(ctx, "storage_options", None)
+    index = inputs["index"].to_pylist()
+    det = inputs["detect"].to_pylist()
+    if len(index) != len(det) or any(a["image_id"] != b["image_id"] for a, b in zip(index, det, strict=True)):
+        raise ValueError(
+            f"landmarks shard {getattr(ctx, 'shard', '?')}: index and detect tables do not match row for row "
+            f"({len(index)} vs {len(det)} rows); rebuild detect for this shard"
+        )
+    common = {
+        "backend": backend.name,
+        "backend_version": backend.version,
+        "weights_sha256": backend.weights_sha256,
+    }
+    rows: list[dict] = []
+    pending: list[tuple[int, np.ndarray, np.ndarray]] = []
+    chunk = max(2 * int(params["batch_size"]), 8)
+
+    def flush() -> None:
+        if pending:
+            results = backend.predict([(im, box) for _, im, box in pending])
+            for (r, _, _), res in zip(pending, results, strict=True):
+                _apply(rows[r], res)
+            pending.clear()
+
+    for rec, d in zip(index, det, strict=True):
+        row = {
+            "image_id": rec["image_id"],
+            "subject": rec["subject"],
+            "label": rec["label"],
+            **common,
+            "image_width": d.get("width"),
+            "image_height": d.get("height"),
+        }
+        rows.append(row)
+        reason = rec.get("failure_reason") or d.get("failure_reason")
+        if reason or d.get("primary_box") is None or d.get("primary_points") is None:
+            row["failure_reason"] = reason or "no_face"
+            continue
+        try:
+            row["align_matrix"] = align_matrix_from_points(d["primary_points"]).reshape(-1).tolist()
+        except AlignError as exc:
+            log.debug("%s: %s", rec["image_id"], exc)
+            row["failure_reason"] = "align_failed"
+            continue
+        res = read_image(rec["uri"], max_pixels, storage_options)
+        if not res.ok:
+            row["failure_reason"] = res.reason
+            continue
+        h, w = res.image.shape[:2]
+        if (w, h) != (d.get("width"), d.get("height")):
+            row["failure_reason"] = "image_changed"
+            continue
+        pending.append((len(rows) - 1, res.image, np.asarray(d["primary_box"], dtype=np.float64)))
+        if len(pending) >= chunk:
+            flush()
+    flush()
+    return from_rows(rows, load_schema("landmarks"))
