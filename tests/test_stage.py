@@ -1,0 +1,33 @@
+"""Stage fingerprints: what invalidates a shard, and what does not."""
+
+from __future__ import annotations
+
+from pipeline.manifest import load_manifest
+from pipeline.stage import STAGES, stage_params_hash
+
+
+def _hashes(**overrides):
+    m = load_manifest(overrides=overrides or None)
+    return {s: stage_params_hash(m, s) for s in STAGES}
+
+
+def test_a_stage_parameter_changes_only_that_stage():
+    base = _hashes()
+    changed = _hashes(**{"stages.fit.max_iterations": 7})
+    assert [s for s in STAGES if base[s] != changed[s]] == ["fit"]
+
+
+def test_decode_settings_invalidate_every_stage_that_reads_pixels():
+    base = _hashes()
+    changed = _hashes(**{"stages.decode.max_pixels": 1000})
+    assert sorted(s for s in STAGES if base[s] != changed[s]) == ["detect", "export", "landmarks"]
+
+
+def test_another_morphable_model_invalidates_the_fit():
+    base = _hashes()
+    changed = _hashes(**{"models.morphable_model.sha256": "0" * 64})
+    assert [s for s in STAGES if base[s] != changed[s]] == ["fit"]
+
+
+def test_execution_settings_do_not_invalidate_anything():
+    assert _hashes() == _hashes(**{"execution.n_workers": 7, "execution.retries": 5})
