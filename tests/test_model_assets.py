@@ -121,7 +121,7 @@ def test_converted_npz_source_for_air_gapped_clusters(tmp_path, model):
     with pytest.raises(ModelError, match="does not match models.morphable_model.sha256"):
         load_model_entry({"source": str(path), "sha256": "1" * 64}, tmp_path)
     with pytest.raises(ModelError, match="expected pypi:<requirement> or a path to a converted .npz"):
-        load_model_entry({"source": str(tmp_path / "m.mat")}, tmp_path)
+        load_model_entry({"source": str(tmp_path / "m.obj")}, tmp_path)
 
 
 def test_npz_errors_name_the_file(tmp_path, model):

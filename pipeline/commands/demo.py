@@ -93,7 +93,15 @@ def run(args: argparse.Namespace) -> int:
     print(f"   {time.perf_counter() - t:.0f} s")
 
     t = _step("4/4 evaluate against the synthetic ground truth")
-    ev = ["evaluate", str(out), "--ground-truth", str(data / "ground_truth.parquet"), "--encoder", str(out / "train"), *common]
+    ev = [
+        "evaluate",
+        str(out),
+        "--ground-truth",
+        str(data / "ground_truth.parquet"),
+        "--encoder",
+        str(out / "train"),
+        *common,
+    ]
     rc = main(ev)
     if rc:
         return rc
