@@ -1,0 +1,76 @@
+"""``morphset evaluate``: verification, 3D reconstruction accuracy, fit quality -> RUN/eval/report.html."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from typing import Any
+
+from pipeline.manifest import Manifest, load_manifest, parse_override
+
+HELP = "measure a run (verification, 3D reconstruction error, fit quality) and write RUN/eval/report.html"
+DESCRIPTION = (
+    "Evaluate a run with the protocols of Liu et al. (CVPR 2018) and Genova et al. (CVPR 2018): face "
+    "verification (10-fold accuracy with thresholds from the other folds, 100%-EER, AUC, TAR at FAR 10% "
+    "and 1%) on LFW pairs.txt / YouTube Faces splits.txt / CSV pairs (default: balanced pairs generated "
+    "from the run's subjects, written to RUN/eval/pairs.csv); 3D reconstruction error against synthetic "
+    "ground truth (morphset synth) or scans (Liu: landmark similarity alignment, 95 mm nose-tip crop, "
+    "mean per-vertex distance, per yaw bin and expression level; Genova: ICP with scale, symmetric "
+    "point-to-plane distance); fit quality. Writes RUN/eval/report.html (self-contained), report.json and "
+    "samples.parquet, and prints the report path. Parameters: stages.evaluate in the manifest; the flags "
+    "below override them."
+)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run", help="run directory (its fit shards are evaluated; the report goes to RUN/eval/)")
+    p.add_argument(
+        "--ground-truth",
+        default=None,
+        help="ground_truth.parquet from morphset synth, or a scan directory with scans.csv "
+        "(stages.evaluate.ground_truth; default: none, no reconstruction accuracy)",
+    )
+    p.add_argument(
+        "--pairs",
+        default=None,
+        help="LFW pairs.txt, YouTube Faces splits.txt or CSV a,b,same[,fold] (stages.evaluate.pairs; "
+        "default: generate 10 folds of balanced pairs from the run's subjects)",
+    )
+    p.add_argument(
+        "--encoder",
+        default=None,
+        help="trained encoder export from morphset train (stages.evaluate.encoder; default: fit only)",
+    )
+    p.add_argument(
+        "--no-genova",
+        action="store_true",
+        help="skip the slower ICP point-to-plane error (stages.evaluate.genova=false)",
+    )
+
+
+def evaluate_manifest(args: argparse.Namespace, extra: dict[str, Any]) -> Manifest:
+    """The run's remembered manifest (RUN/run.json) unless --manifest is given; then --set, then flags."""
+    from pipeline.status import load_run_manifest
+
+    remembered = None if args.manifest else load_run_manifest(args.run)
+    over = dict(parse_override(o) for o in args.overrides)
+    over.update(extra)
+    if remembered is not None:
+        return remembered.with_overrides(over) if over else remembered
+    return load_manifest(args.manifest, over or None)
+
+
+def run(args: argparse.Namespace) -> int:
+    from pipeline.evaluate.run import evaluate_run
+
+    extra: dict[str, Any] = {}
+    for flag, key in (("ground_truth", "ground_truth"), ("pairs", "pairs"), ("encoder", "encoder")):
+        if getattr(args, flag):
+            extra[f"stages.evaluate.{key}"] = getattr(args, flag)
+    if args.no_genova:
+        extra["stages.evaluate.genova"] = False
+    m = evaluate_manifest(args, extra)
+    logging.getLogger("pipeline.evaluate").setLevel(logging.INFO)
+    page = evaluate_run(args.run, m, m.stage_params("evaluate"))
+    print(page)
+    return 0

@@ -1,0 +1,44 @@
+"""``morphset export-mesh``: a subject's identity shape or an image's full shape as .obj / .ply."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+HELP = "write a subject's identity shape or an image's full fitted shape as .obj or .ply"
+DESCRIPTION = (
+    "Export a mesh from a run's fit shards (RUN/fit): --subject NAME writes the subject's neutral identity "
+    "shape (mean + identity basis @ alpha_id), --image IMAGE_ID the full shape fitted to one image "
+    "(identity + that image's expression), both in model coordinates (mm, y up, z towards the camera) with "
+    "the morphable model's triangles. The format follows the output suffix (.obj or .ply)."
+)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run", help="run directory with committed fit shards")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--subject", help="subject name: export its identity shape")
+    which.add_argument("--image", help="image_id (path relative to the dataset root): export its full shape")
+    p.add_argument("-o", "--out", required=True, help="output file, .obj or .ply")
+
+
+def run(args: argparse.Namespace) -> int:
+    from pipeline.commands.evaluate import evaluate_manifest
+    from pipeline.evaluate.inputs import load_fits
+    from pipeline.evaluate.meshes import MESH_SUFFIXES, image_full_shape, subject_identity_shape, write_mesh
+    from pipeline.evaluate.run import load_model
+
+    out = Path(args.out)
+    if out.suffix.lower() not in MESH_SUFFIXES:
+        raise ValueError(f"--out {out}: the file name must end in .obj or .ply")
+    m = evaluate_manifest(args, {})
+    model, why = load_model(m)
+    if model is None:
+        raise FileNotFoundError(why)
+    fits = load_fits(args.run)
+    if args.subject is not None:
+        verts = subject_identity_shape(fits, model, args.subject)
+    else:
+        verts = image_full_shape(fits, model, args.image)
+    print(write_mesh(verts, model.triangles, out))
+    return 0

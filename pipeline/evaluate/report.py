@@ -1,0 +1,233 @@
+"""``RUN/eval/report.html`` (self-contained, PNGs embedded as base64) and ``report.json``.
+
+The report document is a plain JSON-able dict (what ``report.json`` holds); this module turns it
+into HTML sections and matplotlib figures. No network resources, no scripts: the file opens
+anywhere, offline.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless: the report is written on servers and in CI
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+SECTIONS = (
+    ("summary", "Summary"),
+    ("verification", "Face verification"),
+    ("reconstruction", "3D reconstruction accuracy"),
+    ("fit-quality", "Fit quality"),
+    ("picture-sheet", "Picture sheet"),
+    ("notes", "Notes"),
+)
+
+CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:2em auto;max-width:1100px;color:#222;padding:0 1em}
+h1{font-size:1.6em}h2{border-bottom:1px solid #ccc;padding-bottom:.2em;margin-top:1.8em}h3{margin-bottom:.3em}
+table{border-collapse:collapse;margin:.5em 0 1em}th,td{border:1px solid #ddd;padding:.25em .6em;text-align:right}
+th{background:#f4f4f4}td:first-child,th:first-child{text-align:left}.muted{color:#777}
+img{max-width:100%}nav a{margin-right:1em}code{background:#f4f4f4;padding:0 .2em}
+"""
+
+
+# --- figures ----------------------------------------------------------------------------------
+def figure_png(fig: plt.Figure) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def roc_figure(curves: dict[str, tuple[list[float], list[float]]]) -> bytes:
+    """ROC curves (log-scaled false-accept axis, as face-verification papers plot them)."""
+    fig, ax = plt.subplots(figsize=(5.2, 4.2))
+    for name, (fpr, tpr) in curves.items():
+        f = np.clip(np.asarray(fpr, float), 1e-4, 1.0)
+        ax.plot(f, tpr, label=name, lw=1.6)
+    ax.set_xscale("log")
+    ax.set_xlim(1e-3, 1.0)
+    ax.set_ylim(0, 1.01)
+    for far in (0.01, 0.1):
+        ax.axvline(far, color="#bbb", lw=0.8, ls="--")
+    ax.set_xlabel("false accept rate")
+    ax.set_ylabel("true accept rate")
+    ax.set_title("ROC")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
+    return figure_png(fig)
+
+
+def histogram_figure(series: dict[str, np.ndarray], title: str, xlabel: str, bins: int = 30) -> bytes:
+    fig, ax = plt.subplots(figsize=(5.2, 3.4))
+    finite = [np.asarray(v, float)[np.isfinite(np.asarray(v, float))] for v in series.values()]
+    allv = np.concatenate(finite) if finite else np.array([])
+    edges = np.histogram_bin_edges(allv, bins=bins) if len(allv) else bins
+    for (name, _), v in zip(series.items(), finite, strict=True):
+        ax.hist(v, bins=edges, alpha=0.6, label=f"{name} (n={len(v)})")
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("count")
+    ax.grid(alpha=0.3)
+    if len(series) > 1 or series:
+        ax.legend(fontsize=8)
+    return figure_png(fig)
+
+
+def bar_figure(labels: list[str], series: dict[str, list[float]], title: str, ylabel: str) -> bytes:
+    fig, ax = plt.subplots(figsize=(6.4, 3.4))
+    width = 0.8 / max(1, len(series))
+    x = np.arange(len(labels))
+    for k, (name, vals) in enumerate(series.items()):
+        ax.bar(
+            x + k * width - 0.4 + width / 2, [v if v is not None else np.nan for v in vals], width, label=name
+        )
+    ax.set_xticks(x, labels)
+    ax.set_title(title)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(fontsize=8)
+    return figure_png(fig)
+
+
+def sheet_figure(rows: list[tuple[str, list[np.ndarray | None]]], columns: list[str]) -> bytes:
+    """A grid: one row per image, columns = input beside its renders (the papers' Fig. 5/8 layout)."""
+    nr, nc = len(rows), len(columns)
+    fig, axes = plt.subplots(nr, nc, figsize=(1.9 * nc, 1.9 * nr), squeeze=False)
+    for r, (label, images) in enumerate(rows):
+        for c in range(nc):
+            ax = axes[r][c]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            for spine in ax.spines.values():
+                spine.set_visible(False)
+            img = images[c] if c < len(images) else None
+            if img is None:
+                ax.text(0.5, 0.5, "n/a", ha="center", va="center", color="#999", transform=ax.transAxes)
+            else:
+                ax.imshow(img)
+            if r == 0:
+                ax.set_title(columns[c], fontsize=9)
+            if c == 0:
+                ax.set_ylabel(label, fontsize=7, rotation=0, ha="right", va="center")
+    fig.tight_layout()
+    return figure_png(fig)
+
+
+# --- HTML -----------------------------------------------------------------------------------------
+def _fmt(v: Any) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, int | np.integer):
+        return str(int(v))
+    if isinstance(v, float | np.floating):
+        return (
+            "–"
+            if not math.isfinite(float(v))
+            else f"{float(v):.4g}"
+            if abs(float(v)) < 1e4
+            else f"{float(v):.0f}"
+        )
+    if isinstance(v, dict) and {"mean", "std"} <= set(v):
+        return f"{_fmt(v['mean'])} ± {_fmt(v['std'])}"
+    return str(v)
+
+
+def html_table(rows: list[dict], columns: list[str] | None = None, headers: list[str] | None = None) -> str:
+    if not rows:
+        return '<p class="muted">no data</p>'
+    columns = columns or list(rows[0])
+    headers = headers or columns
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
+    body = "".join(
+        "<tr>" + "".join(f"<td>{html.escape(_fmt(r.get(c)))}</td>" for c in columns) + "</tr>" for r in rows
+    )
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def html_image(png: bytes, alt: str) -> str:
+    data = base64.b64encode(png).decode("ascii")
+    return f'<p><img alt="{html.escape(alt)}" src="data:image/png;base64,{data}"></p>'
+
+
+def _p(text: str, cls: str = "") -> str:
+    c = f' class="{cls}"' if cls else ""
+    return f"<p{c}>{html.escape(text)}</p>"
+
+
+def render_html(doc: dict, figures: dict[str, bytes], blocks: dict[str, list[str]]) -> str:
+    """The whole page. ``blocks`` maps a section id to its HTML fragments (built by the caller's
+    section builders); ``figures`` are embedded where a block references them by name."""
+    title = f"morphset evaluation — {doc.get('run', '')}"
+    nav = "".join(f'<a href="#{sid}">{html.escape(name)}</a>' for sid, name in SECTIONS)
+    parts = [
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        f"<title>{html.escape(title)}</title><style>{CSS}</style></head><body>",
+        f"<h1>{html.escape(title)}</h1>",
+        _p(f"written {doc.get('created_at', '')} by morphset {doc.get('morphset_version', '')}", "muted"),
+        f"<nav>{nav}</nav>",
+    ]
+    for sid, name in SECTIONS:
+        parts.append(f'<section id="{sid}"><h2>{html.escape(name)}</h2>')
+        for frag in blocks.get(sid, []) or [_p("not evaluated in this run", "muted")]:
+            if frag.startswith("figure:"):
+                key = frag[len("figure:") :]
+                if key in figures:
+                    parts.append(html_image(figures[key], key))
+            else:
+                parts.append(frag)
+        parts.append("</section>")
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, np.integer):
+        return int(o)
+    if isinstance(o, np.floating):
+        return float(o)
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    return str(o)
+
+
+def _finite(o: Any) -> Any:
+    """NaN/inf are not JSON: write them as null."""
+    if isinstance(o, dict):
+        return {k: _finite(v) for k, v in o.items()}
+    if isinstance(o, list | tuple):
+        return [_finite(v) for v in o]
+    if isinstance(o, float | np.floating) and not math.isfinite(float(o)):
+        return None
+    return o
+
+
+def write_report(
+    out_dir: str | Path, doc: dict, figures: dict[str, bytes], blocks: dict[str, list[str]]
+) -> Path:
+    """Write report.json and report.html (and the figures as PNG files beside them); returns the HTML path."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for name, png in figures.items():
+        (out / f"{name}.png").write_bytes(png)
+    tmp = out / ".report.json.tmp"
+    tmp.write_text(
+        json.dumps(_finite(doc), indent=1, default=_json_default, allow_nan=False), encoding="utf-8"
+    )
+    tmp.replace(out / "report.json")
+    page = out / "report.html"
+    tmp = out / ".report.html.tmp"
+    tmp.write_text(render_html(doc, figures, blocks), encoding="utf-8")
+    tmp.replace(page)
+    return page
