@@ -1,0 +1,395 @@
+"""``morphset synth``: faces rendered from the morphable model, with their true shape and pose.
+
+Per subject ``s`` (folder ``s0000`` ...): alpha_id ~ N(0, (identity_scale * id_std)^2) and an
+appearance (skin, brow, lip, iris colours; hair colour and head size of the hair/neck proxy). Per image ``i`` (``000.jpg`` ...): alpha_exp ~
+N(0, (expression_scale * exp_std)^2), yaw uniform in ``yaw_range``, small pitch and roll, two
+point lights, a background, and a CASIA-WebFace-like framing. Every draw comes from a NumPy
+Generator seeded by ``(seed, s)`` or ``(seed, s, i)``, so output does not depend on the order or
+the number of worker processes, and the same seed gives byte-identical files.
+
+Output: ``DIR/<subject>/<nnn>.jpg`` and ``DIR/ground_truth.parquet`` (``schemas/ground_truth.yaml``),
+optionally ``DIR/preview.png`` (a contact sheet).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import dataclasses
+import io
+import json
+import multiprocessing
+import os
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import pyarrow.parquet as pq
+
+from pipeline.manifest import Manifest
+from pipeline.model_assets import resolve_morphable_model
+from pipeline.morphable_model import MorphableModel
+from pipeline.render import (
+    Appearance,
+    Camera,
+    HeadStyle,
+    face_regions,
+    head_proxy,
+    luminance,
+    paint_albedo,
+    render_face,
+    rotation_from_euler_deg,
+    sample_appearance,
+    sample_background,
+    sample_head_style,
+    sample_lighting,
+    trim_face_triangles,
+)
+from pipeline.schemas import from_rows, load_schema
+from pipeline.workercache import get_or_create
+
+GROUND_TRUTH_FILE = "ground_truth.parquet"
+PREVIEW_FILE = "preview.png"
+
+
+@dataclass(frozen=True)
+class SynthParams:
+    subjects: int
+    images_per_subject: int
+    seed: int
+    yaw_range: tuple[float, float]
+    pitch_std: float
+    roll_std: float
+    expression_scale: float
+    identity_scale: float
+    size: int
+    face_fraction: tuple[float, float]
+    jpeg_quality: int
+    supersample: int
+
+    @classmethod
+    def from_stage(cls, params: dict) -> SynthParams:
+        """From ``stages.synth`` (defaults filled); checks what the JSON schema cannot."""
+        lo, hi = (float(x) for x in params["yaw_range"])
+        if lo > hi:
+            raise ValueError(f"stages.synth.yaw_range: expected [min, max] with min <= max, got {[lo, hi]}")
+        f0, f1 = (float(x) for x in params["face_fraction"])
+        if f0 > f1:
+            raise ValueError(
+                f"stages.synth.face_fraction: expected [min, max] with min <= max, got {[f0, f1]}"
+            )
+        return cls(
+            subjects=int(params["subjects"]),
+            images_per_subject=int(params["images_per_subject"]),
+            seed=int(params["seed"]),
+            yaw_range=(lo, hi),
+            pitch_std=float(params["pitch_std"]),
+            roll_std=float(params["roll_std"]),
+            expression_scale=float(params["expression_scale"]),
+            identity_scale=float(params["identity_scale"]),
+            size=int(params["size"]),
+            face_fraction=(f0, f1),
+            jpeg_quality=int(params["jpeg_quality"]),
+            supersample=int(params["supersample"]),
+        )
+
+
+def subject_name(s: int) -> str:
+    return f"s{s:04d}"
+
+
+def image_name(i: int) -> str:
+    return f"{i:03d}.jpg"
+
+
+# --- sampling (pure) ------------------------------------------------------------------------------
+def sample_subject(model: MorphableModel, p: SynthParams, s: int) -> tuple[np.ndarray, Appearance, HeadStyle]:
+    rng = np.random.default_rng([p.seed, s])
+    alpha_id = rng.standard_normal(model.k_id) * model.id_std.astype(np.float64) * p.identity_scale
+    appearance = sample_appearance(rng)
+    return alpha_id.astype(np.float32), appearance, sample_head_style(rng, appearance.skin)
+
+
+def frame_camera(
+    landmarks_3d: np.ndarray, rotation: np.ndarray, size: int, fraction: float, jitter: np.ndarray
+) -> Camera:
+    """Scale so the landmarks' brow-to-chin height (of the unrotated shape) fills ``fraction`` of
+    the image, and centre the projected landmark box (plus ``jitter`` px) in the image. Scaling
+    from the unrotated shape keeps the face size independent of the pose, as in photo crops."""
+    height_mm = float(np.ptp(landmarks_3d[:, 1]))
+    f = size * fraction / height_mm
+    uv = Camera(rotation, f, np.zeros(2)).project(landmarks_3d)
+    centre = 0.5 * (uv.min(axis=0) + uv.max(axis=0))
+    # the forehead is above the landmarks: move the landmark box a little below the centre
+    target = np.array([(size - 1) / 2.0, (size - 1) / 2.0 + 0.04 * size]) + jitter
+    return Camera(rotation, f, target - centre)
+
+
+def render_sample(
+    model: MorphableModel,
+    regions: dict[str, np.ndarray],
+    p: SynthParams,
+    s: int,
+    i: int,
+    model_sha256: str | None = None,
+) -> tuple[bytes, dict[str, Any]]:
+    """(JPEG bytes, ground-truth row) of image ``i`` of subject ``s``. ``model_sha256``: the
+    model's hash if already known (hashing the model costs more than a render)."""
+    alpha_id, appearance, style = sample_subject(model, p, s)
+    rng = np.random.default_rng([p.seed, s, i])
+    alpha_exp = (rng.standard_normal(model.k_exp) * model.exp_std * p.expression_scale).astype(np.float32)
+    yaw = float(rng.uniform(*p.yaw_range))
+    pitch = float(np.clip(rng.normal(0.0, p.pitch_std), -2.5 * p.pitch_std, 2.5 * p.pitch_std))
+    roll = float(np.clip(rng.normal(0.0, p.roll_std), -2.5 * p.roll_std, 2.5 * p.roll_std))
+    # the stored float32 values are the truth: render from exactly those
+    yaw, pitch, roll = (float(np.float32(a)) for a in (yaw, pitch, roll))
+    rotation = rotation_from_euler_deg(yaw, pitch, roll).astype(np.float32).astype(np.float64)
+    # float32 bases times float32 coefficients: ~10x faster than MorphableModel.shape's float64
+    # copy of the bases, and exact to ~1e-4 mm
+    flat = model.mean + model.id_basis @ alpha_id + model.exp_basis @ alpha_exp
+    vertices = flat.astype(np.float64).reshape(-1, 3)
+    lm3d = vertices[model.landmarks]
+    camera = frame_camera(
+        lm3d, rotation, p.size, float(rng.uniform(*p.face_fraction)), rng.normal(0.0, 0.015 * p.size, 2)
+    )
+    camera = Camera(rotation, float(np.float32(camera.scale)), camera.translation.astype(np.float32))
+    lighting = sample_lighting(rng)
+    # a camera's auto-exposure brightens dark skin: aim the skin at a mid-tone
+    gain = float(np.clip(0.3 / luminance(appearance.skin), 1.0, 2.5))
+    lighting = dataclasses.replace(lighting, exposure=lighting.exposure * gain)
+    background = sample_background(rng, p.size, p.size)
+    # face vertices first, so the model's landmark indices stay valid in the combined mesh
+    face_t = model_face_triangles(model)
+    head_v, head_t, head_a = head_proxy(vertices, model.landmarks, style, appearance.skin)
+    # hair (the darker-than-skin part of the proxy) is matte; the neck is skin
+    head_gloss = np.where(np.all(head_a == style.hair, axis=1), 0.3, 1.0)
+    out = render_face(
+        np.vstack([vertices, head_v]),
+        np.vstack([face_t, head_t + len(vertices)]),
+        np.vstack([paint_albedo(regions, appearance), head_a]),
+        model.landmarks,
+        camera,
+        lighting,
+        background,
+        supersample=p.supersample,
+        closed_from=len(face_t),
+        gloss=np.r_[np.ones(len(vertices)), head_gloss],
+    )
+    # mild sensor noise so JPEG and detectors see camera-like texture, not flat CG colour
+    noisy = out.image.astype(np.float32) + rng.normal(0.0, 2.0, out.image.shape).astype(np.float32)
+    image = np.clip(np.round(noisy), 0, 255).astype(np.uint8)
+    ok, jpeg = cv2.imencode(
+        ".jpg", cv2.cvtColor(image, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, p.jpeg_quality]
+    )
+    if not ok:
+        raise RuntimeError(f"JPEG encoding failed for {subject_name(s)}/{image_name(i)}")
+    row = {
+        "image_id": f"{subject_name(s)}/{image_name(i)}",
+        "subject": subject_name(s),
+        "alpha_id": alpha_id.tolist(),
+        "alpha_exp": alpha_exp.tolist(),
+        "yaw": yaw,
+        "pitch": pitch,
+        "roll": roll,
+        "rotation": rotation.reshape(-1).tolist(),
+        "scale": camera.scale,
+        "translation": camera.translation.astype(np.float64).tolist(),
+        "landmarks_2d": out.landmarks_2d.reshape(-1).tolist(),
+        "visible": out.visible.tolist(),
+        "landmarks_3d": lm3d.reshape(-1).tolist(),
+        "width": p.size,
+        "height": p.size,
+        "model_name": model.name,
+        "model_sha256": model_sha256 or model.sha256,
+    }
+    return jpeg.tobytes(), row
+
+
+# --- I/O and orchestration -----------------------------------------------------------------------
+def _atomic_write(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_bytes(data)
+    tmp.replace(path)
+
+
+def model_face_triangles(model: MorphableModel) -> np.ndarray:
+    """The face triangles drawn (ears and neck rim left to the head proxy), once per process."""
+    return get_or_create(
+        ("face_triangles", model.sha256),
+        lambda: trim_face_triangles(model.shape(), model.triangles, model.landmarks),
+    )
+
+
+def model_regions(model: MorphableModel) -> dict[str, np.ndarray]:
+    """Region weights of the model's mean shape, computed once per process and model."""
+    return get_or_create(
+        ("face_regions", model.sha256), lambda: face_regions(model.shape(), model.landmarks, model.triangles)
+    )
+
+
+def _render_subject(model: MorphableModel, p: SynthParams, s: int, out_dir: Path) -> list[dict]:
+    regions = model_regions(model)
+    sha = model.sha256
+    rows = []
+    for i in range(p.images_per_subject):
+        jpeg, row = render_sample(model, regions, p, s, i, sha)
+        _atomic_write(out_dir / row["image_id"], jpeg)
+        rows.append(row)
+    return rows
+
+
+_WORKER: dict[str, Any] = {}
+
+
+def _worker_init(manifest: Manifest) -> None:
+    _WORKER["model"] = resolve_morphable_model(manifest)
+
+
+def _worker_subject(p: SynthParams, s: int, out_dir: str) -> list[dict]:
+    return _render_subject(_WORKER["model"], p, s, Path(out_dir))
+
+
+def contact_sheet(images: list[np.ndarray], columns: int = 8, thumb: int = 125) -> np.ndarray:
+    """RGB uint8 grid of thumbnails (row-major)."""
+    if not images:
+        raise ValueError("contact sheet needs at least one image")
+    rows = -(-len(images) // columns)
+    cols = min(columns, len(images))
+    sheet = np.full((rows * thumb, cols * thumb, 3), 255, np.uint8)
+    for k, im in enumerate(images):
+        r, c = divmod(k, columns)
+        sheet[r * thumb : (r + 1) * thumb, c * thumb : (c + 1) * thumb] = cv2.resize(
+            im, (thumb, thumb), interpolation=cv2.INTER_AREA
+        )
+    return sheet
+
+
+def write_preview(out_dir: Path, image_ids: list[str], limit: int = 32) -> Path:
+    images = []
+    for rel in image_ids[:limit]:
+        bgr = cv2.imread(str(out_dir / rel), cv2.IMREAD_COLOR)
+        if bgr is None:
+            raise FileNotFoundError(f"{out_dir / rel}: cannot read rendered image for the preview")
+        images.append(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB))
+    ok, png = cv2.imencode(".png", cv2.cvtColor(contact_sheet(images), cv2.COLOR_RGB2BGR))
+    if not ok:
+        raise RuntimeError("PNG encoding of the preview failed")
+    path = out_dir / PREVIEW_FILE
+    _atomic_write(path, png.tobytes())
+    return path
+
+
+_SUBJECT_RE = re.compile(r"^s\d{4,}$")
+_IMAGE_RE = re.compile(r"^\d{3,}\.jpg$")
+
+
+def prepare_output(out: Path, p: SynthParams) -> None:
+    """Make ``out`` ready: an empty or missing directory, or an earlier synth output, whose
+    images that this run will not rewrite are removed (so the folder tree and ground_truth.parquet
+    always agree). Any other non-empty directory is refused: nothing of the user's is deleted."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise ValueError(f"{out}: synth output must be a directory")
+    entries = list(out.iterdir())
+    if not entries:
+        return
+    if not (out / GROUND_TRUTH_FILE).is_file():
+        raise ValueError(
+            f"{out}: directory is not empty and holds no {GROUND_TRUTH_FILE} (not a synth output); "
+            "choose a new or empty --out"
+        )
+    keep_subjects = {subject_name(s) for s in range(p.subjects)}
+    keep_images = {image_name(i) for i in range(p.images_per_subject)}
+    for d in entries:
+        if d.is_dir() and _SUBJECT_RE.match(d.name):
+            stale = [f for f in d.iterdir() if _IMAGE_RE.match(f.name)]
+            if d.name in keep_subjects:
+                stale = [f for f in stale if f.name not in keep_images]
+            for f in stale:
+                f.unlink()
+            if not any(d.iterdir()):
+                d.rmdir()
+
+
+def synthesize(
+    manifest: Manifest,
+    out_dir: str | Path | None = None,
+    subjects: int | None = None,
+    images_per_subject: int | None = None,
+    seed: int | None = None,
+    workers: int | None = None,
+    preview: bool | None = None,
+    **params: Any,
+) -> dict[str, Any]:
+    """Render a synthetic dataset; returns a summary dict (out, images, subjects, seconds, ...).
+
+    Arguments left as None take ``stages.synth`` of the manifest; ``params`` override other keys
+    of that block (``yaw_range=(-30, 30)``, ``size=250`` ...).
+    """
+    stage = manifest.stage_params("synth")
+    for key, value in (
+        ("subjects", subjects),
+        ("images_per_subject", images_per_subject),
+        ("seed", seed),
+        ("workers", workers),
+        ("preview", preview),
+        *params.items(),
+    ):
+        if key not in stage:
+            raise ValueError(f"synthesize: unknown parameter {key!r} (stages.synth has {sorted(stage)})")
+        if value is not None:
+            stage[key] = value
+    p = SynthParams.from_stage(stage)
+    out = Path(out_dir or stage["out"] or manifest.dataset("synthetic")["root"]).expanduser()
+    prepare_output(out, p)
+    t0 = time.perf_counter()
+    model = resolve_morphable_model(manifest)
+    n_workers = min(int(stage["workers"] or os.cpu_count() or 1), p.subjects)
+    if n_workers <= 1:
+        per_subject = [_render_subject(model, p, s, out) for s in range(p.subjects)]
+    else:
+        # spawn: safe even when the caller has threads (Dask, TensorFlow); each worker loads the
+        # cached model once
+        ctx = multiprocessing.get_context("spawn")
+        with cf.ProcessPoolExecutor(
+            n_workers, mp_context=ctx, initializer=_worker_init, initargs=(manifest,)
+        ) as ex:
+            per_subject = list(
+                ex.map(_worker_subject, [p] * p.subjects, range(p.subjects), [str(out)] * p.subjects)
+            )
+    rows = [r for subject_rows in per_subject for r in subject_rows]
+    schema = load_schema("ground_truth")
+    table = from_rows(
+        rows,
+        schema,
+        {
+            "morphset.model.name": model.name,
+            "morphset.model.sha256": model.sha256,
+            "morphset.synth.seed": str(p.seed),
+            "morphset.synth.params": json.dumps(
+                {k: stage[k] for k in sorted(stage) if k not in ("out", "workers", "preview")}, sort_keys=True
+            ),
+        },
+    )
+    buf = io.BytesIO()
+    pq.write_table(table, buf, compression="zstd")
+    _atomic_write(out / GROUND_TRUTH_FILE, buf.getvalue())
+    summary: dict[str, Any] = {
+        "out": str(out),
+        "subjects": p.subjects,
+        "images": len(rows),
+        "ground_truth": str(out / GROUND_TRUTH_FILE),
+        "model": model.name,
+        "model_sha256": model.sha256,
+        "seed": p.seed,
+        "workers": n_workers,
+    }
+    if stage["preview"]:
+        summary["preview"] = str(write_preview(out, [r["image_id"] for r in rows]))
+    summary["seconds"] = round(time.perf_counter() - t0, 2)
+    return summary
