@@ -21,6 +21,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--subjects", type=int, default=30, help="synthetic subjects")
     p.add_argument("--images-per-subject", type=int, default=8, help="images per synthetic subject")
     p.add_argument("--seed", type=int, default=0, help="seed of the synthetic set")
+    p.add_argument(
+        "--yaw-range",
+        type=float,
+        nargs=2,
+        default=[-40.0, 40.0],
+        metavar=("MIN", "MAX"),
+        help="yaw of the renders in degrees (dlib landmarks degrade beyond about 40 degrees)",
+    )
     p.add_argument("--epochs", default="6,1,8", help="tiny-trainer epochs of phases I,II,III")
     p.add_argument(
         "--workers", type=int, default=None, help="LocalCluster worker processes (default: one per core)"
@@ -53,6 +61,9 @@ def run(args: argparse.Namespace) -> int:
                 str(args.images_per_subject),
                 "--seed",
                 str(args.seed),
+                "--yaw-range",
+                str(args.yaw_range[0]),
+                str(args.yaw_range[1]),
                 "--out",
                 str(data),
                 "--preview",
