@@ -76,17 +76,10 @@ def open_client(manifest: Manifest, echo: bool = True) -> Iterator[object | None
         spec = ex["cluster"]
         cluster = make_batch_cluster(spec)
         cluster.scale(spec.get("workers", 1))
-        client = Client(cluster)
-        if echo:
-            print(
-                f"{spec['kind']} cluster scaled to {spec.get('workers', 1)} worker(s); dashboard: {client.dashboard_link}",
-                flush=True,
-            )
-        try:
+        with _serve(
+            cluster, f"{spec['kind']} cluster scaled to {spec.get('workers', 1)} worker(s)", echo
+        ) as client:
             yield client
-        finally:
-            client.close()
-            cluster.close()
         return
     n_workers = ex.get("n_workers") or os.cpu_count() or 1
     # Workers inherit this; it keeps TensorFlow quiet and stops BLAS oversubscribing the cores.
@@ -105,13 +98,19 @@ def open_client(manifest: Manifest, echo: bool = True) -> Iterator[object | None
         dashboard_address=":0" if ex.get("dashboard", True) else None,
         silence_logs=logging.WARNING,
     )
+    desc = f"LocalCluster: {n_workers} worker process(es) x {ex.get('threads_per_worker', 1)} thread(s)"
+    with _serve(cluster, desc, echo, dashboard=ex.get("dashboard", True)) as client:
+        yield client
+
+
+@contextlib.contextmanager
+def _serve(cluster: object, description: str, echo: bool, dashboard: bool = True) -> Iterator[object]:
+    """A client on a cluster this module started; both are closed on the way out."""
+    from distributed import Client
+
     client = Client(cluster)
     if echo:
-        link = client.dashboard_link if ex.get("dashboard", True) else "off"
-        print(
-            f"LocalCluster: {n_workers} worker process(es) x {ex.get('threads_per_worker', 1)} thread(s); dashboard: {link}",
-            flush=True,
-        )
+        print(f"{description}; dashboard: {client.dashboard_link if dashboard else 'off'}", flush=True)
     try:
         yield client
     finally:

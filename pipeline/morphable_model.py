@@ -18,6 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.hashing import sha256_file  # noqa: F401  (re-exported)
+
 NPZ_FORMAT_VERSION = 1
 N_LANDMARKS = 68
 
@@ -187,11 +189,3 @@ def load_npz(path: str | Path) -> MorphableModel:
         source_sha256=str(data["source_sha256"]),
         licence=str(data.get("licence", "")),
     )
-
-
-def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import hashlib
 from abc import ABC, abstractmethod
 from pathlib import Path
 
 import numpy as np
+
+from pipeline.hashing import sha256_file
 
 N_POINTS = 68
 
@@ -19,14 +20,6 @@ class WeightsError(FileNotFoundError):
 
     A FileNotFoundError so that the command line reports it as a one-line error before any work.
     """
-
-
-def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def verify_sha256(path: Path, expected: str | None, what: str, prefix_ok: bool = False) -> str:
