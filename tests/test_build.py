@@ -335,3 +335,30 @@ def test_bad_images_are_recorded_and_the_build_succeeds(reference, dataset, tmp_
     assert sum(det.values()) >= 4  # the two ingest reasons carried forward + two undecodable files
     assert status["export"]["done"] == status["export"]["shards"]
     assert len(export_rows(run)) >= len(reference[1])  # the good images are all there
+
+
+def test_ctrl_c_stops_cleanly_and_the_rerun_completes(reference, dataset, tmp_path):
+    _, want = reference
+    run = tmp_path / "run"
+    proc = subprocess.Popen(
+        _cmd(run, dataset, "--workers", "2"),
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        assert _wait_for(str(run / "detect" / "part-00000.json"), proc)
+        proc.send_signal(signal.SIGINT)  # what Ctrl-C sends to the driver
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 130, err
+    assert "interrupted; committed shards are kept" in err
+    assert "Traceback" not in err
+    resumed = build(run, dataset)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert export_rows(run) == want
+    assert visible_temporaries(run) == []
