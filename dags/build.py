@@ -219,14 +219,15 @@ def _run_dask(manifest, run_root, plan, client, so, retries, gpu_stages, stats, 
     meta: dict[str, tuple[str, int]] = {}
     futures = []
     prev_of: dict[str, object] = {}
-    scattered = client.scatter(manifest, broadcast=True)
+    # The manifest travels inside each task (a few kB). Scattering it once would be cheaper, but
+    # scattered data dies with the worker holding it and takes every dependent task with it.
     for i, todo in plan.items():
         prev = None
         for s in todo:
             kwargs = {"retries": retries, "key": f"{s}-{i:05d}-{token}", "pure": False}
             if s in gpu_stages:
                 kwargs["resources"] = {"GPU": 1}
-            args = (scattered, run_root, s, i, so) + ((prev,) if prev is not None else ())
+            args = (manifest, run_root, s, i, so) + ((prev,) if prev is not None else ())
             fut = client.submit(stage_task, *args, **kwargs)
             meta[fut.key] = (s, i)
             futures.append(fut)
@@ -250,7 +251,14 @@ def _run_dask(manifest, run_root, plan, client, so, retries, gpu_stages, stats, 
                 _fail(manifest, run_root, s, i, so, exc, tb, stats[s], failed)
                 continue
             if fut.status == "cancelled":
-                stats[s].blocked += 1
+                # Not cancelled by us (that only happens on Ctrl-C, below): the scheduler gave up on
+                # it, e.g. lost inputs. The shard is not done; say so and exit non-zero.
+                up = prev_of.get(fut.key)
+                if up is not None and up.status in ("error", "cancelled"):
+                    stats[s].blocked += 1
+                    continue
+                exc = RuntimeError("task cancelled by the Dask scheduler (lost worker or data)")
+                _fail(manifest, run_root, s, i, so, exc, "", stats[s], failed)
                 continue
             stats[s].last_end = time.perf_counter()
             _record(stats[s], fut.result(), bars[s])
