@@ -296,6 +296,42 @@ def combined_sha256(paths: list[Path]) -> str:
 
 
 # --- models ------------------------------------------------------------------------------------
+def assemble(
+    name: str,
+    mean: np.ndarray,
+    exp_mean: np.ndarray,
+    identity: tuple[np.ndarray, np.ndarray, Path],
+    expression: tuple[np.ndarray, np.ndarray, Path],
+    triangles: np.ndarray,
+    landmarks_path: Path,
+    sources: list[Path],
+    licence: str,
+) -> MorphableModel:
+    """The common tail of every loader: units to mm, landmark checks, unit-norm bases, outward winding.
+
+    ``identity`` / ``expression`` are (basis (3n, k) in file units, std (k,), file it came from).
+    """
+    (pc, pc_std, pc_path), (e_pc, e_std, e_path) = identity, expression
+    scale = unit_scale(mean, str(pc_path))
+    mean_mm = (mean + exp_mean) * scale  # the mean face includes the mean expression
+    landmarks = load_landmark_indices(landmarks_path)
+    check_landmark_geometry(mean_mm, landmarks, str(landmarks_path))
+    id_basis, id_std = unit_columns(pc * scale, pc_std, str(pc_path))
+    exp_basis, exp_std = unit_columns(e_pc * scale, e_std, str(e_path))
+    return MorphableModel(
+        name,
+        mean_mm.astype(np.float32),
+        id_basis,
+        id_std,
+        exp_basis,
+        exp_std,
+        landmarks,
+        wind_outward(mean_mm.reshape(-1, 3), triangles),
+        combined_sha256(sources),
+        licence,
+    )
+
+
 def load_bfm2009(
     shape_path: str | Path,
     expression_path: str | Path,
@@ -333,24 +369,15 @@ def load_bfm2009(
             f"{exp_path}: expression basis has {e_mean.size // 3} vertices, the shape model {mean.size // 3}; "
             "3DDFA's basis needs vertex_subset (trimIndex, 53,215 of BFM's 53,490 vertices)"
         )
-    scale = unit_scale(mean, str(shape_path))
-    mean_mm = (mean + e_mean) * scale  # 3DDFA's mean face includes the mean expression
-    lm_path = Path(landmarks_path).expanduser()
-    landmarks = load_landmark_indices(lm_path)
-    check_landmark_geometry(mean_mm, landmarks, str(lm_path))
-    id_basis, id_std = unit_columns(pc * scale, ev, str(shape_path))
-    exp_basis, exp_std = unit_columns(e_basis * scale, e_std, str(exp_path))
-    v = mean_mm.reshape(-1, 3)
-    return MorphableModel(
+    return assemble(
         name,
-        mean_mm.astype(np.float32),
-        id_basis,
-        id_std,
-        exp_basis,
-        exp_std,
-        landmarks,
-        wind_outward(v, triangles),
-        combined_sha256(source_files(shape_path, landmarks_path, expression_path, vertex_subset_path)),
+        mean,
+        e_mean,
+        (pc, ev, shape_path),
+        (e_basis, e_std, exp_path),
+        triangles,
+        Path(landmarks_path).expanduser(),
+        source_files(shape_path, landmarks_path, expression_path, vertex_subset_path),
         licence,
     )
 
@@ -398,23 +425,16 @@ def load_bfm2017(
     triangles = _indices(cells if cells.shape[1] == 3 else cells.T, False, "cells", path).reshape(-1, 3)
     if triangles.max() >= n:
         raise ModelError(f"{path}: shape/representer/cells refers to vertex {triangles.max()} of {n}")
-    scale = unit_scale(mean, str(path))
-    mean_mm = (mean + e_mean) * scale
     lm_path = Path(landmarks_path).expanduser()
-    landmarks = load_landmark_indices(lm_path)
-    check_landmark_geometry(mean_mm, landmarks, str(lm_path))
-    id_basis, id_std = unit_columns(pc * scale, np.sqrt(var), str(path))
-    exp_basis, exp_std = unit_columns(e_pc * scale, np.sqrt(e_var), str(path))
-    return MorphableModel(
+    return assemble(
         name,
-        mean_mm.astype(np.float32),
-        id_basis,
-        id_std,
-        exp_basis,
-        exp_std,
-        landmarks,
-        wind_outward(mean_mm.reshape(-1, 3), triangles),
-        combined_sha256(source_files(path, lm_path)),
+        mean,
+        e_mean,
+        (pc, np.sqrt(var), path),
+        (e_pc, np.sqrt(e_var), path),
+        triangles,
+        lm_path,
+        source_files(path, lm_path),
         licence,
     )
 
