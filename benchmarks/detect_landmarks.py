@@ -25,10 +25,10 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from pipeline.decode import read_image  # noqa: E402
-from pipeline.detect import detect_images, filter_faces, get_detector  # noqa: E402
+from pipeline.config.manifest import load_manifest  # noqa: E402
+from pipeline.detect.stage import detect_images, filter_faces, get_detector  # noqa: E402
+from pipeline.imaging.decode import read_image  # noqa: E402
 from pipeline.landmarks.accuracy import landmark_errors, synthetic_renders  # noqa: E402
-from pipeline.manifest import load_manifest  # noqa: E402
 
 FIXTURES = REPO.parent / "shared" / "fixtures" / "faces"
 

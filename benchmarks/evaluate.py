@@ -48,8 +48,8 @@ def timed(fn, repeat: int) -> float:
 def default_model_mesh() -> tuple[str, np.ndarray, np.ndarray, np.ndarray]:
     """The manifest's morphable model (mean shape) when it resolves, else a face-sized grid."""
     try:
-        from pipeline.manifest import load_manifest
-        from pipeline.model_assets import resolve_morphable_model
+        from pipeline.config.manifest import load_manifest
+        from pipeline.models.assets import resolve_morphable_model
 
         m = resolve_morphable_model(load_manifest())
         return m.name, m.shape(), m.triangles, m.landmarks
@@ -60,8 +60,8 @@ def default_model_mesh() -> tuple[str, np.ndarray, np.ndarray, np.ndarray]:
 
 def demo_sized_run(root: Path, model, subjects: int = 30, per_subject: int = 8, noise: float = 0.3) -> Path:
     """Fit shards + ground truth like the demo's (fitted = truth + noise x prior std)."""
-    from pipeline.schemas import from_rows, load_schema
-    from pipeline.store import ShardStore
+    from pipeline.config.schemas import from_rows, load_schema
+    from pipeline.storage.store import ShardStore
 
     rng = np.random.default_rng(0)
     fit_rows, gt_rows = [], []
@@ -105,8 +105,8 @@ def demo_sized_run(root: Path, model, subjects: int = 30, per_subject: int = 8, 
 
 def evaluate_seconds(model) -> dict:
     """Wall time of the evaluation of a demo-sized run (240 images) with the default parameters."""
+    from pipeline.config.manifest import load_manifest
     from pipeline.evaluate import run as evrun
-    from pipeline.manifest import load_manifest
 
     m = load_manifest()
     with tempfile.TemporaryDirectory() as d:
@@ -149,8 +149,8 @@ def main() -> None:
         "liu_mm_on_0.5mm_noise": round(liu_error(pred, gt, pred[lm], gt[lm]).mean_mm, 3),
     }
     if name != "grid-230x230":
-        from pipeline.manifest import load_manifest
-        from pipeline.model_assets import resolve_morphable_model
+        from pipeline.config.manifest import load_manifest
+        from pipeline.models.assets import resolve_morphable_model
 
         out.update(evaluate_seconds(resolve_morphable_model(load_manifest())))
     print(json.dumps(out, indent=1))

@@ -34,20 +34,20 @@ from threadpoolctl import threadpool_limits
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from pipeline.config.manifest import load_manifest  # noqa: E402
+from pipeline.config.schemas import load_schema  # noqa: E402
 from pipeline.fit.loop import fit_batch, fit_subjects, prepare_model  # noqa: E402
 from pipeline.fit.stage import fit_landmark_table, options_from_params  # noqa: E402
 from pipeline.fit.synthetic import synthesize, toy_model  # noqa: E402
-from pipeline.manifest import load_manifest  # noqa: E402
-from pipeline.morphable_model import load_npz  # noqa: E402
-from pipeline.schemas import load_schema  # noqa: E402
+from pipeline.models.morphable_model import load_npz  # noqa: E402
 
 
 def load_model():
     """The project's default model if it can be resolved, else a cached .npz, else the toy model."""
     try:
-        from pipeline.model_assets import resolve_morphable_model
+        from pipeline.models.assets import resolve_morphable_model
 
-        return resolve_morphable_model(load_manifest()), "pipeline.model_assets (manifest default)"
+        return resolve_morphable_model(load_manifest()), "pipeline.models.assets (manifest default)"
     except Exception as exc:  # benchmark falls back; the reason is recorded in the JSON
         reason = f"{type(exc).__name__}: {exc}"
     for p in sorted((Path.home() / ".cache" / "morphset").glob("*.npz")):

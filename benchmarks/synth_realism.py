@@ -25,9 +25,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 
-from pipeline.manifest import load_manifest  # noqa: E402
-from pipeline.model_assets import resolve_morphable_model  # noqa: E402
-from pipeline.synth import SynthParams, model_regions, render_sample  # noqa: E402
+from pipeline.config.manifest import load_manifest  # noqa: E402
+from pipeline.models.assets import resolve_morphable_model  # noqa: E402
+from pipeline.synthetic.synth import SynthParams, model_regions, render_sample  # noqa: E402
 
 BINS = (0, 15, 30, 45, 60)
 
@@ -121,7 +121,7 @@ def main() -> None:
     out["dlib_nme_abs_yaw_le_30"] = round(float(np.mean(le30)), 4) if le30 else None
     out["targets"] = {"mtcnn_rate_abs_yaw_le_45": ">= 0.95", "dlib_nme_abs_yaw_le_30": "<= 0.05"}
     if args.save:
-        from pipeline.synth import contact_sheet
+        from pipeline.synthetic.synth import contact_sheet
 
         cv2.imwrite(
             args.save, cv2.cvtColor(contact_sheet(sheet, columns=args.per_bin, thumb=200), cv2.COLOR_RGB2BGR)

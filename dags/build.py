@@ -18,9 +18,9 @@ from dataclasses import dataclass, field
 from tqdm.auto import tqdm
 
 from dags.tasks import stage_task
-from pipeline.manifest import Manifest
-from pipeline.stage import STAGES, shard_fingerprint, stage_dir
-from pipeline.store import ShardStore
+from pipeline.config.manifest import Manifest
+from pipeline.core.stage import STAGES, shard_fingerprint, stage_dir
+from pipeline.storage.store import ShardStore
 
 
 @dataclass

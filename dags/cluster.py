@@ -18,7 +18,7 @@ import logging
 import os
 from collections.abc import Iterator
 
-from pipeline.manifest import Manifest
+from pipeline.config.manifest import Manifest
 
 log = logging.getLogger("morphset.cluster")
 

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from pipeline.manifest import Manifest
-from pipeline.stage import process_shard
+from pipeline.config.manifest import Manifest
+from pipeline.core.stage import process_shard
 
 
 def stage_task(

@@ -95,8 +95,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
     )
-    from pipeline.manifest import ManifestError
-    from pipeline.schemas import SchemaError
+    from pipeline.config.manifest import ManifestError
+    from pipeline.config.schemas import SchemaError
 
     try:
         return int(args._run(args) or 0)

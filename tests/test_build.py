@@ -169,8 +169,8 @@ def test_a_worker_killed_mid_run_does_not_change_the_result(reference, dataset, 
     from distributed import Client, LocalCluster
 
     from dags.build import run_stages
-    from pipeline.ingest import run_ingest
-    from pipeline.manifest import load_manifest
+    from pipeline.config.manifest import load_manifest
+    from pipeline.ingest.stage import run_ingest
 
     _, want = reference
     run = tmp_path / "run"

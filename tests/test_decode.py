@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.decode import REASONS, DecodeError, decode_image, read_image
+from pipeline.imaging.decode import REASONS, DecodeError, decode_image, read_image
 
 
 def _encode(img: Image.Image, fmt: str, **kw) -> bytes:

@@ -10,8 +10,10 @@ import pyarrow as pa
 import pytest
 from PIL import Image
 
-from pipeline.decode import read_image
-from pipeline.detect import (
+from pipeline.config.manifest import load_manifest
+from pipeline.config.schemas import load_schema
+from pipeline.core.stage import ShardContext
+from pipeline.detect.stage import (
     Faces,
     choose_primary,
     detect_images,
@@ -21,9 +23,7 @@ from pipeline.detect import (
     plan_batches,
     run_shard,
 )
-from pipeline.manifest import load_manifest
-from pipeline.schemas import load_schema
-from pipeline.stage import ShardContext
+from pipeline.imaging.decode import read_image
 
 IMAGE_EXT = {".png", ".jpg", ".jpeg"}
 
@@ -46,7 +46,7 @@ def index_table(paths: list[Path], reasons: dict[int, str] | None = None) -> pa.
                 "failure_reason": (reasons or {}).get(i),
             }
         )
-    from pipeline.schemas import from_rows
+    from pipeline.config.schemas import from_rows
 
     return from_rows(rows, load_schema("index"))
 

@@ -13,12 +13,12 @@ import pytest
 import trimesh
 
 from pipeline.cli import main
+from pipeline.config.manifest import load_manifest
+from pipeline.config.schemas import from_rows, load_schema
 from pipeline.evaluate import run as evrun
 from pipeline.evaluate.meshes import read_mesh, write_mesh
-from pipeline.manifest import load_manifest
-from pipeline.morphable_model import MorphableModel
-from pipeline.schemas import from_rows, load_schema
-from pipeline.store import ShardStore
+from pipeline.models.morphable_model import MorphableModel
+from pipeline.storage.store import ShardStore
 
 K_ID, K_EXP = 6, 3
 

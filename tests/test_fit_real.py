@@ -7,15 +7,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from pipeline.config.schemas import from_rows, load_schema
 from pipeline.fit.loop import FitOptions
 from pipeline.fit.stage import fit_landmark_table
-from pipeline.schemas import from_rows, load_schema
 
 
 def _model():
     try:
-        from pipeline.manifest import load_manifest
-        from pipeline.model_assets import resolve_morphable_model
+        from pipeline.config.manifest import load_manifest
+        from pipeline.models.assets import resolve_morphable_model
 
         return resolve_morphable_model(load_manifest())
     except Exception as exc:  # no network / not converted yet: this test needs the real model

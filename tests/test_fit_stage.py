@@ -7,13 +7,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from pipeline.config.manifest import ManifestError, load_manifest
+from pipeline.config.schemas import load_schema
+from pipeline.core.stage import process_shard
 from pipeline.fit import stage as fit_stage
 from pipeline.fit.loop import FitOptions
 from pipeline.fit.synthetic import synthesize, toy_model
-from pipeline.manifest import ManifestError, load_manifest
-from pipeline.schemas import load_schema
-from pipeline.stage import process_shard
-from pipeline.store import ShardStore
+from pipeline.storage.store import ShardStore
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +47,7 @@ def landmarks_table(model, n_subjects=3, n_images=3, noise=1.0, seed=0):
 
 
 def to_table(rows):
-    from pipeline.schemas import from_rows
+    from pipeline.config.schemas import from_rows
 
     return from_rows(rows, load_schema("landmarks"))
 
@@ -160,7 +160,7 @@ def test_manifest_block_defaults_and_validation():
 def test_run_shard_through_the_store(tmp_path, model, monkeypatch):
     """process_shard -> run_shard -> committed shard whose file carries the model metadata."""
     monkeypatch.setattr(fit_stage, "_load_model", lambda manifest: model)
-    from pipeline import workercache
+    from pipeline.core import workercache
 
     workercache.clear()
     rows, _ = landmarks_table(model, n_subjects=2, n_images=2)

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.ingest import IngestError, assign_labels, index_table, partition, run_ingest
-from pipeline.manifest import load_manifest
-from pipeline.schemas import load_schema
-from pipeline.store import ShardStore
+from pipeline.config.manifest import load_manifest
+from pipeline.config.schemas import load_schema
+from pipeline.ingest.stage import IngestError, assign_labels, index_table, partition, run_ingest
+from pipeline.storage.store import ShardStore
 
 
 def _manifest(

@@ -7,14 +7,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline import align
-from pipeline.detect import get_detector
-from pipeline.detect import run_shard as detect_shard
+from pipeline.config.manifest import load_manifest
+from pipeline.config.schemas import load_schema
+from pipeline.detect.stage import get_detector
+from pipeline.detect.stage import run_shard as detect_shard
+from pipeline.imaging import align
 from pipeline.landmarks.base import WeightsError
 from pipeline.landmarks.stage import get_backend, preflight
 from pipeline.landmarks.stage import run_shard as landmarks_shard
-from pipeline.manifest import load_manifest
-from pipeline.schemas import load_schema
 from tests.test_detect import ctx_for, images_under, index_table
 
 # iBUG-68 index ranges
@@ -138,7 +138,7 @@ def test_landmarks_carry_upstream_failures_and_refuse_mismatched_shards(detected
 
 
 def test_backend_is_created_once_per_process():
-    from pipeline import workercache
+    from pipeline.core import workercache
 
     m = load_manifest(overrides={"stages.landmarks.backend": "dlib"})
     p = m.stage_params("landmarks")
@@ -156,8 +156,8 @@ def _dlib_key(m) -> tuple[str, str]:
 
 
 def test_detect_and_landmarks_run_through_the_shard_store(faces_dir, tmp_path):
-    from pipeline.stage import process_shard
-    from pipeline.store import ShardStore
+    from pipeline.core.stage import process_shard
+    from pipeline.storage.store import ShardStore
 
     get_detector()
     paths = images_under(faces_dir)[:4]
@@ -179,10 +179,10 @@ def test_detect_and_landmarks_run_through_the_shard_store(faces_dir, tmp_path):
 
 @pytest.mark.slow
 def test_dlib_landmarks_on_synthetic_renders_are_within_a_few_pixels():
-    """Rendered faces (pipeline.render) with known projected landmarks: MTCNN + dlib land within
+    """Rendered faces (pipeline.synthetic.render) with known projected landmarks: MTCNN + dlib land within
     a few pixels on average (250x250 renders, faces ~130 px wide)."""
-    pytest.importorskip("pipeline.render")
-    from pipeline.model_assets import cache_path
+    pytest.importorskip("pipeline.synthetic.render")
+    from pipeline.models.assets import cache_path
 
     m = load_manifest(overrides={"stages.landmarks.backend": "dlib"})
     if not cache_path(m.model("morphable_model"), m.cache_dir).is_file():

@@ -14,11 +14,11 @@ import cv2
 import numpy as np
 import pytest
 
+from pipeline.config.manifest import load_manifest
 from pipeline.landmarks import fan
 from pipeline.landmarks.base import WeightsError, sha256_file
 from pipeline.landmarks.stage import get_backend, preflight
 from pipeline.landmarks.stage import run_shard as landmarks_shard
-from pipeline.manifest import load_manifest
 
 
 @pytest.fixture(scope="module")
@@ -107,7 +107,7 @@ def test_missing_weights_fail_before_work_with_instructions(torch_home):
     assert str(torch_home / "hub" / "checkpoints") in msg
     assert "stages.landmarks.backend=dlib" in msg
     # the stage itself refuses before reading any image
-    from pipeline.stage import ShardContext
+    from pipeline.core.stage import ShardContext
 
     ctx = ShardContext(0, "landmarks", m.stage_params("landmarks"), m, "memory://x")
     with pytest.raises(WeightsError):
@@ -196,8 +196,8 @@ def test_fan_backend_shapes_batching_and_pixel_coordinates(backend):
 
 @pytest.mark.slow
 def test_fan_landmarks_stage_end_to_end(backend, faces_dir):
-    from pipeline.detect import get_detector
-    from pipeline.detect import run_shard as detect_shard
+    from pipeline.detect.stage import get_detector
+    from pipeline.detect.stage import run_shard as detect_shard
     from tests.test_detect import ctx_for, images_under, index_table
 
     _, m = backend

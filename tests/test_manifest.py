@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.manifest import DEFAULT_MANIFEST, ManifestError, load_manifest
+from pipeline.config.manifest import DEFAULT_MANIFEST, ManifestError, load_manifest
 
 
 def _write(tmp_path: Path, data: dict) -> Path:

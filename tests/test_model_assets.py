@@ -10,16 +10,16 @@ import zipfile
 import numpy as np
 import pytest
 
-from pipeline.manifest import load_manifest
-from pipeline.model_assets import (
+from pipeline.config.manifest import load_manifest
+from pipeline.models.assets import (
     _PREFIX,
     build_from_pypi,
     load_model_entry,
     resolve_morphable_model,
     whitening_arrays,
 )
-from pipeline.morphable_model import ModelError, MorphableModel, load_npz
-from pipeline.triangulation import face_normals
+from pipeline.models.morphable_model import ModelError, MorphableModel, load_npz
+from pipeline.models.triangulation import face_normals
 
 
 @pytest.fixture(scope="module")

@@ -8,17 +8,17 @@ import numpy as np
 import pytest
 import scipy.io
 
-from pipeline.manifest import load_manifest
-from pipeline.model_assets import load_model_entry
-from pipeline.model_sources import (
+from pipeline.config.manifest import load_manifest
+from pipeline.models.assets import load_model_entry
+from pipeline.models.morphable_model import ModelError, load_npz, sha256_file
+from pipeline.models.sources import (
     load_bfm2009,
     load_bfm2017,
     load_landmark_indices,
     load_user_model,
     read_mat,
 )
-from pipeline.morphable_model import ModelError, load_npz, sha256_file
-from pipeline.triangulation import face_normals
+from pipeline.models.triangulation import face_normals
 
 N_SIDE = 14  # 196 vertices
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline import render as R
-from pipeline.manifest import load_manifest
-from pipeline.model_assets import resolve_morphable_model
+from pipeline.config.manifest import load_manifest
+from pipeline.models.assets import resolve_morphable_model
+from pipeline.synthetic import render as R
 
 
 @pytest.fixture(scope="module")

@@ -6,8 +6,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.schemas import SchemaError, all_schema_names, conform, from_rows, load_schema, parse_type
-from pipeline.store import ShardStore
+from pipeline.config.schemas import SchemaError, all_schema_names, conform, from_rows, load_schema, parse_type
+from pipeline.storage.store import ShardStore
 
 
 def test_every_schema_file_loads_and_has_a_version():

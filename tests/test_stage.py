@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from pipeline.manifest import load_manifest
-from pipeline.stage import STAGES, stage_params_hash
+from pipeline.config.manifest import load_manifest
+from pipeline.core.stage import STAGES, stage_params_hash
 
 
 def _hashes(**overrides):

@@ -9,8 +9,8 @@ import textwrap
 
 import pytest
 
-from pipeline.schemas import from_rows, load_schema
-from pipeline.store import ShardStore
+from pipeline.config.schemas import from_rows, load_schema
+from pipeline.storage.store import ShardStore
 
 ROWS = [
     {
@@ -42,8 +42,8 @@ def test_writer_killed_between_data_and_sidecar_leaves_shard_not_done(tmp_path):
     script = textwrap.dedent(
         f"""
         import os, signal
-        from pipeline.schemas import from_rows, load_schema
-        from pipeline.store import ShardStore
+        from pipeline.config.schemas import from_rows, load_schema
+        from pipeline.storage.store import ShardStore
         schema = load_schema("index")
         store = ShardStore({str(tmp_path)!r}, "ingest")
         real = store._atomic_write

@@ -9,9 +9,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.cli import main
-from pipeline.manifest import load_manifest
-from pipeline.schemas import check_version, load_schema
-from pipeline.synth import synthesize
+from pipeline.config.manifest import load_manifest
+from pipeline.config.schemas import check_version, load_schema
+from pipeline.synthetic.synth import synthesize
 
 
 def _digests(root):
@@ -61,7 +61,7 @@ def test_ground_truth_is_consistent_with_the_camera(synth_dir):
         uv = np.stack([tx + f * c[:, 0], ty - f * c[:, 1]], axis=1)
         assert np.abs(uv - np.asarray(r["landmarks_2d"]).reshape(68, 2)).max() < 1e-3
         # the stored Euler angles describe the stored rotation (fit convention)
-        from pipeline.render import rotation_from_euler_deg
+        from pipeline.synthetic.render import rotation_from_euler_deg
 
         assert np.allclose(rotation_from_euler_deg(r["yaw"], r["pitch"], r["roll"]), R, atol=1e-5)
         assert -60 <= r["yaw"] <= 60
@@ -79,7 +79,7 @@ def test_ground_truth_is_consistent_with_the_camera(synth_dir):
 
 
 def test_landmarks_3d_are_the_model_shape(synth_dir):
-    from pipeline.model_assets import resolve_morphable_model
+    from pipeline.models.assets import resolve_morphable_model
 
     out, _ = synth_dir
     model = resolve_morphable_model(load_manifest())

@@ -10,8 +10,8 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from pipeline.schemas import SchemaError, from_rows, load_schema
-from pipeline.store import ShardStore
+from pipeline.config.schemas import SchemaError, from_rows, load_schema
+from pipeline.storage.store import ShardStore
 from pipeline.train.data import (
     TrainsetStream,
     assign_units,

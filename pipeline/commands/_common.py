@@ -6,7 +6,7 @@ import argparse
 import json
 from typing import Any
 
-from pipeline.manifest import Manifest, load_manifest
+from pipeline.config.manifest import Manifest, load_manifest
 
 
 def add_run_argument(p: argparse.ArgumentParser) -> None:

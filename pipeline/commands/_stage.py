@@ -13,8 +13,8 @@ from pipeline.commands._common import (
     print_json,
     run_root,
 )
-from pipeline.stage import STAGES
-from pipeline.status import load_run_manifest, save_run_manifest
+from pipeline.core.stage import STAGES
+from pipeline.core.status import load_run_manifest, save_run_manifest
 
 
 def add_stage_arguments(p: argparse.ArgumentParser) -> None:
@@ -28,7 +28,7 @@ def stage_manifest(args: argparse.Namespace, extra: dict[str, Any] | None = None
     if args.run and not args.manifest:
         remembered = load_run_manifest(args.run)
         if remembered is not None:
-            from pipeline.manifest import parse_override
+            from pipeline.config.manifest import parse_override
 
             over = dict(parse_override(o) for o in args.overrides)
             if args.scheduler:

@@ -10,9 +10,9 @@ import fsspec
 from pipeline.commands._common import add_execution_arguments, add_run_argument, manifest_from_args, run_root
 from pipeline.commands._stage import preflight, print_report
 from pipeline.commands.ingest import ingest_overrides
-from pipeline.ingest import run_ingest
-from pipeline.stage import BUILD_ORDER
-from pipeline.status import run_status, save_run_manifest
+from pipeline.core.stage import BUILD_ORDER
+from pipeline.core.status import run_status, save_run_manifest
+from pipeline.ingest.stage import run_ingest
 
 HELP = "the main job: ingest -> detect -> landmarks -> fit -> export over shards on Dask (resumable)"
 DESCRIPTION = (

@@ -6,7 +6,7 @@ import argparse
 import logging
 from typing import Any
 
-from pipeline.manifest import Manifest, load_manifest, parse_override
+from pipeline.config.manifest import Manifest, load_manifest, parse_override
 
 HELP = "measure a run (verification, 3D reconstruction error, fit quality) and write RUN/eval/report.html"
 DESCRIPTION = (
@@ -50,7 +50,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def evaluate_manifest(args: argparse.Namespace, extra: dict[str, Any]) -> Manifest:
     """The run's remembered manifest (RUN/run.json) unless --manifest is given; then --set, then flags."""
-    from pipeline.status import load_run_manifest
+    from pipeline.core.status import load_run_manifest
 
     remembered = None if args.manifest else load_run_manifest(args.run)
     over = dict(parse_override(o) for o in args.overrides)

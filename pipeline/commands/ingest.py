@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 
 from pipeline.commands._common import add_run_argument, manifest_from_args, run_root
-from pipeline.ingest import run_ingest
-from pipeline.status import save_run_manifest
+from pipeline.core.status import save_run_manifest
+from pipeline.ingest.stage import run_ingest
 
 HELP = "scan a dataset (subject folders or a list file) into index shards"
 DESCRIPTION = (

@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 
 from pipeline.commands._common import add_run_argument, print_json
-from pipeline.manifest import load_manifest, parse_override
-from pipeline.status import format_status, load_run_manifest, run_status
+from pipeline.config.manifest import load_manifest, parse_override
+from pipeline.core.status import format_status, load_run_manifest, run_status
 
 HELP = "per stage: shards done/pending/failed, rows, failures by reason, images/s"
 

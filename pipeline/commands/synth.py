@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from pipeline.commands._common import manifest_from_args, print_json
-from pipeline.manifest import manifest_json_schema
+from pipeline.config.manifest import manifest_json_schema
 
 
 def _default(key: str) -> str:
@@ -86,7 +86,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pipeline.synth import synthesize  # rendering imports stay off the CLI's start-up path
+    from pipeline.synthetic.synth import synthesize  # rendering imports stay off the CLI's start-up path
 
     extra = {}
     for flag in ("subjects", "images_per_subject", "seed", "out", "expression_scale", "size", "workers"):

@@ -55,7 +55,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pipeline.manifest import load_manifest
+    from pipeline.config.manifest import load_manifest
     from pipeline.train.config import parse_epochs, resolve_params
 
     manifest = load_manifest(args.manifest, args.overrides)

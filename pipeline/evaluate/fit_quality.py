@@ -7,7 +7,7 @@ from collections import Counter
 import numpy as np
 
 from pipeline.evaluate.frame import Frame
-from pipeline.morphable_model import MorphableModel
+from pipeline.models.morphable_model import MorphableModel
 
 
 def distribution(values: np.ndarray) -> dict[str, float]:

@@ -16,10 +16,10 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from PIL import Image
 
+from pipeline.config.schemas import META_SCHEMA_NAME, check_version, load_schema
 from pipeline.evaluate.frame import Frame
-from pipeline.morphable_model import N_LANDMARKS
-from pipeline.schemas import META_SCHEMA_NAME, check_version, load_schema
-from pipeline.store import ShardStore
+from pipeline.models.morphable_model import N_LANDMARKS
+from pipeline.storage.store import ShardStore
 
 GT_REQUIRED = ("image_id", "subject", "alpha_id", "alpha_exp", "yaw")
 GT_MODEL_SHA_KEYS = (b"morphset.model.sha256", b"morphset.model_sha256")

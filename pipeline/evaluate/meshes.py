@@ -8,7 +8,7 @@ import numpy as np
 import trimesh
 
 from pipeline.evaluate.frame import Frame
-from pipeline.morphable_model import MorphableModel
+from pipeline.models.morphable_model import MorphableModel
 
 MESH_SUFFIXES = (".obj", ".ply")
 

@@ -22,6 +22,8 @@ import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
 from pipeline import __version__
+from pipeline.config.manifest import Manifest
+from pipeline.config.schemas import from_rows, load_schema
 from pipeline.evaluate import report as rp
 from pipeline.evaluate.fit_quality import (
     fit_quality,
@@ -47,9 +49,7 @@ from pipeline.evaluate.samples import Predictors, Sample, measure, scan_samples,
 from pipeline.evaluate.shading import render_shaded
 from pipeline.evaluate.summary import summarise_errors
 from pipeline.evaluate.verification import cosine_scores, fuse_scores, item_features, verification_report
-from pipeline.manifest import Manifest
-from pipeline.morphable_model import MorphableModel
-from pipeline.schemas import from_rows, load_schema
+from pipeline.models.morphable_model import MorphableModel
 
 log = logging.getLogger(__name__)
 ENCODER_BATCH = 32
@@ -96,7 +96,7 @@ def _h3(text: str) -> str:
 def load_model(manifest: Manifest) -> tuple[MorphableModel | None, str | None]:
     """The manifest's morphable model, or (None, why not) when it cannot be resolved here."""
     try:
-        from pipeline.model_assets import resolve_morphable_model
+        from pipeline.models.assets import resolve_morphable_model
     except ImportError as exc:
         return None, f"morphable model resolver unavailable ({exc})"
     try:

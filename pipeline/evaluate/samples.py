@@ -18,7 +18,7 @@ from pipeline.evaluate.frame import Frame
 from pipeline.evaluate.inputs import ScanTruth, SyntheticTruth, read_landmarks_3d
 from pipeline.evaluate.meshes import ShapeBuilder, read_mesh
 from pipeline.evaluate.reconstruction import genova_error, liu_error, yaw_bin
-from pipeline.morphable_model import MorphableModel
+from pipeline.models.morphable_model import MorphableModel
 
 BATCH = 32
 

@@ -23,7 +23,7 @@ from scipy.spatial import cKDTree
 from pipeline.fit.camera import project
 from pipeline.fit.linear import shape_points
 from pipeline.fit.xp import namespace_of
-from pipeline.morphable_model import MorphableModel
+from pipeline.models.morphable_model import MorphableModel
 
 Array = Any
 CONTOUR_LANDMARKS = (0, 1, 2, 3, 4, 5, 6, 10, 11, 12, 13, 14, 15, 16)

@@ -33,7 +33,7 @@ from pipeline.fit.joint import lm_step
 from pipeline.fit.linear import shape_points
 from pipeline.fit.objective import residuals, rmse_px, subject_objective
 from pipeline.fit.xp import namespace_of, to_numpy
-from pipeline.morphable_model import N_LANDMARKS, MorphableModel
+from pipeline.models.morphable_model import N_LANDMARKS, MorphableModel
 
 Array = Any
 OUTER_EYE_CORNERS = (36, 45)

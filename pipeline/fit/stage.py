@@ -15,12 +15,12 @@ import array_api_compat.numpy as anp
 import numpy as np
 import pyarrow as pa
 
-from pipeline import workercache
+from pipeline.config.schemas import conform, load_schema
+from pipeline.core import workercache
 from pipeline.fit.camera import euler_deg
 from pipeline.fit.loop import FitOptions, FitResult, LandmarkModel, SubjectFits, fit_subjects, prepare_model
 from pipeline.fit.xp import get_namespace, resolve_backend
-from pipeline.morphable_model import N_LANDMARKS, MorphableModel
-from pipeline.schemas import conform, load_schema
+from pipeline.models.morphable_model import N_LANDMARKS, MorphableModel
 
 TOO_FEW = "too_few_landmarks"
 DEGENERATE = "degenerate_geometry"
@@ -327,9 +327,9 @@ def _concat_fits(parts: list[SubjectFits]) -> SubjectFits:
 # --- the stage entry point -------------------------------------------------------------------
 def _load_model(manifest: Any) -> MorphableModel:
     try:
-        from pipeline.model_assets import resolve_morphable_model
+        from pipeline.models.assets import resolve_morphable_model
     except ImportError as exc:  # the model-asset module is part of the product; say what is missing
-        raise RuntimeError(f"fit stage: cannot import pipeline.model_assets ({exc})") from exc
+        raise RuntimeError(f"fit stage: cannot import pipeline.models.assets ({exc})") from exc
     return resolve_morphable_model(manifest)
 
 

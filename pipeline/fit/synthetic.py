@@ -20,7 +20,7 @@ from scipy.spatial import Delaunay
 
 from pipeline.fit import contour as contour_mod
 from pipeline.fit.camera import rotation_from_euler_deg
-from pipeline.morphable_model import MorphableModel
+from pipeline.models.morphable_model import MorphableModel
 
 # iBUG-68 layout on the toy face, (x, y) mm, x to image right, y up.
 _JAW = [(72 * np.cos(a), -10 + 95 * np.sin(a)) for a in np.deg2rad(np.linspace(170.0, 370.0, 17))]

@@ -1,6 +1,6 @@
 """Landmark accuracy against known truth: faces rendered from the morphable model.
 
-Used by ``benchmarks/detect_landmarks.py`` and the tests. Renders come from :mod:`pipeline.render`
+Used by ``benchmarks/detect_landmarks.py`` and the tests. Renders come from :mod:`pipeline.synthetic.render`
 (the ``morphset synth`` renderer) with the true projected 68 landmark vertices and their
 visibility; detection + a landmark backend are then scored in pixels. Note that the model's
 landmark vertices and the iBUG annotation convention are not identical (jaw line and brows
@@ -11,15 +11,15 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipeline.detect import detect_images, detection_row
+from pipeline.detect.stage import detect_images, detection_row
 from pipeline.landmarks.base import LandmarkBackend
 
 
 def synthetic_renders(manifest: object, n: int, seed: int = 0) -> tuple[list, list, list]:
-    """Faces rendered from the manifest's morphable model (pipeline.render), 250x250, with the
+    """Faces rendered from the manifest's morphable model (pipeline.synthetic.render), 250x250, with the
     true projected landmarks and their visibility. Yaw within 30, pitch and roll within 10 degrees."""
-    from pipeline import render as R
-    from pipeline.model_assets import resolve_morphable_model
+    from pipeline.models.assets import resolve_morphable_model
+    from pipeline.synthetic import render as R
 
     mm = resolve_morphable_model(manifest)
     rng = np.random.default_rng(seed)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.hashing import sha256_file
+from pipeline.storage.hashing import sha256_file
 
 N_POINTS = 68
 

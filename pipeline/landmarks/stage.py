@@ -19,11 +19,11 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from pipeline import workercache
-from pipeline.align import AlignError, align_matrix_from_points
-from pipeline.decode import max_pixels_from, read_image
+from pipeline.config.schemas import from_rows, load_schema
+from pipeline.core import workercache
+from pipeline.imaging.align import AlignError, align_matrix_from_points
+from pipeline.imaging.decode import max_pixels_from, read_image
 from pipeline.landmarks.base import LandmarkBackend, LandmarkResult
-from pipeline.schemas import from_rows, load_schema
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import yaml
 
-from pipeline.manifest import Manifest, ManifestError, parse_override, validate
+from pipeline.config.manifest import Manifest, ManifestError, parse_override, validate
 
 # The CPU demo configuration (used by `make demo`): a quarter-width encoder, a vertex subsample for
 # the reconstruction loss, and a few epochs per phase; ~240 images train in a few minutes on 2 cores.
@@ -41,7 +41,7 @@ def validate_params(params: dict, manifest: Manifest | None = None, source: str 
     """Fill the schema defaults into ``params`` and validate them as ``stages.train``."""
     base = copy.deepcopy(manifest.data) if manifest is not None else None
     if base is None:
-        from pipeline.manifest import load_manifest
+        from pipeline.config.manifest import load_manifest
 
         base = copy.deepcopy(load_manifest().data)
     base.setdefault("stages", {})["train"] = copy.deepcopy(params)

@@ -1,7 +1,7 @@
 """Streaming the export stage's trainset shards into torch.
 
 Only committed shards (those with a ``part-NNNNN.json`` sidecar) are read. The unit of work is one
-Parquet row group (at most ``pipeline.store.ROW_GROUP_SIZE`` rows): each epoch the units are
+Parquet row group (at most ``pipeline.storage.store.ROW_GROUP_SIZE`` rows): each epoch the units are
 permuted with a seed of (seed, epoch) and dealt round-robin to the DataLoader workers (and DDP
 ranks), so every row is yielded exactly once per epoch; rows pass through a bounded shuffle
 buffer seeded per (seed, epoch, worker). Only the needed columns are read; Phase II reads no
@@ -22,8 +22,8 @@ import pyarrow.parquet as pq
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from pipeline.schemas import SchemaError, check_version, load_schema
-from pipeline.store import ShardStore
+from pipeline.config.schemas import SchemaError, check_version, load_schema
+from pipeline.storage.store import ShardStore
 
 log = logging.getLogger(__name__)
 

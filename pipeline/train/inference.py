@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.morphable_model import MorphableModel, sha256_file
+from pipeline.models.morphable_model import MorphableModel, sha256_file
 from pipeline.train.checkpoint import load_checkpoint, save_atomic
 from pipeline.train.data import to_input_tensor
 from pipeline.train.network import ExportedEncoder, MorphNet

@@ -35,8 +35,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from pipeline.manifest import Manifest
-from pipeline.morphable_model import MorphableModel
+from pipeline.config.manifest import Manifest
+from pipeline.models.morphable_model import MorphableModel
 from pipeline.train import checkpoint as ckpt_io
 from pipeline.train.config import ARCHITECTURE_KEYS
 from pipeline.train.data import (
@@ -612,14 +612,14 @@ def _save_checkpoint(
 
 
 def resolve_model(manifest: Manifest) -> MorphableModel:
-    """The manifest's morphable model (verified by sha256 in :mod:`pipeline.model_assets`)."""
+    """The manifest's morphable model (verified by sha256 in :mod:`pipeline.models.assets`)."""
     try:
-        from pipeline.model_assets import resolve_morphable_model
+        from pipeline.models.assets import resolve_morphable_model
     except ModuleNotFoundError as exc:
-        if exc.name != "pipeline.model_assets":
+        if exc.name != "pipeline.models.assets":
             raise
         raise ValueError(
-            "morphset train: pipeline.model_assets is missing; cannot resolve the morphable model"
+            "morphset train: pipeline.models.assets is missing; cannot resolve the morphable model"
         ) from None
     return resolve_morphable_model(manifest)
 

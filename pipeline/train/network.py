@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipeline.morphable_model import MorphableModel
+from pipeline.models.morphable_model import MorphableModel
 
 INPUT_HW = (112, 96)
 BASE_CHANNELS = (64, 128, 256, 512)

@@ -3,7 +3,7 @@
 The crops are drawn, not rendered: each subject has a colour and a face ellipse whose size follows
 its identity coefficients, and a mouth bar whose height follows the image's expression
 coefficients, so a small network can learn both the label and the coefficients. Shards are written
-through :class:`pipeline.store.ShardStore` exactly as the export stage commits them.
+through :class:`pipeline.storage.store.ShardStore` exactly as the export stage commits them.
 """
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-from pipeline.morphable_model import N_LANDMARKS, MorphableModel
-from pipeline.schemas import from_rows, load_schema
-from pipeline.store import ShardStore
+from pipeline.config.schemas import from_rows, load_schema
+from pipeline.models.morphable_model import N_LANDMARKS, MorphableModel
+from pipeline.storage.store import ShardStore
 
 
 def random_model(n_vertices: int = 500, k_id: int = 8, k_exp: int = 4, seed: int = 0) -> MorphableModel:

@@ -29,10 +29,12 @@ import cv2
 import numpy as np
 import pyarrow.parquet as pq
 
-from pipeline.manifest import Manifest
-from pipeline.model_assets import resolve_morphable_model
-from pipeline.morphable_model import MorphableModel
-from pipeline.render import (
+from pipeline.config.manifest import Manifest
+from pipeline.config.schemas import from_rows, load_schema
+from pipeline.core.workercache import get_or_create
+from pipeline.models.assets import resolve_morphable_model
+from pipeline.models.morphable_model import MorphableModel
+from pipeline.synthetic.render import (
     Appearance,
     Camera,
     HeadStyle,
@@ -48,8 +50,6 @@ from pipeline.render import (
     sample_lighting,
     trim_face_triangles,
 )
-from pipeline.schemas import from_rows, load_schema
-from pipeline.workercache import get_or_create
 
 GROUND_TRUTH_FILE = "ground_truth.parquet"
 PREVIEW_FILE = "preview.png"

@@ -19,9 +19,9 @@ from typing import Any
 import jsonschema
 import yaml
 
-from pipeline.schemas import SCHEMA_DIR
+from pipeline.config.schemas import SCHEMA_DIR
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_MANIFEST = REPO_ROOT / "data_manifest.yaml"
 MANIFEST_SCHEMA_DIR = SCHEMA_DIR / "manifest"
 

@@ -29,7 +29,7 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
 from pipeline import __version__
-from pipeline.schemas import StageSchema, check_version, conform
+from pipeline.config.schemas import StageSchema, check_version, conform
 
 PART_RE = re.compile(r"part-(\d{5})\.json$")
 ROW_GROUP_SIZE = 2048  # bounded row groups: column selection never reads more than this many rows of bytes

@@ -176,5 +176,5 @@ def read_image(
 
 
 def max_pixels_from(manifest: object) -> int:
-    """``stages.decode.max_pixels`` of a :class:`pipeline.manifest.Manifest` (defaults filled)."""
+    """``stages.decode.max_pixels`` of a :class:`pipeline.config.manifest.Manifest` (defaults filled)."""
     return int(manifest.stage_params("decode")["max_pixels"])  # type: ignore[attr-defined]

@@ -28,8 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.morphable_model import N_LANDMARKS, ModelError, MorphableModel, load_npz, sha256_file
-from pipeline.triangulation import face_normals
+from pipeline.models.morphable_model import N_LANDMARKS, ModelError, MorphableModel, load_npz, sha256_file
+from pipeline.models.triangulation import face_normals
 
 # A face is ~150 mm wide: a mean shape whose widest extent exceeds this is in micrometres.
 _MICROMETRE_EXTENT = 2000.0

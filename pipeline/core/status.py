@@ -11,9 +11,9 @@ from collections import Counter
 
 import fsspec
 
-from pipeline.manifest import Manifest, validate
-from pipeline.stage import BUILD_ORDER, STAGES, shard_fingerprint, stage_dir
-from pipeline.store import ShardStore
+from pipeline.config.manifest import Manifest, validate
+from pipeline.core.stage import BUILD_ORDER, STAGES, shard_fingerprint, stage_dir
+from pipeline.storage.store import ShardStore
 
 RUN_FILE = "run.json"
 

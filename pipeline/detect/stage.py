@@ -2,7 +2,7 @@
 
 Output rows follow the index rows one-to-one (schema ``schemas/detections.yaml``). Per-image
 problems become a ``failure_reason`` (index reason carried forward, decode reasons from
-:mod:`pipeline.decode`, ``no_face``, ``no_central_face``, ``detector_error``); nothing raises out
+:mod:`pipeline.imaging.decode`, ``no_face``, ``no_central_face``, ``detector_error``); nothing raises out
 of :func:`run_shard` for a bad image.
 
 Why the detector is driven the way it is:
@@ -17,7 +17,7 @@ Why the detector is driven the way it is:
 - ``min_face_size`` other than 20 makes mtcnn 1.0.0 find nothing, so it stays 20 and small boxes
   are dropped afterwards (``min_face_px``).
 - TensorFlow is imported lazily (seconds) and the detector is created once per process through
-  :mod:`pipeline.workercache`.
+  :mod:`pipeline.core.workercache`.
 """
 
 from __future__ import annotations
@@ -30,9 +30,9 @@ import cv2
 import numpy as np
 import pyarrow as pa
 
-from pipeline import workercache
-from pipeline.decode import max_pixels_from, read_image
-from pipeline.schemas import from_rows, load_schema
+from pipeline.config.schemas import from_rows, load_schema
+from pipeline.core import workercache
+from pipeline.imaging.decode import max_pixels_from, read_image
 
 log = logging.getLogger(__name__)
 

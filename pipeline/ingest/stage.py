@@ -20,9 +20,9 @@ from dataclasses import dataclass, field
 import fsspec
 import pyarrow as pa
 
-from pipeline.manifest import Manifest
-from pipeline.schemas import from_rows, load_schema
-from pipeline.store import ShardStore, fingerprint
+from pipeline.config.manifest import Manifest
+from pipeline.config.schemas import from_rows, load_schema
+from pipeline.storage.store import ShardStore, fingerprint
 
 MODES = ("resume", "overwrite", "extend")
 

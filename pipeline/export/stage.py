@@ -16,12 +16,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline.align import transform_points, warp_crop
-from pipeline.decode import max_pixels_from, read_image
-from pipeline.manifest import Manifest
-from pipeline.schemas import from_rows, load_schema
-from pipeline.stage import ShardContext
-from pipeline.store import ShardStore
+from pipeline.config.manifest import Manifest
+from pipeline.config.schemas import from_rows, load_schema
+from pipeline.core.stage import ShardContext
+from pipeline.imaging.align import transform_points, warp_crop
+from pipeline.imaging.decode import max_pixels_from, read_image
+from pipeline.storage.store import ShardStore
 
 LABELS_FILE = "_labels.json"
 

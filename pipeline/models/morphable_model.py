@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.hashing import sha256_file  # noqa: F401  (re-exported)
+from pipeline.storage.hashing import sha256_file  # noqa: F401  (re-exported)
 
 NPZ_FORMAT_VERSION = 1
 N_LANDMARKS = 68

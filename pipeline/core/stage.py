@@ -17,9 +17,9 @@ from dataclasses import dataclass, field
 
 import pyarrow as pa
 
-from pipeline.manifest import Manifest
-from pipeline.schemas import StageSchema, load_schema
-from pipeline.store import ShardStore, fingerprint
+from pipeline.config.manifest import Manifest
+from pipeline.config.schemas import StageSchema, load_schema
+from pipeline.storage.store import ShardStore, fingerprint
 
 
 @dataclass(frozen=True)
@@ -49,7 +49,7 @@ STAGES: dict[str, StageSpec] = {
             "detect",
             "detections",
             ("index",),
-            "pipeline.detect:run_shard",
+            "pipeline.detect.stage:run_shard",
             doc="MTCNN face detection",
             extra_keys=("stages.decode", "models.mtcnn"),
         ),
@@ -73,7 +73,7 @@ STAGES: dict[str, StageSpec] = {
             "export",
             "trainset",
             ("index", "detect", "landmarks", "fit"),
-            "pipeline.export:run_shard",
+            "pipeline.export.stage:run_shard",
             doc="aligned crops + fit targets, the hand-off to trainers",
             global_input="_labels.json",
             extra_keys=("stages.decode",),
