@@ -168,9 +168,11 @@ def test_sigkill_then_resume_gives_the_uninterrupted_export(kill_when, reference
 def test_a_worker_killed_mid_run_does_not_change_the_result(reference, dataset, tmp_path):
     from distributed import Client, LocalCluster
 
-    from dags.build import run_stages
+    from dags.build import DaskExecutor
     from pipeline.config.manifest import load_manifest
+    from pipeline.core.runner import run_stages
     from pipeline.ingest.stage import run_ingest
+    from pipeline.storage.run import Run
 
     _, want = reference
     run = tmp_path / "run"
@@ -197,7 +199,9 @@ def test_a_worker_killed_mid_run_does_not_change_the_result(reference, dataset, 
 
         t = threading.Thread(target=killer, daemon=True)
         t.start()
-        report = run_stages(m, str(run), ["detect", "landmarks", "fit", "export"], client, progress=False)
+        report = run_stages(
+            Run(run), m, ["detect", "landmarks", "fit", "export"], DaskExecutor(client), progress=False
+        )
         t.join(timeout=5)
     assert killed, "no worker was killed"
     assert report["failed_shards"] == []
@@ -211,8 +215,14 @@ def _free_port() -> int:
 
 
 def test_a_real_multi_process_cluster_gives_the_same_export(reference, dataset, tmp_path):
+    """``dask scheduler`` + ``dask worker`` processes started in another directory than the driver,
+    and the run given as a relative path: the driver makes it absolute before any task is sent."""
     _, want = reference
     port = _free_port()
+    elsewhere = tmp_path / "workers-cwd"
+    elsewhere.mkdir()
+    driver_cwd = tmp_path / "driver-cwd"
+    driver_cwd.mkdir()
     py = [sys.executable, "-m"]
     procs = [
         subprocess.Popen(
@@ -245,23 +255,24 @@ def test_a_real_multi_process_cluster_gives_the_same_export(reference, dataset, 
                         "--no-dashboard",
                     ],
                     env=ENV,
-                    cwd=str(Path(__file__).resolve().parents[1]),
+                    cwd=str(elsewhere),
                     stdout=subprocess.DEVNULL,
                     stderr=subprocess.DEVNULL,
                     start_new_session=True,
                 )
             )
-        run = tmp_path / "run"
         proc = subprocess.run(
-            _cmd(run, dataset, "--scheduler", f"tcp://127.0.0.1:{port}"),
+            _cmd(Path("run"), dataset, "--scheduler", f"tcp://127.0.0.1:{port}"),
             capture_output=True,
             text=True,
             env=ENV,
+            cwd=str(driver_cwd),
             timeout=600,
         )
         assert proc.returncode == 0, proc.stdout + proc.stderr
         assert f"joined Dask cluster tcp://127.0.0.1:{port}" in proc.stdout
-        assert export_rows(run) == want
+        assert export_rows(driver_cwd / "run") == want
+        assert not (elsewhere / "run").exists()
     finally:
         for p in procs:
             os.killpg(p.pid, signal.SIGKILL)

@@ -12,7 +12,7 @@ from PIL import Image
 
 from pipeline.config.manifest import load_manifest
 from pipeline.config.schemas import load_schema
-from pipeline.core.stage import ShardContext
+from pipeline.core.runner import stage_context
 from pipeline.detect.stage import (
     Faces,
     choose_primary,
@@ -51,9 +51,9 @@ def index_table(paths: list[Path], reasons: dict[int, str] | None = None) -> pa.
     return from_rows(rows, load_schema("index"))
 
 
-def ctx_for(stage: str, manifest=None, **over) -> ShardContext:
+def ctx_for(stage: str, manifest=None, **over):
     m = manifest or load_manifest(overrides={f"stages.{stage}.{k}": v for k, v in over.items()} or None)
-    return ShardContext(0, stage, m.stage_params(stage), m, "memory://unused")
+    return stage_context(m, stage)
 
 
 # --- pure helpers (no TensorFlow) --------------------------------------------------------------

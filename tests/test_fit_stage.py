@@ -9,10 +9,11 @@ import pytest
 
 from pipeline.config.manifest import ManifestError, load_manifest
 from pipeline.config.schemas import load_schema
-from pipeline.core.stage import process_shard
+from pipeline.core.runner import process_shard
 from pipeline.fit import stage as fit_stage
 from pipeline.fit.loop import FitOptions
 from pipeline.fit.synthetic import synthesize, toy_model
+from pipeline.storage.run import Run
 from pipeline.storage.store import ShardStore
 
 
@@ -159,7 +160,7 @@ def test_manifest_block_defaults_and_validation():
 
 def test_run_shard_through_the_store(tmp_path, model, monkeypatch):
     """process_shard -> run_shard -> committed shard whose file carries the model metadata."""
-    monkeypatch.setattr(fit_stage, "_load_model", lambda manifest: model)
+    monkeypatch.setattr(fit_stage, "_load_model", lambda ctx: model)
     from pipeline.core import workercache
 
     workercache.clear()
@@ -167,7 +168,7 @@ def test_run_shard_through_the_store(tmp_path, model, monkeypatch):
     root = str(tmp_path / "run")
     ShardStore(root, "landmarks").write(0, to_table(rows), load_schema("landmarks"), "fp-landmarks", "p", 0.1)
     manifest = load_manifest(overrides=["execution.array_backend=numpy", "stages.fit.max_iterations=15"])
-    sidecar = process_shard(manifest, root, "fit", 0)
+    sidecar = process_shard(Run(root), manifest, "fit", 0, assets={})
     assert sidecar["rows"] == 4 and sidecar["failures"] == {}
     path = ShardStore(root, "fit").data_path(0)
     md = pq.read_schema(path).metadata

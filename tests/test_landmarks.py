@@ -156,7 +156,8 @@ def _dlib_key(m) -> tuple[str, str]:
 
 
 def test_detect_and_landmarks_run_through_the_shard_store(faces_dir, tmp_path):
-    from pipeline.core.stage import process_shard
+    from pipeline.core.runner import process_shard
+    from pipeline.storage.run import Run
     from pipeline.storage.store import ShardStore
 
     get_detector()
@@ -168,11 +169,11 @@ def test_detect_and_landmarks_run_through_the_shard_store(faces_dir, tmp_path):
     root = str(tmp_path / "run")
     ShardStore(root, "ingest").write(0, index, load_schema("index"), "fp-index", "p", 0.0)
     m = load_manifest(overrides={"stages.landmarks.backend": "dlib"})
-    det_sc = process_shard(m, root, "detect", 0)
+    det_sc = process_shard(Run(root), m, "detect", 0)
     assert det_sc["rows"] == 5 and det_sc["failures"] == {"truncated": 1}
-    lm_sc = process_shard(m, root, "landmarks", 0)
+    lm_sc = process_shard(Run(root), m, "landmarks", 0)
     assert lm_sc["rows"] == 5 and lm_sc["failures"] == {"truncated": 1}
-    assert process_shard(m, root, "landmarks", 0).get("skipped") is True  # resumable
+    assert process_shard(Run(root), m, "landmarks", 0).get("skipped") is True  # resumable
     lm = ShardStore(root, "landmarks").read(0, load_schema("landmarks"))
     assert lm.column("backend").to_pylist() == ["dlib"] * 5
 

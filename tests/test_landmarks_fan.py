@@ -107,9 +107,9 @@ def test_missing_weights_fail_before_work_with_instructions(torch_home):
     assert str(torch_home / "hub" / "checkpoints") in msg
     assert "stages.landmarks.backend=dlib" in msg
     # the stage itself refuses before reading any image
-    from pipeline.core.stage import ShardContext
+    from pipeline.core.runner import stage_context
 
-    ctx = ShardContext(0, "landmarks", m.stage_params("landmarks"), m, "memory://x")
+    ctx = stage_context(m, "landmarks")
     with pytest.raises(WeightsError):
         landmarks_shard({"index": None, "detect": None}, ctx)
 

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from pipeline.config.manifest import load_manifest
+from pipeline.fit.camera import rotation_from_euler_deg
 from pipeline.models.assets import resolve_morphable_model
 from pipeline.synthetic import render as R
 
@@ -23,7 +24,7 @@ def regions(model):
 def _render(model, regions, seed: int, yaw: float, size: int = 250, supersample: int = 2):
     rng = np.random.default_rng(seed)
     v = model.shape(rng.standard_normal(model.k_id) * model.id_std)
-    rot = R.rotation_from_euler_deg(yaw, 0.0, 0.0)
+    rot = rotation_from_euler_deg(yaw, 0.0, 0.0)
     lm = v[model.landmarks]
     f = 0.45 * size / np.ptp(lm[:, 1])
     c = R.Camera(rot, f, np.zeros(2)).project(lm).mean(axis=0)

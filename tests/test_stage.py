@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from pipeline.config.manifest import load_manifest
-from pipeline.core.stage import STAGES, stage_params_hash
+from pipeline.core.registry import STAGES
 
 
 def _hashes(**overrides):
     m = load_manifest(overrides=overrides or None)
-    return {s: stage_params_hash(m, s) for s in STAGES}
+    return {s: STAGES[s].params_hash(m) for s in STAGES}
 
 
 def test_a_stage_parameter_changes_only_that_stage():

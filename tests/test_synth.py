@@ -61,7 +61,7 @@ def test_ground_truth_is_consistent_with_the_camera(synth_dir):
         uv = np.stack([tx + f * c[:, 0], ty - f * c[:, 1]], axis=1)
         assert np.abs(uv - np.asarray(r["landmarks_2d"]).reshape(68, 2)).max() < 1e-3
         # the stored Euler angles describe the stored rotation (fit convention)
-        from pipeline.synthetic.render import rotation_from_euler_deg
+        from pipeline.fit.camera import rotation_from_euler_deg
 
         assert np.allclose(rotation_from_euler_deg(r["yaw"], r["pitch"], r["roll"]), R, atol=1e-5)
         assert -60 <= r["yaw"] <= 60

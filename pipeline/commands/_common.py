@@ -1,18 +1,21 @@
-"""Options and helpers shared by the run-level commands (ingest, stages, build, status)."""
+"""Options and helpers shared by the commands. Commands parse arguments, call :mod:`pipeline.api`
+and print; they resolve no manifest and run no stage themselves."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 from typing import Any
 
-from pipeline.config.manifest import Manifest, load_manifest
 
-
-def add_run_argument(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "run", nargs="?", default=None, help="run directory or fsspec URL (default: manifest output_root)"
-    )
+def add_run_argument(p: argparse.ArgumentParser, required: bool = False) -> None:
+    if required:
+        p.add_argument("run", help="run directory or fsspec URL")
+    else:
+        p.add_argument(
+            "run", nargs="?", default=None, help="run directory or fsspec URL (default: manifest output_root)"
+        )
 
 
 def add_execution_arguments(p: argparse.ArgumentParser) -> None:
@@ -20,8 +23,9 @@ def add_execution_arguments(p: argparse.ArgumentParser) -> None:
         "--mode",
         choices=["resume", "overwrite", "extend"],
         default="resume",
-        help="resume: skip shards already done for the current inputs and parameters; overwrite: redo all; "
-        "extend (ingest/build): add shards for new subjects, leave existing shards untouched",
+        help="resume: skip shards already done for the current inputs and parameters; overwrite: redo all "
+        "(and allow another dataset or root than the run remembers); extend (ingest/build): add shards for "
+        "new subjects, leave existing shards untouched",
     )
     p.add_argument(
         "--scheduler",
@@ -35,20 +39,41 @@ def add_execution_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
-def manifest_from_args(args: argparse.Namespace, extra: dict[str, Any] | None = None) -> Manifest:
-    """The manifest with --set overrides, then command-specific shorthands (which win)."""
-    m = load_manifest(args.manifest, args.overrides)
-    shorthands = dict(extra or {})
-    if getattr(args, "scheduler", None):
-        shorthands["execution.scheduler"] = args.scheduler
-    if getattr(args, "workers", None):
-        shorthands["execution.n_workers"] = args.workers
-    return m.with_overrides(shorthands) if shorthands else m
+def run_location(args: argparse.Namespace) -> str:
+    """The run argument, or the manifest's output_root when it is omitted."""
+    if args.run:
+        return args.run
+    from pipeline.config.manifest import load_manifest
 
-
-def run_root(args: argparse.Namespace, manifest: Manifest) -> str:
-    return args.run or manifest.data["output_root"]
+    return load_manifest(args.manifest).data["output_root"]
 
 
 def print_json(doc: Any) -> None:
     print(json.dumps(doc, indent=1, ensure_ascii=False, default=str))
+
+
+def print_report(report: dict) -> None:
+    ing = report.get("ingest")
+    if ing:
+        print(
+            f"   ingest: {ing['images']} files of {ing['subjects']} subjects; shards written "
+            f"{ing.get('shards_written', 0)}, unchanged {ing.get('shards_unchanged', 0)}"
+        )
+        for w in ing.get("warnings", []):
+            print(f"           warning: {w}")
+    for s, st in report["stages"].items():
+        ips = st["images_per_second_per_worker"]
+        print(
+            f"{s:>9}: computed {st['shards_computed']}, already done {st['shards_skipped']}, failed {st['shards_failed']}"
+            + (f", blocked {st['shards_blocked']}" if st["shards_blocked"] else "")
+            + (f"; {st['images']} images, {ips} images/s per worker" if ips else "")
+        )
+        for e in st["errors"]:
+            print(f"           {e}", file=sys.stderr)
+    if report.get("images_per_second"):
+        print(f"throughput: {report['images_per_second']} images/s over {report['wall_seconds']} s")
+    if report["failed_shards"]:
+        print(
+            f"FAILED shards: {', '.join(report['failed_shards'])} (tracebacks in <stage>/part-NNNNN.failed.json)",
+            file=sys.stderr,
+        )

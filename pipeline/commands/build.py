@@ -3,22 +3,23 @@
 from __future__ import annotations
 
 import argparse
-import json
 
-import fsspec
-
-from pipeline.commands._common import add_execution_arguments, add_run_argument, manifest_from_args, run_root
-from pipeline.commands._stage import preflight, print_report
-from pipeline.commands.ingest import ingest_overrides
-from pipeline.core.stage import BUILD_ORDER
-from pipeline.core.status import run_status, save_run_manifest
-from pipeline.ingest.stage import run_ingest
+from pipeline.commands._common import (
+    add_execution_arguments,
+    add_run_argument,
+    print_json,
+    print_report,
+    run_location,
+)
+from pipeline.core.registry import BUILD_ORDER
 
 HELP = "the main job: ingest -> detect -> landmarks -> fit -> export over shards on Dask (resumable)"
 DESCRIPTION = (
     "Build a training set from datasets.<name>: one Dask task per shard per stage on a LocalCluster sized to "
     "this machine (or --scheduler tcp://host:8786). Only pending shards are computed; a killed build resumes "
-    "where it stopped. Writes RUN/report.json; exits non-zero if any shard failed."
+    "where it stopped. The run remembers its dataset, root, landmark backend and overrides (RUN/run.json): "
+    "`morphset build RUN` alone continues it; another dataset or root is refused unless --mode overwrite. "
+    "Writes RUN/report.json; exits non-zero if any shard failed."
 )
 
 
@@ -44,43 +45,27 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from dags.build import run_stages
-    from dags.cluster import open_client
+    from pipeline import api
 
-    base = manifest_from_args(args)
-    dataset = args.dataset or base.stage_params("ingest")["dataset"]
-    if args.root and dataset not in base.data["datasets"]:
-        base = base.with_overrides({f"datasets.{dataset}": {"root": args.root, "layout": "subject-folders"}})
-    extra = ingest_overrides(args, dataset)
-    if args.landmarks:
-        extra["stages.landmarks.backend"] = args.landmarks
-    m = base.with_overrides(extra) if extra else base
-    root = run_root(args, m)
-    stages = BUILD_ORDER[1 : BUILD_ORDER.index(args.until) + 1]
-    preflight(m, stages)
-    ing = run_ingest(m, root, dataset, mode=args.mode)
-    save_run_manifest(m, root)
-    print(
-        f"   ingest: {ing.images} files of {ing.subjects} subjects; shards written {len(ing.shards_written)}, unchanged {len(ing.shards_skipped)}"
+    report = api.build(
+        run_location(args),
+        dataset=args.dataset,
+        root=args.root,
+        list_file=args.list_file,
+        until=args.until,
+        overrides=args.overrides,
+        scheduler=args.scheduler,
+        progress=not args.no_progress,
+        landmarks=args.landmarks,
+        shard_size=args.shard_size,
+        mode=args.mode,
+        workers=args.workers,
+        manifest=args.manifest,
     )
-    for w in ing.warnings:
-        print(f"           warning: {w}")
-    stage_mode = "resume" if args.mode == "extend" else args.mode
-    with open_client(m) as client:
-        report = run_stages(m, root, stages, client, mode=stage_mode, progress=not args.no_progress)
-    report["ingest"] = {
-        "images": ing.images,
-        "subjects": ing.subjects,
-        "failures": ing.failures,
-        "warnings": ing.warnings,
-    }
-    report["status"] = run_status(m, root)
-    fs, path = fsspec.core.url_to_fs(root)
-    with fs.open(f"{path}/report.json", "w") as f:
-        f.write(json.dumps(report, indent=1, default=str))
+    doc = report.to_dict()
     if args.json:
-        print(json.dumps(report, indent=1, default=str))
+        print_json(doc)
     else:
-        print_report(report)
-        print(f"report: {root}/report.json")
-    return 1 if report["failed_shards"] else 0
+        print_report(doc)
+        print(f"report: {report.run}/report.json")
+    return 0 if report.ok else 1

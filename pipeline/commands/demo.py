@@ -41,81 +41,57 @@ def _step(title: str) -> float:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pipeline.cli import main
+    from pipeline import api
+    from pipeline.commands._common import print_report
 
     out = Path(args.out)
     data = out / "synthetic"
-    common = (["--manifest", args.manifest] if args.manifest else []) + [
-        a for o in args.overrides for a in ("--set", o)
-    ]
+    common = {"overrides": args.overrides, "manifest": args.manifest}
     t_all = time.perf_counter()
 
     t = _step(f"1/4 synth: {args.subjects} subjects x {args.images_per_subject} images -> {data}")
     if not (data / "ground_truth.parquet").is_file():
-        rc = main(
-            [
-                "synth",
-                "--subjects",
-                str(args.subjects),
-                "--images-per-subject",
-                str(args.images_per_subject),
-                "--seed",
-                str(args.seed),
-                "--yaw-range",
-                str(args.yaw_range[0]),
-                str(args.yaw_range[1]),
-                "--out",
-                str(data),
-                "--preview",
-                *common,
-            ]
+        summary = api.synth(
+            data,
+            subjects=args.subjects,
+            images_per_subject=args.images_per_subject,
+            seed=args.seed,
+            yaw_range=list(args.yaw_range),
+            preview=True,
+            **common,
         )
-        if rc:
-            return rc
+        print(
+            f"   {summary['images']} images of {summary['subjects']} subjects; preview {data / 'preview.png'}"
+        )
     else:
         print(f"   {data}/ground_truth.parquet exists; reusing it")
     print(f"   {time.perf_counter() - t:.0f} s")
 
     t = _step("2/4 build: ingest -> detect (MTCNN) -> landmarks (dlib) -> fit -> export, on a LocalCluster")
-    build = [
-        "build",
-        str(out),
-        "--dataset",
-        "synthetic",
-        "--root",
-        str(data),
-        "--landmarks",
-        "dlib",
-        "--shard-size",
-        "64",
-        *common,
-    ]
-    if args.workers:
-        build += ["--workers", str(args.workers)]
-    rc = main(build)
-    if rc:
-        return rc
+    report = api.build(
+        out,
+        dataset="synthetic",
+        root=str(data),
+        landmarks="dlib",
+        shard_size=64,
+        workers=args.workers,
+        **common,
+    )
+    print_report(report.to_dict())
+    if not report.ok:
+        return 1
     print(f"   {time.perf_counter() - t:.0f} s")
 
     t = _step("3/4 train: the tiny encoder-decoder, phases I-III")
-    rc = main(["train", str(out), "--tiny", "--epochs", args.epochs, *common])
-    if rc:
-        return rc
+    result = api.train(out, tiny=True, epochs=args.epochs, **common)
+    print(f"   {result.epochs_completed} epochs; encoder exported to {result.export_dir}")
     print(f"   {time.perf_counter() - t:.0f} s")
 
     t = _step("4/4 evaluate against the synthetic ground truth")
-    ev = [
-        "evaluate",
-        str(out),
-        "--ground-truth",
-        str(data / "ground_truth.parquet"),
-        "--encoder",
-        str(out / "train"),
-        *common,
-    ]
-    rc = main(ev)
-    if rc:
-        return rc
+    page = api.evaluate(
+        out, ground_truth=str(data / "ground_truth.parquet"), encoder=str(out / "train"), **common
+    )
+    print(f"   {page}")
     print(f"   {time.perf_counter() - t:.0f} s")
     print(f"\ndemo finished in {time.perf_counter() - t_all:.0f} s; report: {out / 'eval' / 'report.html'}")
     return 0

@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-from typing import Any
-
-from pipeline.config.manifest import Manifest, load_manifest, parse_override
 
 HELP = "measure a run (verification, 3D reconstruction error, fit quality) and write RUN/eval/report.html"
 DESCRIPTION = (
@@ -48,29 +45,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
 
 
-def evaluate_manifest(args: argparse.Namespace, extra: dict[str, Any]) -> Manifest:
-    """The run's remembered manifest (RUN/run.json) unless --manifest is given; then --set, then flags."""
-    from pipeline.core.status import load_run_manifest
-
-    remembered = None if args.manifest else load_run_manifest(args.run)
-    over = dict(parse_override(o) for o in args.overrides)
-    over.update(extra)
-    if remembered is not None:
-        return remembered.with_overrides(over) if over else remembered
-    return load_manifest(args.manifest, over or None)
-
-
 def run(args: argparse.Namespace) -> int:
-    from pipeline.evaluate.run import evaluate_run
+    from pipeline import api
 
-    extra: dict[str, Any] = {}
-    for flag, key in (("ground_truth", "ground_truth"), ("pairs", "pairs"), ("encoder", "encoder")):
-        if getattr(args, flag):
-            extra[f"stages.evaluate.{key}"] = getattr(args, flag)
-    if args.no_genova:
-        extra["stages.evaluate.genova"] = False
-    m = evaluate_manifest(args, extra)
     logging.getLogger("pipeline.evaluate").setLevel(logging.INFO)
-    page = evaluate_run(args.run, m, m.stage_params("evaluate"))
+    page = api.evaluate(
+        args.run,
+        ground_truth=args.ground_truth,
+        pairs=args.pairs,
+        encoder=args.encoder,
+        genova=False if args.no_genova else None,
+        overrides=args.overrides,
+        manifest=args.manifest,
+    )
     print(page)
     return 0

@@ -23,15 +23,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pipeline.commands.evaluate import evaluate_manifest
+    from pipeline.config.resolve import resolve
     from pipeline.evaluate.inputs import load_fits
     from pipeline.evaluate.meshes import MESH_SUFFIXES, image_full_shape, subject_identity_shape, write_mesh
     from pipeline.evaluate.run import load_model
+    from pipeline.storage.run import Run
 
     out = Path(args.out)
     if out.suffix.lower() not in MESH_SUFFIXES:
         raise ValueError(f"--out {out}: the file name must end in .obj or .ply")
-    m = evaluate_manifest(args, {})
+    m = resolve(Run(args.run), args.manifest, args.overrides).manifest
     model, why = load_model(m)
     if model is None:
         raise FileNotFoundError(why)

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from pipeline.commands._common import add_run_argument, manifest_from_args, run_root
-from pipeline.core.status import save_run_manifest
-from pipeline.ingest.stage import run_ingest
+from pipeline.commands._common import add_run_argument, run_location
 
 HELP = "scan a dataset (subject folders or a list file) into index shards"
 DESCRIPTION = (
@@ -34,31 +32,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
 
 
-def ingest_overrides(args: argparse.Namespace, dataset: str) -> dict:
-    o: dict = {}
-    if getattr(args, "dataset", None):
-        o["stages.ingest.dataset"] = args.dataset
-    if getattr(args, "root", None):
-        o[f"datasets.{dataset}.root"] = args.root
-    if getattr(args, "list_file", None):
-        o[f"datasets.{dataset}.list_file"] = args.list_file
-        o[f"datasets.{dataset}.layout"] = "list-file"
-    if getattr(args, "shard_size", None):
-        o["stages.ingest.shard_size"] = args.shard_size
-    return o
-
-
 def run(args: argparse.Namespace) -> int:
-    base = manifest_from_args(args)
-    dataset = args.dataset or base.stage_params("ingest")["dataset"]
-    if args.root and dataset not in base.data["datasets"]:
-        base = base.with_overrides({f"datasets.{dataset}": {"root": args.root, "layout": "subject-folders"}})
-    m = base.with_overrides(ingest_overrides(args, dataset))
-    root = run_root(args, m)
-    r = run_ingest(m, root, dataset, mode=args.mode)
-    save_run_manifest(m, root)
+    from pipeline import api
+
+    r = api.ingest(
+        run_location(args),
+        dataset=args.dataset,
+        root=args.root,
+        list_file=args.list_file,
+        shard_size=args.shard_size,
+        mode=args.mode,
+        overrides=args.overrides,
+        manifest=args.manifest,
+    )
     print(
-        f"ingest {dataset}: {r.images} files of {r.subjects} subjects; shards written {len(r.shards_written)}, "
+        f"ingest: {r.images} files of {r.subjects} subjects; shards written {len(r.shards_written)}, "
         f"unchanged {len(r.shards_skipped)}, removed {len(r.shards_removed)}"
     )
     if r.failures:

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from pipeline.commands._common import add_run_argument, print_json
-from pipeline.config.manifest import load_manifest, parse_override
-from pipeline.core.status import format_status, load_run_manifest, run_status
+from pipeline.commands._common import add_run_argument, print_json, run_location
 
 HELP = "per stage: shards done/pending/failed, rows, failures by reason, images/s"
 
@@ -17,16 +15,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    m = load_run_manifest(args.run) if args.run and not args.manifest else None
-    if m is None:
-        m = load_manifest(args.manifest, args.overrides)
-    elif args.overrides:
-        m = m.with_overrides(dict(parse_override(o) for o in args.overrides))
-    root = args.run or m.data["output_root"]
-    st = run_status(m, root)
+    from pipeline import api
+    from pipeline.core.status import format_status
+
+    location = run_location(args)
+    st = api.status(location, overrides=args.overrides, manifest=args.manifest)
     if args.json:
         print_json(st)
     else:
-        print(f"run {root}")
+        print(f"run {location}")
         print(format_status(st))
     return 0

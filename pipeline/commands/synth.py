@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from pipeline.commands._common import manifest_from_args, print_json
+from pipeline.commands._common import print_json
 from pipeline.config.manifest import manifest_json_schema
 
 
@@ -86,17 +86,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pipeline.synthetic.synth import synthesize  # rendering imports stay off the CLI's start-up path
+    from pipeline import api  # rendering imports stay off the CLI's start-up path
 
-    extra = {}
-    for flag in ("subjects", "images_per_subject", "seed", "out", "expression_scale", "size", "workers"):
+    params = {}
+    for flag in ("subjects", "images_per_subject", "seed", "expression_scale", "size", "workers"):
         value = getattr(args, flag)
         if value is not None:
-            extra[f"stages.synth.{flag}"] = value
+            params[flag] = value
     if args.yaw_range is not None:
-        extra["stages.synth.yaw_range"] = list(args.yaw_range)
+        params["yaw_range"] = list(args.yaw_range)
     if args.preview:
-        extra["stages.synth.preview"] = True
-    manifest = manifest_from_args(args, extra)
-    print_json(synthesize(manifest))
+        params["preview"] = True
+    print_json(api.synth(args.out, overrides=args.overrides, manifest=args.manifest, **params))
     return 0

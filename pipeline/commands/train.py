@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-from pathlib import Path
 
 HELP = "train the Liu et al. encoder-decoder (phases I-III) on RUN/export; writes RUN/train/"
 DESCRIPTION = """\
@@ -18,8 +17,8 @@ encoder.json + encoder.torchscript.pt, read by pipeline.train.inference.load_enc
 
 Configuration is stages.train of the manifest (defaults in schemas/manifest/stage.train.schema.json:
 width_multiplier 1.0, embedding_dim 512, epochs 10/1/20, batch_size 64, adam lr 1e-3, softmax
-identification, all vertices in L_R). Precedence, lowest first: manifest < --tiny < --config FILE.yaml
-< --set stages.train.KEY=VALUE < --epochs. --tiny is the CPU demo: width 0.25, embedding 128,
+identification, all vertices in L_R). Precedence, lowest first: manifest < the run's run.json < --tiny <
+--config FILE.yaml < --set stages.train.KEY=VALUE < --epochs. --tiny is the CPU demo: width 0.25, embedding 128,
 epochs 4/1/4, batch 32, 2000-vertex L_R subsample (a few minutes for ~240 images on 2 cores)."""
 
 
@@ -55,24 +54,32 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pipeline.config.manifest import load_manifest
-    from pipeline.train.config import parse_epochs, resolve_params
+    from pipeline import api
+    from pipeline.commands._common import run_location
 
-    manifest = load_manifest(args.manifest, args.overrides)
-    flags = parse_epochs(args.epochs) if args.epochs is not None else {}
-    params = resolve_params(manifest, args.tiny, args.config, args.overrides, flags)
+    location = run_location(args)
     if args.print_config:
+        params = api.train(
+            location,
+            tiny=args.tiny,
+            config=args.config,
+            epochs=args.epochs,
+            overrides=args.overrides,
+            manifest=args.manifest,
+            print_config=True,
+        )
         print(json.dumps(params, indent=1, sort_keys=True))
         return 0
-    run_root = str(args.run or manifest.data["output_root"])
-    if "://" not in run_root and not Path(run_root).is_dir():
-        raise FileNotFoundError(f"{run_root}: run directory not found")
-    out = Path(args.out) if args.out else Path(run_root) / "train"
-
-    from pipeline.train.loop import resolve_model, train
-
-    model = resolve_model(manifest)
-    result = train(run_root, params, model, out, resume=args.resume)
+    result = api.train(
+        location,
+        out=args.out,
+        tiny=args.tiny,
+        config=args.config,
+        epochs=args.epochs,
+        resume=args.resume,
+        overrides=args.overrides,
+        manifest=args.manifest,
+    )
     last = result.epoch_records[-1] if result.epoch_records else {}
     logging.getLogger("morphset.train").info(
         "%d/%d epochs; metrics %s; export %s%s",

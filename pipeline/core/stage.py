@@ -1,178 +1,198 @@
-"""Executor-independent stage steps: one call processes one shard of one stage.
+"""The stage contract: what a stage of the build is, what it may read, and what its output depends on.
 
-A stage is a pure function ``run_shard(inputs, ctx) -> pa.Table`` (no Dask, no file paths of its
-own): ``inputs`` maps each upstream stage name to that stage's table for the same shard number.
-This module reads the inputs from the shard store, computes the fingerprint (upstream
-fingerprints + this stage's parameters + schema version), skips a shard that is already done, and
-commits the output. Local loops, Dask graphs (``dags/``) and any other executor call
-:func:`process_shard` and nothing else.
+A stage is a small class (one per stage package, registered in :mod:`pipeline.core.registry`) with
+
+- ``name``, ``inputs`` (upstream tables, data-flow order), ``schema`` (its output, ``schemas/``);
+- ``depends_on``: the manifest values besides ``stages.<name>`` that its output depends on (dotted
+  keys; a key covers everything under it). They are hashed into every shard's fingerprint;
+- ``runtime``: manifest values that choose *how* it runs but not *what* it writes (the array
+  backend, the model cache's location): readable, never fingerprinted;
+- ``resources``: what a task needs from a worker (``{"GPU": 1}``), used as Dask resource
+  annotations when the cluster's workers declare them;
+- ``resolve_assets(config)``: model files located and verified once, on the driver, handed to
+  every task as :class:`Asset` (path + sha256);
+- ``prepare(run, config)``: an optional driver step over all shards before the stage runs (export's
+  subject-label map), whose result file is part of every shard's fingerprint (``global_input``);
+- ``run(inputs, ctx) -> pa.Table``: pure work on one shard's input tables.
+
+A stage never sees the manifest itself: ``ctx.config`` is a :class:`ConfigView` that answers only
+the keys the stage declared (plus those its upstream stages declared, which reach its fingerprint
+through theirs) and raises :class:`UndeclaredConfigRead` for anything else. So the fingerprint is
+derived from exactly what a stage can read, and a stage that starts reading a new key without
+declaring it fails at once instead of serving stale shards.
 """
 
 from __future__ import annotations
 
-import importlib
-import time
-from collections.abc import Callable
+import dataclasses
+import functools
 from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 import pyarrow as pa
 
-from pipeline.config.manifest import Manifest
+from pipeline.config.manifest import Manifest, manifest_json_schema
 from pipeline.config.schemas import StageSchema, load_schema
-from pipeline.storage.store import ShardStore, fingerprint
+from pipeline.storage.store import fingerprint
+
+
+class UndeclaredConfigRead(KeyError):
+    """A stage read a manifest value it did not declare (``depends_on`` / ``runtime``)."""
+
+    def __str__(self) -> str:  # KeyError quotes its argument; this message is a sentence
+        return str(self.args[0])
+
+
+def _covered(key: str, declared: tuple[str, ...]) -> bool:
+    return any(key == d or key.startswith(d + ".") for d in declared)
+
+
+class ConfigView:
+    """The part of a manifest one stage declared: ``get``, ``stage_params``, ``model``, ``cache_dir``."""
+
+    def __init__(self, manifest: Manifest, readable: tuple[str, ...], stage: str) -> None:
+        self._manifest = manifest
+        self.readable = readable
+        self.stage = stage
+
+    def _check(self, key: str) -> None:
+        if not _covered(key, self.readable):
+            raise UndeclaredConfigRead(
+                f"stage {self.stage!r} read manifest key {key!r}, which it does not declare "
+                f"(declared: {', '.join(self.readable)}); add it to the stage's depends_on (it changes "
+                "the output) or runtime (it does not)"
+            )
+
+    def get(self, dotted: str, default: Any = None) -> Any:
+        self._check(dotted)
+        return self._manifest.get(dotted, default)
+
+    def stage_params(self, stage: str) -> dict:
+        self._check(f"stages.{stage}")
+        return self._manifest.stage_params(stage)
+
+    def model(self, name: str) -> dict:
+        self._check(f"models.{name}")
+        return self._manifest.model(name)
+
+    @property
+    def cache_dir(self) -> Any:
+        self._check("cache_dir")
+        return self._manifest.cache_dir
+
+    @property
+    def path(self) -> str:
+        """Where the manifest came from (for messages)."""
+        return self._manifest.path
 
 
 @dataclass(frozen=True)
-class StageSpec:
-    name: str
-    schema: str
-    inputs: tuple[str, ...]
-    func: str  # "module:function", imported lazily (TensorFlow and torch stay out of the driver)
-    resources: dict = field(default_factory=dict)  # Dask worker resources, e.g. {"GPU": 1}
-    doc: str = ""
-    # A stage-level JSON file (in this stage's directory) computed from all shards before this
-    # stage runs, e.g. export's subject-label map; its content is part of every shard fingerprint.
-    global_input: str | None = None
-    # Other manifest values the output depends on (dotted keys), hashed with stages.<name>.
-    extra_keys: tuple[str, ...] = ()
+class Asset:
+    """A model file resolved and verified on the driver; tasks re-check the sha256 once per process."""
 
-    def function(self) -> Callable[[dict[str, pa.Table], ShardContext], pa.Table]:
-        mod, fn = self.func.split(":")
-        return getattr(importlib.import_module(mod), fn)
+    path: str
+    sha256: str
+    description: str = ""
 
 
-# The build's stages in data-flow order (ingest is special: it creates the shards).
-STAGES: dict[str, StageSpec] = {
-    s.name: s
-    for s in (
-        StageSpec(
-            "detect",
-            "detections",
-            ("index",),
-            "pipeline.detect.stage:run_shard",
-            doc="MTCNN face detection",
-            extra_keys=("stages.decode", "models.mtcnn"),
-        ),
-        StageSpec(
-            "landmarks",
-            "landmarks",
-            ("index", "detect"),
-            "pipeline.landmarks.stage:run_shard",
-            doc="68 iBUG landmarks (FAN or dlib) on the primary MTCNN face",
-            extra_keys=("stages.decode", "models.fan", "models.dlib_landmarks"),
-        ),
-        StageSpec(
-            "fit",
-            "fits",
-            ("landmarks",),
-            "pipeline.fit.stage:run_shard",
-            doc="alternating multi-image 3DMM fit per subject",
-            extra_keys=("models.morphable_model",),
-        ),
-        StageSpec(
-            "export",
-            "trainset",
-            ("index", "detect", "landmarks", "fit"),
-            "pipeline.export.stage:run_shard",
-            doc="aligned crops + fit targets, the hand-off to trainers",
-            global_input="_labels.json",
-            extra_keys=("stages.decode",),
-        ),
+_JSON_TYPES = {"integer": int, "number": float, "boolean": bool, "string": str, "array": list, "object": dict}
+
+
+def _python_type(prop: dict) -> Any:
+    t = prop.get("type")
+    if isinstance(t, list):
+        types = [_JSON_TYPES.get(x) for x in t if x != "null"]
+        base = types[0] if len(types) == 1 and types[0] is not None else Any
+        return base | None if "null" in t and base is not Any else base
+    return _JSON_TYPES.get(t, Any)
+
+
+@functools.cache
+def params_class(stage: str) -> type:
+    """A frozen dataclass with one typed field per key of ``schemas/manifest/stage.<stage>.schema.json``."""
+    schema = manifest_json_schema()["properties"]["stages"]["properties"].get(stage, {})
+    fields = [
+        (key, _python_type(prop), field(default=None, metadata={"doc": prop.get("description", "")}))
+        for key, prop in (schema.get("properties") or {}).items()
+    ]
+    cls = dataclasses.make_dataclass(
+        f"{stage.title().replace('_', '')}Params",
+        fields,
+        frozen=True,
+        namespace={
+            "as_dict": lambda self: dataclasses.asdict(self),
+            "__doc__": f"stages.{stage} of the manifest (defaults from its schema).",
+        },
     )
-}
-INPUT_STAGE_NAMES = {"index": "ingest"}  # table name -> stage directory
-BUILD_ORDER = ["ingest", "detect", "landmarks", "fit", "export"]
+    cls.__module__ = __name__
+    return cls
 
 
-def stage_dir(name: str) -> str:
-    return INPUT_STAGE_NAMES.get(name, name)
-
-
-def schema_for(stage_or_table: str) -> StageSchema:
-    if stage_or_table in ("index", "ingest"):
-        return load_schema("index")
-    return load_schema(STAGES[stage_or_table].schema)
+def stage_parameters(manifest: Manifest, stage: str) -> Any:
+    """``stages.<stage>`` (schema defaults filled in) as an instance of :func:`params_class`."""
+    return params_class(stage)(**manifest.stage_params(stage))
 
 
 @dataclass
-class ShardContext:
-    """What a stage function may know about where it runs."""
+class StageContext:
+    """What a stage's ``run`` may know about where it runs."""
 
     shard: int
     stage: str
-    params: dict
-    manifest: Manifest
-    run_root: str
-    storage_options: dict | None = None
+    params: Any  # the stage's params_class instance
+    config: ConfigView
+    run: Any  # pipeline.storage.run.Run
+    assets: dict[str, Asset] = field(default_factory=dict)
+
+    @property
+    def run_root(self) -> str:
+        return self.run.url
+
+    @property
+    def storage_options(self) -> dict | None:
+        return self.run.storage_options
 
 
-def stage_params_hash(manifest: Manifest, stage: str) -> str:
-    spec = STAGES[stage]
-    extra = {
-        k: (manifest.stage_params(k.split(".", 1)[1]) if k.startswith("stages.") else manifest.get(k))
-        for k in spec.extra_keys
-    }
-    return fingerprint(stage, manifest.stage_params(stage), extra, load_schema(spec.schema).version)
+class Stage:
+    """Base class of the build's stages (see the module docstring)."""
 
+    name: ClassVar[str]
+    inputs: ClassVar[tuple[str, ...]]
+    schema: ClassVar[str]
+    depends_on: ClassVar[tuple[str, ...]] = ()
+    runtime: ClassVar[tuple[str, ...]] = ()
+    resources: ClassVar[dict[str, float]] = {}
+    global_input: ClassVar[str | None] = None
+    doc: ClassVar[str] = ""
 
-def shard_fingerprint(
-    manifest: Manifest, run_root: str, stage: str, shard: int, storage_options: dict | None = None
-) -> str | None:
-    """Fingerprint of the inputs + params of ``stage``'s shard; None if an input is not done."""
-    spec = STAGES[stage]
-    ups = []
-    for inp in spec.inputs:
-        sc = ShardStore(run_root, stage_dir(inp), storage_options).sidecar(shard)
-        if sc is None:
-            return None
-        ups.append(sc["fingerprint"])
-    if spec.global_input:
-        doc = ShardStore(run_root, stage, storage_options).read_json(spec.global_input)
-        if doc is None:
-            return None
-        ups.append(fingerprint(doc))
-    return fingerprint(ups, stage_params_hash(manifest, stage))
+    def output_schema(self) -> StageSchema:
+        return load_schema(self.schema)
 
+    def own_keys(self) -> tuple[str, ...]:
+        return (f"stages.{self.name}", *self.depends_on)
 
-def process_shard(
-    manifest: Manifest,
-    run_root: str,
-    stage: str,
-    shard: int,
-    storage_options: dict | None = None,
-    force: bool = False,
-) -> dict:
-    """Run one stage on one shard if it is not already done; return its sidecar."""
-    spec = STAGES[stage]
-    out = ShardStore(run_root, stage, storage_options)
-    fp = shard_fingerprint(manifest, run_root, stage, shard, storage_options)
-    if fp is None:
-        raise RuntimeError(f"{stage} shard {shard}: an input ({', '.join(spec.inputs)}) is not done")
-    if not force and out.is_done(shard, fp):
-        return {**out.sidecar(shard), "skipped": True}
-    t0 = time.perf_counter()
-    inputs = {
-        inp: ShardStore(run_root, stage_dir(inp), storage_options).read(shard, schema_for(inp))
-        for inp in spec.inputs
-    }
-    ctx = ShardContext(shard, stage, manifest.stage_params(stage), manifest, run_root, storage_options)
-    table = spec.function()(inputs, ctx)
-    images = inputs[spec.inputs[0]].num_rows
-    extra_md = {"morphset.stage_params_hash": stage_params_hash(manifest, stage)}
-    extra_md.update(
-        {
-            k.decode(): v.decode()
-            for k, v in (table.schema.metadata or {}).items()
-            if k.startswith(b"morphset.") and not k.startswith(b"morphset.schema")
+    def params_hash(self, manifest: Manifest) -> str:
+        """Hash of ``stages.<name>``, the declared ``depends_on`` values and the output schema version."""
+        extra = {
+            k: (manifest.stage_params(k.split(".", 1)[1]) if k.startswith("stages.") else manifest.get(k))
+            for k in self.depends_on
         }
-    )
-    return out.write(
-        shard,
-        table,
-        load_schema(spec.schema),
-        fp,
-        stage_params_hash(manifest, stage),
-        time.perf_counter() - t0,
-        extra_metadata=extra_md,
-        extra_sidecar={"images": images},
-    )
+        return fingerprint(self.name, manifest.stage_params(self.name), extra, self.output_schema().version)
+
+    def resources_for(self, config: ConfigView) -> dict[str, float]:
+        """Worker resources a task of this stage needs under this configuration."""
+        return dict(self.resources)
+
+    def resolve_assets(self, config: ConfigView) -> dict[str, Asset]:
+        """Locate and verify model files on the driver (before any task is submitted)."""
+        return {}
+
+    def describe_assets(self, assets: dict[str, Asset]) -> list[str]:
+        return [f"{self.name}: {a.description or a.path} (sha256 {a.sha256[:12]}…)" for a in assets.values()]
+
+    def prepare(self, run: Any, config: ConfigView) -> dict | None:
+        """Driver step before the stage's shards run; writes ``global_input`` when the stage has one."""
+        return None
+
+    def run(self, inputs: dict[str, pa.Table], ctx: StageContext) -> pa.Table:
+        raise NotImplementedError

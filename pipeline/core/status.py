@@ -1,50 +1,21 @@
 """Per-stage status of a run: shards done / pending / failed, rows, failures by reason, speed.
 
-A run remembers the manifest it was built with (``RUN/run.json``); status judges "done" against
-that manifest, so it answers "what would a rerun recompute".
+Status judges "done" against the manifest the run resolves to (its ``run.json`` and any new
+overrides), so it answers "what would a rerun recompute".
 """
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 
-import fsspec
-
-from pipeline.config.manifest import Manifest, validate
-from pipeline.core.stage import BUILD_ORDER, STAGES, shard_fingerprint, stage_dir
-from pipeline.storage.store import ShardStore
-
-RUN_FILE = "run.json"
+from pipeline.config.manifest import Manifest
+from pipeline.core.registry import BUILD_ORDER
+from pipeline.storage.run import Run
 
 
-def save_run_manifest(manifest: Manifest, run_root: str, storage_options: dict | None = None) -> None:
-    """Snapshot the effective manifest into ``RUN/run.json`` (atomic)."""
-    fs, root = fsspec.core.url_to_fs(run_root, **(storage_options or {}))
-    fs.makedirs(root, exist_ok=True)
-    doc = {"manifest_path": manifest.path, "overrides": manifest.overrides, "manifest": manifest.data}
-    tmp = f"{root}/_tmp-{RUN_FILE}"
-    with fs.open(tmp, "wb") as f:
-        f.write(json.dumps(doc, indent=1, ensure_ascii=False, default=str).encode())
-    fs.mv(tmp, f"{root}/{RUN_FILE}")
-
-
-def load_run_manifest(run_root: str, storage_options: dict | None = None) -> Manifest | None:
-    fs, root = fsspec.core.url_to_fs(run_root, **(storage_options or {}))
-    try:
-        with fs.open(f"{root}/{RUN_FILE}", "rb") as f:
-            doc = json.loads(f.read())
-    except FileNotFoundError:
-        return None
-    validate(doc["manifest"], f"{run_root}/{RUN_FILE}")
-    return Manifest(doc["manifest"], doc.get("manifest_path", "<run>"), doc.get("overrides", {}))
-
-
-def stage_status(manifest: Manifest, run_root: str, stage: str, storage_options: dict | None = None) -> dict:
-    so = storage_options
-    index = ShardStore(run_root, stage_dir("index"), so)
-    expected = index.shards_with_sidecar()
-    store = ShardStore(run_root, stage_dir(stage), so)
+def stage_status(run: Run, manifest: Manifest, stage: str) -> dict:
+    expected = run.shards()
+    store = run.store(stage)
     done, pending, failed, stale = [], [], [], []
     rows = images = 0
     seconds = 0.0
@@ -54,7 +25,7 @@ def stage_status(manifest: Manifest, run_root: str, stage: str, storage_options:
         if stage == "ingest":
             current = sc is not None
         else:
-            fp = shard_fingerprint(manifest, run_root, stage, i, so)
+            fp = run.shard_fingerprint(manifest, stage, i)
             current = sc is not None and fp is not None and sc.get("fingerprint") == fp
         if current:
             done.append(i)
@@ -83,12 +54,8 @@ def stage_status(manifest: Manifest, run_root: str, stage: str, storage_options:
     }
 
 
-def run_status(manifest: Manifest, run_root: str, storage_options: dict | None = None) -> dict:
-    return {
-        s: stage_status(manifest, run_root, s, storage_options)
-        for s in BUILD_ORDER
-        if s == "ingest" or s in STAGES
-    }
+def run_status(run: Run, manifest: Manifest) -> dict:
+    return {s: stage_status(run, manifest, s) for s in BUILD_ORDER}
 
 
 def format_status(status: dict) -> str:

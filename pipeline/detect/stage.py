@@ -32,6 +32,7 @@ import pyarrow as pa
 
 from pipeline.config.schemas import from_rows, load_schema
 from pipeline.core import workercache
+from pipeline.core.stage import Stage, StageContext
 from pipeline.imaging.decode import max_pixels_from, read_image
 
 log = logging.getLogger(__name__)
@@ -364,11 +365,22 @@ def detection_row(base: dict, width: int, height: int, faces: Faces, params: dic
     return row
 
 
-def run_shard(inputs: dict[str, pa.Table], ctx: object) -> pa.Table:
+class DetectStage(Stage):
+    name = "detect"
+    inputs = ("index",)
+    schema = "detections"
+    depends_on = ("stages.decode", "models.mtcnn")
+    doc = "MTCNN face detection"
+
+    def run(self, inputs: dict[str, pa.Table], ctx: StageContext) -> pa.Table:
+        return run_shard(inputs, ctx)
+
+
+def run_shard(inputs: dict[str, pa.Table], ctx: StageContext) -> pa.Table:
     """``inputs["index"]`` -> detections table (one row per index row, same order)."""
-    params = ctx.params  # type: ignore[attr-defined]
-    max_pixels = max_pixels_from(ctx.manifest)  # type: ignore[attr-defined]
-    storage_options = getattr(ctx, "storage_options", None)
+    params = ctx.params.as_dict()
+    max_pixels = max_pixels_from(ctx.config)
+    storage_options = ctx.storage_options
     rows: list[dict] = []
     # (row number, detection-size image, scale, full width, full height)
     pending: list[tuple[int, np.ndarray, float, int, int]] = []

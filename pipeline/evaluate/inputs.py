@@ -6,7 +6,6 @@ All I/O of the evaluation stage lives here; the measures themselves are pure fun
 from __future__ import annotations
 
 import csv
-import io
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +17,7 @@ from PIL import Image
 
 from pipeline.config.schemas import META_SCHEMA_NAME, check_version, load_schema
 from pipeline.evaluate.frame import Frame
+from pipeline.imaging.crops import decode_crop
 from pipeline.models.morphable_model import N_LANDMARKS
 from pipeline.storage.store import ShardStore
 
@@ -183,11 +183,6 @@ def load_truth(path: str | Path) -> SyntheticTruth | ScanTruth:
     return load_synthetic_truth(p)
 
 
-def decode_crop(data: bytes) -> np.ndarray:
-    with Image.open(io.BytesIO(data)) as im:
-        return np.asarray(im.convert("RGB"))
-
-
 def load_export_crops(
     run_root: str, image_ids: set[str] | None = None, storage_options: dict | None = None
 ) -> tuple[list[str], list[str], np.ndarray]:
@@ -200,7 +195,14 @@ def load_export_crops(
     ds = store.dataset(load_schema("trainset"), shards)
     flt = pc.field("image_id").isin(sorted(image_ids)) if image_ids is not None else None
     t = ds.to_table(columns=["image_id", "subject", "crop_jpeg"], filter=flt)
-    crops = [decode_crop(b) for b in t.column("crop_jpeg").to_pylist()]
+    crops = []
+    for image_id, data in zip(
+        t.column("image_id").to_pylist(), t.column("crop_jpeg").to_pylist(), strict=True
+    ):
+        crop = decode_crop(data)
+        if crop is None:
+            raise ValueError(f"{run_root}/export: crop of {image_id} is not a 112x96 JPEG")
+        crops.append(crop)
     arr = np.stack(crops) if crops else np.zeros((0, 112, 96, 3), np.uint8)
     return t.column("image_id").to_pylist(), t.column("subject").to_pylist(), arr
 

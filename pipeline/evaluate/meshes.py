@@ -9,6 +9,7 @@ import trimesh
 
 from pipeline.evaluate.frame import Frame
 from pipeline.models.morphable_model import MorphableModel
+from pipeline.storage.atomic import atomic_write
 
 MESH_SUFFIXES = (".obj", ".ply")
 
@@ -20,10 +21,7 @@ def write_mesh(vertices: np.ndarray, triangles: np.ndarray, path: str | Path) ->
     if suffix not in MESH_SUFFIXES:
         raise ValueError(f"{path}: mesh file must end in .obj or .ply")
     mesh = trimesh.Trimesh(np.asarray(vertices, np.float64), np.asarray(triangles, np.int64), process=False)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{suffix}")
-    mesh.export(tmp, file_type=suffix[1:])
-    tmp.replace(path)
+    atomic_write(path, lambda f: mesh.export(f, file_type=suffix[1:]))
     return path
 
 

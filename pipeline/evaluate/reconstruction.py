@@ -22,6 +22,8 @@ import trimesh
 from scipy.spatial import cKDTree
 from scipy.spatial.transform import Rotation
 
+from pipeline.models.geometry import vertex_normals
+
 NOSE_TIP = 30  # iBUG 68-point index (0-based) of the nose tip
 
 
@@ -119,16 +121,6 @@ def boundary_vertices(triangles: np.ndarray, n_vertices: int) -> np.ndarray:
     return _BOUNDARY_CACHE[key]
 
 
-def vertex_normals(vertices: np.ndarray, triangles: np.ndarray) -> np.ndarray:
-    """Unit vertex normals: the mean of the adjacent faces' unit normals (trimesh)."""
-    v = np.asarray(vertices, np.float64)
-    t = np.asarray(triangles, np.int64)
-    if not len(t):
-        return np.tile([0.0, 0.0, 1.0], (len(v), 1))
-    face = trimesh.util.unitize(np.cross(v[t[:, 1]] - v[t[:, 0]], v[t[:, 2]] - v[t[:, 0]]))
-    return trimesh.util.unitize(trimesh.geometry.mean_vertex_normals(len(v), t, face))
-
-
 @dataclass
 class Surface:
     """A triangle mesh prepared for closest-point queries."""
@@ -141,7 +133,12 @@ class Surface:
     @classmethod
     def from_mesh(cls, vertices: np.ndarray, triangles: np.ndarray) -> Surface:
         v = np.asarray(vertices, np.float64)
-        return cls(v, vertex_normals(v, triangles), boundary_vertices(triangles, len(v)), cKDTree(v))
+        return cls(
+            v,
+            vertex_normals(v, triangles, weighting="mean"),
+            boundary_vertices(triangles, len(v)),
+            cKDTree(v),
+        )
 
 
 def submesh(vertices: np.ndarray, triangles: np.ndarray, keep: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

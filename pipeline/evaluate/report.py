@@ -1,8 +1,10 @@
 """``RUN/eval/report.html`` (self-contained, PNGs embedded as base64) and ``report.json``.
 
-The report document is a plain JSON-able dict (what ``report.json`` holds); this module turns it
-into HTML sections and matplotlib figures. No network resources, no scripts: the file opens
-anywhere, offline.
+The evaluation computes; this module alone presents. The evaluation hands over the report
+document (a plain JSON-able dict: what ``report.json`` holds), per section a list of blocks as data
+(:class:`Table`, :class:`Heading`, :class:`Paragraph`, :class:`Figure`) and figures as data
+(:class:`Histogram`, :class:`Roc`, :class:`Bars`, :class:`Sheet`); :func:`write_report` turns them
+into HTML and matplotlib PNGs. No network resources, no scripts: the file opens anywhere, offline.
 """
 
 from __future__ import annotations
@@ -12,10 +14,13 @@ import html
 import io
 import json
 import math
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import matplotlib
+
+from pipeline.storage.atomic import atomic_write
 
 matplotlib.use("Agg")  # headless: the report is written on servers and in CI
 import matplotlib.pyplot as plt  # noqa: E402
@@ -122,6 +127,78 @@ def sheet_figure(rows: list[tuple[str, list[np.ndarray | None]]], columns: list[
     return figure_png(fig)
 
 
+# --- what the evaluation hands over (data, no markup) ------------------------------------------------
+@dataclass(frozen=True)
+class Table:
+    rows: list[dict]
+    columns: list[str] | None = None
+    headers: list[str] | None = None
+
+
+@dataclass(frozen=True)
+class Heading:
+    text: str
+
+
+@dataclass(frozen=True)
+class Paragraph:
+    text: str
+    muted: bool = False
+
+
+@dataclass(frozen=True)
+class Figure:
+    """A reference to a figure of the ``figures`` mapping, shown where the block stands."""
+
+    name: str
+
+
+@dataclass(frozen=True)
+class Histogram:
+    series: dict[str, np.ndarray]
+    title: str
+    xlabel: str
+    bins: int = 30
+
+
+@dataclass(frozen=True)
+class Roc:
+    curves: dict[str, tuple[list[float], list[float]]]
+
+
+@dataclass(frozen=True)
+class Bars:
+    labels: list[str]
+    series: dict[str, list[float]]
+    title: str
+    ylabel: str
+
+
+@dataclass(frozen=True)
+class Sheet:
+    rows: list[tuple[str, list[np.ndarray | None]]] = field(default_factory=list)
+    columns: list[str] = field(default_factory=list)
+
+
+Block = Table | Heading | Paragraph | Figure | str  # str: ready HTML (callers of render_html)
+FigureData = Histogram | Roc | Bars | Sheet | bytes  # bytes: a ready PNG
+
+
+def figure_bytes(spec: FigureData) -> bytes:
+    """Render a figure's data to PNG."""
+    if isinstance(spec, bytes):
+        return spec
+    if isinstance(spec, Histogram):
+        return histogram_figure(spec.series, spec.title, spec.xlabel, spec.bins)
+    if isinstance(spec, Roc):
+        return roc_figure(spec.curves)
+    if isinstance(spec, Bars):
+        return bar_figure(spec.labels, spec.series, spec.title, spec.ylabel)
+    if isinstance(spec, Sheet):
+        return sheet_figure(spec.rows, spec.columns)
+    raise TypeError(f"not a figure: {type(spec).__name__}")
+
+
 # --- HTML -----------------------------------------------------------------------------------------
 def _fmt(v: Any) -> str:
     if v is None:
@@ -165,9 +242,24 @@ def _p(text: str, cls: str = "") -> str:
     return f"<p{c}>{html.escape(text)}</p>"
 
 
-def render_html(doc: dict, figures: dict[str, bytes], blocks: dict[str, list[str]]) -> str:
-    """The whole page. ``blocks`` maps a section id to its HTML fragments (built by the caller's
-    section builders); ``figures`` are embedded where a block references them by name."""
+def render_block(block: Block, figures: dict[str, bytes]) -> str:
+    if isinstance(block, Table):
+        return html_table(block.rows, block.columns, block.headers)
+    if isinstance(block, Heading):
+        return f"<h3>{html.escape(block.text)}</h3>"
+    if isinstance(block, Paragraph):
+        return _p(block.text, "muted" if block.muted else "")
+    if isinstance(block, Figure):
+        return html_image(figures[block.name], block.name) if block.name in figures else ""
+    if block.startswith("figure:"):
+        key = block[len("figure:") :]
+        return html_image(figures[key], key) if key in figures else ""
+    return block
+
+
+def render_html(doc: dict, figures: dict[str, bytes], blocks: dict[str, list[Block]]) -> str:
+    """The whole page. ``blocks`` maps a section id to its blocks; ``figures`` (PNG bytes) are
+    embedded where a :class:`Figure` block names them."""
     title = f"morphset evaluation — {doc.get('run', '')}"
     nav = "".join(f'<a href="#{sid}">{html.escape(name)}</a>' for sid, name in SECTIONS)
     parts = [
@@ -180,13 +272,8 @@ def render_html(doc: dict, figures: dict[str, bytes], blocks: dict[str, list[str
     ]
     for sid, name in SECTIONS:
         parts.append(f'<section id="{sid}"><h2>{html.escape(name)}</h2>')
-        for frag in blocks.get(sid, []) or [_p("not evaluated in this run", "muted")]:
-            if frag.startswith("figure:"):
-                key = frag[len("figure:") :]
-                if key in figures:
-                    parts.append(html_image(figures[key], key))
-            else:
-                parts.append(frag)
+        for block in blocks.get(sid, []) or [Paragraph("not evaluated in this run", muted=True)]:
+            parts.append(render_block(block, figures))
         parts.append("</section>")
     parts.append("</body></html>")
     return "\n".join(parts)
@@ -214,20 +301,17 @@ def _finite(o: Any) -> Any:
 
 
 def write_report(
-    out_dir: str | Path, doc: dict, figures: dict[str, bytes], blocks: dict[str, list[str]]
+    out_dir: str | Path, doc: dict, figures: dict[str, FigureData], blocks: dict[str, list[Block]]
 ) -> Path:
     """Write report.json and report.html (and the figures as PNG files beside them); returns the HTML path."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    figures = {name: figure_bytes(spec) for name, spec in figures.items()}
     for name, png in figures.items():
-        (out / f"{name}.png").write_bytes(png)
-    tmp = out / ".report.json.tmp"
-    tmp.write_text(
-        json.dumps(_finite(doc), indent=1, default=_json_default, allow_nan=False), encoding="utf-8"
+        atomic_write(out / f"{name}.png", png)
+    atomic_write(
+        out / "report.json", json.dumps(_finite(doc), indent=1, default=_json_default, allow_nan=False)
     )
-    tmp.replace(out / "report.json")
     page = out / "report.html"
-    tmp = out / ".report.html.tmp"
-    tmp.write_text(render_html(doc, figures, blocks), encoding="utf-8")
-    tmp.replace(page)
+    atomic_write(page, render_html(doc, figures, blocks))
     return page

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import bisect
 import datetime as _dt
-import html
+import io
 import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -50,6 +50,7 @@ from pipeline.evaluate.shading import render_shaded
 from pipeline.evaluate.summary import summarise_errors
 from pipeline.evaluate.verification import cosine_scores, fuse_scores, item_features, verification_report
 from pipeline.models.morphable_model import MorphableModel
+from pipeline.storage.atomic import atomic_write
 
 log = logging.getLogger(__name__)
 ENCODER_BATCH = 32
@@ -64,8 +65,8 @@ class Context:
     encoder: object | None  # pipeline.train.inference.TrainedEncoder
     storage_options: dict | None = None
     notes: list[str] = field(default_factory=list)
-    figures: dict[str, bytes] = field(default_factory=dict)
-    blocks: dict[str, list[str]] = field(default_factory=dict)
+    figures: dict[str, rp.FigureData] = field(default_factory=dict)  # data; rendered by report.py
+    blocks: dict[str, list[rp.Block]] = field(default_factory=dict)  # data; rendered by report.py
     crops: dict[str, np.ndarray] = field(default_factory=dict)  # image_id -> uint8 crop
     shape: ShapeBuilder | None = None  # vertices from coefficients of ``model``
 
@@ -77,20 +78,12 @@ class Context:
     def fitted(self) -> Frame:
         return self.fits.take(fitted_mask(self.fits))
 
-    def add(self, section: str, *fragments: str) -> None:
-        self.blocks.setdefault(section, []).extend(fragments)
+    def add(self, section: str, *blocks: rp.Block) -> None:
+        self.blocks.setdefault(section, []).extend(blocks)
 
-    def figure(self, section: str, name: str, png: bytes) -> None:
-        self.figures[name] = png
-        self.add(section, f"figure:{name}")
-
-
-def _p(text: str) -> str:
-    return f"<p>{html.escape(text)}</p>"
-
-
-def _h3(text: str) -> str:
-    return f"<h3>{html.escape(text)}</h3>"
+    def figure(self, section: str, name: str, spec: rp.FigureData) -> None:
+        self.figures[name] = spec
+        self.add(section, rp.Figure(name))
 
 
 def load_model(manifest: Manifest) -> tuple[MorphableModel | None, str | None]:
@@ -111,7 +104,7 @@ def fit_quality_section(ctx: Context) -> dict:
     sec = "fit-quality"
     ctx.add(
         sec,
-        rp.html_table(
+        rp.Table(
             [
                 {"": "images", "value": fq["images"]},
                 {"": "fitted", "value": fq["fitted"]},
@@ -122,10 +115,10 @@ def fit_quality_section(ctx: Context) -> dict:
                 {"": "iterations, median", "value": fq.get("iterations", {}).get("median")},
             ]
         ),
-        _h3("Rejected images by reason"),
-        rp.html_table([{"reason": k, "images": v} for k, v in fq["rejected_by_reason"].items()]),
-        _h3("Distributions"),
-        rp.html_table(
+        rp.Heading("Rejected images by reason"),
+        rp.Table([{"reason": k, "images": v} for k, v in fq["rejected_by_reason"].items()]),
+        rp.Heading("Distributions"),
+        rp.Table(
             [{"quantity": k, **fq[k]} for k in ("reproj_rmse_px", "reproj_nme", "iterations") if k in fq],
             ["quantity", "n", "mean", "std", "min", "p10", "median", "p90", "max"],
         ),
@@ -135,13 +128,13 @@ def fit_quality_section(ctx: Context) -> dict:
         ctx.figure(
             sec,
             "reprojection_error",
-            rp.histogram_figure({"fit": good["reproj_rmse_px"]}, "Landmark reprojection error", "RMSE (px)"),
+            rp.Histogram({"fit": good["reproj_rmse_px"]}, "Landmark reprojection error", "RMSE (px)"),
         )
         if "iterations" in good:
             ctx.figure(
                 sec,
                 "iterations",
-                rp.histogram_figure(
+                rp.Histogram(
                     {"fit": np.asarray(good["iterations"], float)}, "Fit iterations per image", "iterations"
                 ),
             )
@@ -152,9 +145,9 @@ def fit_quality_section(ctx: Context) -> dict:
         fq["identity_consistency"] = ic
         ctx.add(
             sec,
-            _h3("Identity consistency across a subject's images"),
-            rp.html_table([{"source": "fit α_id", **ic}]),
-            _p(
+            rp.Heading("Identity consistency across a subject's images"),
+            rp.Table([{"source": "fit α_id", **ic}]),
+            rp.Paragraph(
                 "within: mean per-vertex distance (mm) of an image's identity shape to its subject's mean; "
                 "between: of subject means to the overall mean. The multi-image fit shares one α_id per "
                 "subject, so its within-subject spread is zero by construction unless a subject was split."
@@ -203,7 +196,7 @@ def verification_section(ctx: Context, pairs: PairList, generated: bool, sources
     }
     ctx.add(
         sec,
-        _p(
+        rp.Paragraph(
             f"{len(pairs)} pairs ({int(pairs.same.sum())} same) in {pairs.n_folds} folds from "
             f"{out['pairs']['source']}. Cosine similarity; accuracy with the threshold chosen on the other "
             "folds; mean ± std over folds."
@@ -266,9 +259,9 @@ def verification_section(ctx: Context, pairs: PairList, generated: bool, sources
                 "have identical features (the multi-image fit shares α_id within a subject), so its scores "
                 "are not a measure of recognition; use the encoder's c_id."
             )
-    ctx.add(sec, rp.html_table(rows))
+    ctx.add(sec, rp.Table(rows))
     if curves:
-        ctx.figure(sec, "roc", rp.roc_figure(curves))
+        ctx.figure(sec, "roc", rp.Roc(curves))
     return out
 
 
@@ -334,13 +327,13 @@ def reconstruction_section(
     kind = "synthetic" if isinstance(truth, SyntheticTruth) else "scans"
     ctx.add(
         sec,
-        _p(
+        rp.Paragraph(
             f"Ground truth: {truth.path} ({kind}). Liu et al.: 68-landmark similarity alignment, crop "
             f"{ctx.params['crop_radius_mm']:g} mm around the nose tip, mean per-vertex distance (mm). "
             "Genova et al.: symmetric point-to-plane distance after ICP with isotropic scale in the region "
             f"of intersection (on up to {ctx.params['genova_max_samples']} samples per row)."
         ),
-        rp.html_table(
+        rp.Table(
             [
                 {
                     "prediction": name,
@@ -365,7 +358,9 @@ def reconstruction_section(
         counts = next(e for e in summary.values() if "per_yaw" in e)["per_yaw"]
         count_row = {"prediction": "samples (first row)", **{r["yaw"]: r["liu_mean_mm"]["n"] for r in counts}}
         ctx.add(
-            sec, _h3("Liu et al. error (mm) per yaw (Table 1 layout)"), rp.html_table([*yaw_rows, count_row])
+            sec,
+            rp.Heading("Liu et al. error (mm) per yaw (Table 1 layout)"),
+            rp.Table([*yaw_rows, count_row]),
         )
     expr_rows = []
     for name, e in summary.items():
@@ -382,8 +377,8 @@ def reconstruction_section(
     if expr_rows:
         ctx.add(
             sec,
-            _h3("Per expression level (mean per-vertex expression displacement)"),
-            rp.html_table(expr_rows),
+            rp.Heading("Per expression level (mean per-vertex expression displacement)"),
+            rp.Table(expr_rows),
         )
     series: dict[str, list[float]] = {}
     for r in rows:
@@ -394,14 +389,14 @@ def reconstruction_section(
         ctx.figure(
             sec,
             "reconstruction_error",
-            rp.histogram_figure(series, "Liu et al. error per sample", "mean per-vertex distance (mm)"),
+            rp.Histogram(series, "Liu et al. error per sample", "mean per-vertex distance (mm)"),
         )
         if yaw_rows:
             labels = [r["yaw"] for r in counts]
             ctx.figure(
                 sec,
                 "error_per_yaw",
-                rp.bar_figure(
+                rp.Bars(
                     labels,
                     {r["prediction"]: [r.get(lab) for lab in labels] for r in yaw_rows},
                     "Error per yaw bin",
@@ -480,10 +475,10 @@ def sheet_section(ctx: Context, truth: SyntheticTruth | ScanTruth | None) -> dic
             e = enc.get(image_id)
             cells += [render_shaded(e[1], tri, size), render_shaded(e[0], tri, size)] if e else [None, None]
         rows.append((f"{f['subject'][i]}\n{Path(image_id).name}", cells))
-    ctx.figure(sec, "picture_sheet", rp.sheet_figure(rows, columns))
+    ctx.figure(sec, "picture_sheet", rp.Sheet(rows, columns))
     ctx.add(
         sec,
-        _p(
+        rp.Paragraph(
             "Input images beside renders of their reconstructed full shape (in the fitted pose) and the "
             "subject's identity shape (frontal, neutral), as in Liu et al. Fig. 5/8."
         ),
@@ -537,7 +532,19 @@ def summary_section(ctx: Context, doc: dict) -> None:
             rows.append({"": f"Liu error mm ({name})", "value": _ms(e["overall"]["liu_mean_mm"])})
         if e["overall"].get("genova_mm", {}).get("n"):
             rows.append({"": f"Genova error mm ({name})", "value": _ms(e["overall"]["genova_mm"])})
-    ctx.add("summary", rp.html_table(rows))
+    ctx.add("summary", rp.Table(rows))
+
+
+@dataclass
+class Evaluation:
+    """Everything measured, as data: the report document, per-section blocks and figures (rendered
+    by :mod:`.report`), the per-sample rows and the generated pairs."""
+
+    doc: dict
+    blocks: dict[str, list[rp.Block]]
+    figures: dict[str, rp.FigureData]
+    samples: list[dict] | None = None
+    generated_pairs: PairList | None = None
 
 
 def evaluate_run(
@@ -547,11 +554,31 @@ def evaluate_run(
     storage_options: dict | None = None,
     progress: Callable[[str], None] = log.info,
 ) -> Path:
-    """Evaluate a run; returns the path of ``report.html``. The output directory must be local."""
+    """Evaluate a run and write ``RUN/eval/``; returns the path of ``report.html``. The output
+    directory must be local."""
     fs, root = fsspec.core.url_to_fs(run_root, **(storage_options or {}))
     if not isinstance(fs, LocalFileSystem):
         raise ValueError(f"{run_root}: evaluate writes its report to a local run directory")
     out_dir = Path(root) / "eval"
+    ev = compute_evaluation(run_root, manifest, params, storage_options, progress)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if ev.generated_pairs is not None:
+        write_csv_pairs(ev.generated_pairs, out_dir / "pairs.csv")
+    if ev.samples is not None:
+        buf = io.BytesIO()
+        pq.write_table(from_rows(ev.samples, load_schema("evaluation")), buf)
+        atomic_write(out_dir / "samples.parquet", buf.getvalue())
+    return rp.write_report(out_dir, ev.doc, ev.figures, ev.blocks)
+
+
+def compute_evaluation(
+    run_root: str,
+    manifest: Manifest,
+    params: dict,
+    storage_options: dict | None = None,
+    progress: Callable[[str], None] = log.info,
+) -> Evaluation:
+    """Measure a run (no files written): fit quality, verification, reconstruction, picture sheet."""
     fits = load_fits(run_root, storage_options)
     model, why = load_model(manifest)
     ctx = Context(run_root, params, fits, model, None, storage_options)
@@ -583,8 +610,6 @@ def evaluate_run(
             raise  # a pairs file the user named is malformed: say so
         pairs, generated = None, True  # too few subjects to generate pairs: note it, evaluate the rest
         ctx.notes.append(f"verification skipped: {exc}")
-    if pairs is not None and generated:
-        write_csv_pairs(pairs, out_dir / "pairs.csv")
 
     encoder_feats: dict[str, np.ndarray] = {}
     encoder_ids: list[str] = []
@@ -615,7 +640,7 @@ def evaluate_run(
                 subj = np.array([str(ctx.fits["subject"][row_of[i]]) if i in row_of else i for i in ids])
                 ic = identity_consistency(subj, shapes)
                 doc["fit_quality"]["identity_consistency_encoder"] = ic
-                ctx.add("fit-quality", rp.html_table([{"source": "encoder α_id", **ic}]))
+                ctx.add("fit-quality", rp.Table([{"source": "encoder α_id", **ic}]))
     else:
         ctx.notes.append(
             "no trained encoder given (--encoder): encoder predictions and c_id verification skipped"
@@ -635,14 +660,15 @@ def evaluate_run(
             )
         progress("reconstruction accuracy")
         doc["reconstruction"], samples = reconstruction_section(ctx, truth, progress)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        pq.write_table(from_rows(samples, load_schema("evaluation")), out_dir / "samples.parquet")
     else:
+        samples = None
         ctx.notes.append("no ground truth given (--ground-truth): reconstruction accuracy not measured")
 
     progress("picture sheet")
     doc["picture_sheet"] = sheet_section(ctx, truth)
     summary_section(ctx, doc)
     doc["notes"] = ctx.notes
-    ctx.add("notes", *([_p(n) for n in ctx.notes] or [_p("none")]))
-    return rp.write_report(out_dir, doc, ctx.figures, ctx.blocks)
+    ctx.add("notes", *([rp.Paragraph(n) for n in ctx.notes] or [rp.Paragraph("none")]))
+    return Evaluation(
+        doc, ctx.blocks, ctx.figures, samples, pairs if pairs is not None and generated else None
+    )

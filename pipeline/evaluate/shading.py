@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipeline.evaluate.reconstruction import vertex_normals
+from pipeline.models.geometry import vertex_normals
 from pipeline.synthetic.render import rasterize
 
 LIGHT = np.array([0.35, 0.45, 1.0]) / np.linalg.norm([0.35, 0.45, 1.0])
@@ -25,7 +25,7 @@ def render_shaded(
     """(size, size, 3) uint8 grey render on white; ``rotation`` (3,3) is applied before viewing."""
     v = np.asarray(vertices, np.float64)
     tri = np.asarray(triangles, np.int64)
-    n = vertex_normals(v, tri)
+    n = vertex_normals(v, tri, weighting="mean")
     if rotation is not None:
         r = np.asarray(rotation, np.float64).reshape(3, 3)
         v, n = v @ r.T, n @ r.T

@@ -16,12 +16,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline.config.manifest import Manifest
 from pipeline.config.schemas import from_rows, load_schema
-from pipeline.core.stage import ShardContext
+from pipeline.core.stage import ConfigView, Stage, StageContext
 from pipeline.imaging.align import transform_points, warp_crop
 from pipeline.imaging.decode import max_pixels_from, read_image
-from pipeline.storage.store import ShardStore
+from pipeline.storage.run import Run
 
 LABELS_FILE = "_labels.json"
 
@@ -43,14 +42,28 @@ def label_map(
     }
 
 
-def prepare_global(manifest: Manifest, run_root: str, storage_options: dict | None = None) -> dict:
+class ExportStage(Stage):
+    name = "export"
+    inputs = ("index", "detect", "landmarks", "fit")
+    schema = "trainset"
+    depends_on = ("stages.decode",)
+    global_input = LABELS_FILE
+    doc = "aligned crops + fit targets, the hand-off to trainers"
+
+    def prepare(self, run: Run, config: ConfigView) -> dict:
+        return prepare_global(run, config)
+
+    def run(self, inputs: dict[str, pa.Table], ctx: StageContext) -> pa.Table:
+        return run_shard(inputs, ctx)
+
+
+def prepare_global(run: Run, config: ConfigView) -> dict:
     """Count usable images per subject over all committed fit shards; write ``export/_labels.json``."""
-    params = manifest.stage_params("export")
-    fits = ShardStore(run_root, "fit", storage_options)
-    schema = load_schema("fits")
+    params = config.stage_params("export")
+    fits = run.store("fit")
     counts: dict[str, int] = {}
     for shard in fits.shards_with_sidecar():
-        t = fits.read(shard, schema, columns=["subject", "failure_reason"])
+        t = run.read_shard("fit", shard, columns=["subject", "failure_reason"])
         ok = t.filter(pc.is_null(t.column("failure_reason")))
         for s in ok.column("subject").to_pylist():
             counts[s] = counts.get(s, 0) + 1
@@ -62,7 +75,7 @@ def prepare_global(manifest: Manifest, run_root: str, storage_options: dict | No
         "subjects": labels,
         "dropped_subjects": sorted(s for s in counts if s not in labels),
     }
-    ShardStore(run_root, "export", storage_options).write_json(LABELS_FILE, doc)
+    run.store("export").write_json(LABELS_FILE, doc)
     return doc
 
 
@@ -75,7 +88,7 @@ def _encode_jpeg(rgb: np.ndarray, quality: int) -> bytes:
     return buf.tobytes()
 
 
-def _build_metadata(fit_table: pa.Table, manifest: Manifest) -> dict[str, str]:
+def _build_metadata(fit_table: pa.Table, manifest: ConfigView) -> dict[str, str]:
     md = {
         k.decode(): v.decode()
         for k, v in (fit_table.schema.metadata or {}).items()
@@ -89,16 +102,16 @@ def _build_metadata(fit_table: pa.Table, manifest: Manifest) -> dict[str, str]:
     return md
 
 
-def run_shard(inputs: dict[str, pa.Table], ctx: ShardContext) -> pa.Table:
+def run_shard(inputs: dict[str, pa.Table], ctx: StageContext) -> pa.Table:
     index, det, lm, fit = inputs["index"], inputs["detect"], inputs["landmarks"], inputs["fit"]
-    labels = ShardStore(ctx.run_root, "export", ctx.storage_options).read_json(LABELS_FILE)
+    labels = ctx.run.store("export").read_json(LABELS_FILE)
     if labels is None:
         raise FileNotFoundError(
             f"{ctx.run_root}/export/{LABELS_FILE}: subject-label map missing (run the export stage, which writes it first)"
         )
     subjects = labels["subjects"]
-    max_pixels = max_pixels_from(ctx.manifest)
-    quality = ctx.params["jpeg_quality"]
+    max_pixels = max_pixels_from(ctx.config)
+    quality = ctx.params.jpeg_quality
     det_by_id = {r["image_id"]: r for r in det.select(["image_id", "primary_score"]).to_pylist()}
     lm_by_id = {r["image_id"]: r for r in lm.select(["image_id", "landmarks", "align_matrix"]).to_pylist()}
     uri_by_id = dict(zip(index.column("image_id").to_pylist(), index.column("uri").to_pylist(), strict=True))
@@ -140,6 +153,6 @@ def run_shard(inputs: dict[str, pa.Table], ctx: ShardContext) -> pa.Table:
     return table.replace_schema_metadata(
         {
             **(table.schema.metadata or {}),
-            **{k.encode(): v.encode() for k, v in _build_metadata(fit, ctx.manifest).items()},
+            **{k.encode(): v.encode() for k, v in _build_metadata(fit, ctx.config).items()},
         }
     )

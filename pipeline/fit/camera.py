@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pipeline.fit.xp import namespace_of
+from pipeline.fit.xp import get_namespace, namespace_of
 
 Array = Any
 _TINY = 1e-12
@@ -172,7 +172,11 @@ def euler_deg(R: Array) -> tuple[Array, Array, Array]:
 
 
 def rotation_from_euler_deg(yaw: Array, pitch: Array, roll: Array) -> Array:
-    """Inverse of :func:`euler_deg`: (...) degrees -> (..., 3, 3)."""
+    """Inverse of :func:`euler_deg`: (...) degrees -> (..., 3, 3). Plain numbers are taken as NumPy
+    float64 (the renderer's single poses); arrays keep their library (NumPy or CuPy)."""
+    if all(isinstance(a, (int, float)) for a in (yaw, pitch, roll)):  # NumPy scalars are floats too
+        xp = get_namespace("numpy")
+        yaw, pitch, roll = (xp.asarray(float(a), dtype=xp.float64) for a in (yaw, pitch, roll))
     xp = namespace_of(yaw, pitch, roll)
     rad = 3.141592653589793 / 180.0
     y, p, r = yaw * rad, pitch * rad, roll * rad

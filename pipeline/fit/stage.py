@@ -17,6 +17,7 @@ import pyarrow as pa
 
 from pipeline.config.schemas import conform, load_schema
 from pipeline.core import workercache
+from pipeline.core.stage import Asset, ConfigView, Stage, StageContext
 from pipeline.fit.camera import euler_deg
 from pipeline.fit.loop import FitOptions, FitResult, LandmarkModel, SubjectFits, fit_subjects, prepare_model
 from pipeline.fit.xp import get_namespace, resolve_backend
@@ -325,20 +326,47 @@ def _concat_fits(parts: list[SubjectFits]) -> SubjectFits:
 
 
 # --- the stage entry point -------------------------------------------------------------------
-def _load_model(manifest: Any) -> MorphableModel:
-    try:
-        from pipeline.models.assets import resolve_morphable_model
-    except ImportError as exc:  # the model-asset module is part of the product; say what is missing
-        raise RuntimeError(f"fit stage: cannot import pipeline.models.assets ({exc})") from exc
-    return resolve_morphable_model(manifest)
+class FitStage(Stage):
+    name = "fit"
+    inputs = ("landmarks",)
+    schema = "fits"
+    depends_on = ("models.morphable_model",)
+    # How, not what: NumPy and CuPy fits agree to float tolerance; the cache only holds the model.
+    runtime = ("execution.array_backend", "cache_dir")
+    doc = "alternating multi-image 3DMM fit per subject"
+
+    def resources_for(self, config: ConfigView) -> dict[str, float]:
+        backend = str(config.get("execution.array_backend", "auto") or "auto")
+        return {} if backend == "numpy" else {"GPU": 1}
+
+    def resolve_assets(self, config: ConfigView) -> dict[str, Asset]:
+        from pipeline.models.assets import morphable_model_asset
+
+        return {"morphable_model": morphable_model_asset(config)}
+
+    def run(self, inputs: dict[str, pa.Table], ctx: StageContext) -> pa.Table:
+        return run_shard(inputs, ctx)
 
 
-def run_shard(inputs: dict[str, pa.Table], ctx: Any) -> pa.Table:
+def _load_model(ctx: StageContext) -> MorphableModel:
+    """The driver's verified model file; resolved here only where that file is not visible (a worker
+    on another machine without the shared cache)."""
+    from pathlib import Path
+
+    from pipeline.models.assets import load_model_asset, resolve_morphable_model
+
+    asset = ctx.assets.get("morphable_model")
+    if asset is not None and Path(asset.path).is_file():
+        return load_model_asset(asset)
+    return resolve_morphable_model(ctx.config)
+
+
+def run_shard(inputs: dict[str, pa.Table], ctx: StageContext) -> pa.Table:
     """Stage function: ``inputs["landmarks"]`` -> fits table (see :func:`fit_landmark_table`)."""
-    params = ctx.params
+    params = ctx.params.as_dict()
     opt = options_from_params(params)
-    backend = resolve_backend(str(ctx.manifest.get("execution.array_backend", "auto") or "auto"))
-    model = _load_model(ctx.manifest)  # converted and sha-checked once per process by model_assets
+    backend = resolve_backend(str(ctx.config.get("execution.array_backend", "auto") or "auto"))
+    model = _load_model(ctx)
     precision = str(params["precision"])
     xp = get_namespace(backend)
     lm = workercache.get_or_create(

@@ -27,6 +27,7 @@ import io
 import logging
 import warnings
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import fsspec
 import numpy as np
@@ -175,6 +176,11 @@ def read_image(
     return decode_image(data, max_pixels)
 
 
-def max_pixels_from(manifest: object) -> int:
-    """``stages.decode.max_pixels`` of a :class:`pipeline.config.manifest.Manifest` (defaults filled)."""
-    return int(manifest.stage_params("decode")["max_pixels"])  # type: ignore[attr-defined]
+def max_pixels_from(config: ConfigView | Manifest) -> int:
+    """``stages.decode.max_pixels`` (defaults filled) of a manifest or a stage's view of it."""
+    return int(config.stage_params("decode")["max_pixels"])
+
+
+if TYPE_CHECKING:  # annotations only: decoding needs neither module at run time
+    from pipeline.config.manifest import Manifest
+    from pipeline.core.stage import ConfigView

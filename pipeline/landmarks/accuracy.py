@@ -18,6 +18,7 @@ from pipeline.landmarks.base import LandmarkBackend
 def synthetic_renders(manifest: object, n: int, seed: int = 0) -> tuple[list, list, list]:
     """Faces rendered from the manifest's morphable model (pipeline.synthetic.render), 250x250, with the
     true projected landmarks and their visibility. Yaw within 30, pitch and roll within 10 degrees."""
+    from pipeline.fit.camera import rotation_from_euler_deg
     from pipeline.models.assets import resolve_morphable_model
     from pipeline.synthetic import render as R
 
@@ -27,7 +28,7 @@ def synthetic_renders(manifest: object, n: int, seed: int = 0) -> tuple[list, li
     images, truth, visible = [], [], []
     for _ in range(n):
         verts = mm.shape(rng.normal(size=mm.k_id) * mm.id_std, rng.normal(size=mm.k_exp) * mm.exp_std * 0.5)
-        rot = R.rotation_from_euler_deg(rng.uniform(-30, 30), rng.uniform(-10, 10), rng.uniform(-10, 10))
+        rot = rotation_from_euler_deg(rng.uniform(-30, 30), rng.uniform(-10, 10), rng.uniform(-10, 10))
         cam = R.Camera(rot, float(rng.uniform(0.75, 0.95)), np.array([125.0, 130.0]) + rng.uniform(-8, 8, 2))
         res = R.render_face(
             verts,

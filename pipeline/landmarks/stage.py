@@ -19,8 +19,10 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
+from pipeline.config.manifest import Manifest
 from pipeline.config.schemas import from_rows, load_schema
 from pipeline.core import workercache
+from pipeline.core.stage import Asset, ConfigView, Stage, StageContext
 from pipeline.imaging.align import AlignError, align_matrix_from_points
 from pipeline.imaging.decode import max_pixels_from, read_image
 from pipeline.landmarks.base import LandmarkBackend, LandmarkResult
@@ -30,16 +32,16 @@ log = logging.getLogger(__name__)
 BACKENDS = ("fan", "dlib")
 
 
-def _resolve_uncached(manifest: object, params: dict) -> tuple[str, str, str]:
+def _resolve_uncached(config: ConfigView, params: dict) -> tuple[str, str, str]:
     backend = params["backend"]
     if backend == "fan":
         from pipeline.landmarks.fan import MODEL_KEY, resolve_checkpoint
 
-        path, sha = resolve_checkpoint(manifest.model(MODEL_KEY), params)  # type: ignore[attr-defined]
+        path, sha = resolve_checkpoint(config.model(MODEL_KEY), params)
     elif backend == "dlib":
         from pipeline.landmarks.dlib_backend import MODEL_KEY, resolve_model
 
-        path, sha = resolve_model(manifest.model(MODEL_KEY))  # type: ignore[attr-defined]
+        path, sha = resolve_model(config.model(MODEL_KEY))
     else:
         raise ValueError(f"stages.landmarks.backend: expected one of {list(BACKENDS)}, got {backend!r}")
     return backend, str(path), sha
@@ -50,14 +52,14 @@ def _resolve_uncached(manifest: object, params: dict) -> tuple[str, str, str]:
 _VERIFIED: dict[tuple, tuple[str, str, str, tuple[int, int]]] = {}
 
 
-def resolve_weights(manifest: object, params: dict) -> tuple[str, str, str]:
+def resolve_weights(config: ConfigView, params: dict) -> tuple[str, str, str]:
     """(backend, weights path, sha256) after locating and verifying (FAN: maybe downloading).
 
     Verified once per process; re-verified if the file's size or modification time changes.
     """
     backend = params["backend"]
     model_key = "fan" if backend == "fan" else "dlib_landmarks"
-    model = manifest.get(f"models.{model_key}")  # type: ignore[attr-defined]
+    model = config.get(f"models.{model_key}")
     key = (backend, json.dumps(model, sort_keys=True, default=str), os.environ.get("TORCH_HOME"))
     hit = _VERIFIED.get(key)
     if hit is not None:
@@ -67,21 +69,47 @@ def resolve_weights(manifest: object, params: dict) -> tuple[str, str, str]:
                 return hit[0], hit[1], hit[2]
         except OSError:
             pass
-    backend, path, sha = _resolve_uncached(manifest, params)
+    backend, path, sha = _resolve_uncached(config, params)
     st = os.stat(path)
     _VERIFIED[key] = (backend, path, sha, (st.st_size, st.st_mtime_ns))
     return backend, path, sha
 
 
-def preflight(manifest: object) -> str:
+class LandmarksStage(Stage):
+    name = "landmarks"
+    inputs = ("index", "detect")
+    schema = "landmarks"
+    depends_on = ("stages.decode", "models.fan", "models.dlib_landmarks")
+    doc = "68 iBUG landmarks (FAN or dlib) on the primary MTCNN face"
+
+    def resources_for(self, config: ConfigView) -> dict[str, float]:
+        return {"GPU": 1} if config.stage_params("landmarks")["backend"] == "fan" else {}
+
+    def resolve_assets(self, config: ConfigView) -> dict[str, Asset]:
+        backend, path, sha = resolve_weights(config, config.stage_params("landmarks"))
+        return {"weights": Asset(path, sha, f"landmarks backend {backend}: {path}")}
+
+    def run(self, inputs: dict[str, pa.Table], ctx: StageContext) -> pa.Table:
+        return run_shard(inputs, ctx)
+
+
+def preflight(manifest: Manifest) -> str:
     """Check the configured backend's weights before any work; returns a one-line description."""
-    backend, path, sha = resolve_weights(manifest, manifest.stage_params("landmarks"))  # type: ignore[attr-defined]
-    return f"landmarks backend {backend}: {path} (sha256 {sha[:12]}…)"
+    from pipeline.core.registry import config_view
+
+    assets = LandmarksStage().resolve_assets(config_view(manifest, "landmarks"))
+    w = assets["weights"]
+    return f"{w.description} (sha256 {w.sha256[:12]}…)"
 
 
-def get_backend(manifest: object, params: dict) -> LandmarkBackend:
-    """The per-process backend instance for these parameters (weights verified first)."""
-    backend, path, sha = resolve_weights(manifest, params)
+def get_backend(config: ConfigView, params: dict, weights: Asset | None = None) -> LandmarkBackend:
+    """The per-process backend instance for these parameters. ``weights``: the file the driver
+    verified (checked again here once per process); without it the weights are resolved here."""
+    if weights is not None and os.path.isfile(weights.path):
+        backend, path, sha = params["backend"], weights.path, weights.sha256
+        _verify_once(path, sha)
+    else:
+        backend, path, sha = resolve_weights(config, params)
     if backend == "fan":
         from pipeline.landmarks.fan import FanBackend
 
@@ -98,6 +126,20 @@ def get_backend(manifest: object, params: dict) -> LandmarkBackend:
     return workercache.get_or_create(("landmarks", "dlib", path, sha), lambda: DlibBackend(Path(path), sha))
 
 
+def _verify_once(path: str, sha: str) -> None:
+    from pipeline.storage.hashing import sha256_file
+
+    st = os.stat(path)
+    key = ("asset", path, sha)
+    hit = _VERIFIED.get(key)
+    if hit is not None and hit[3] == (st.st_size, st.st_mtime_ns):
+        return
+    got = sha256_file(path)
+    if got != sha:
+        raise ValueError(f"{path}: sha256 {got} differs from the {sha} verified by the driver")
+    _VERIFIED[key] = ("", path, sha, (st.st_size, st.st_mtime_ns))
+
+
 def _apply(row: dict, result: LandmarkResult) -> None:
     if isinstance(result, str):
         log.debug("%s: landmarks failed: %s", row["image_id"], result)
@@ -112,18 +154,18 @@ def _apply(row: dict, result: LandmarkResult) -> None:
     row["failure_reason"] = None
 
 
-def run_shard(inputs: dict[str, pa.Table], ctx: object) -> pa.Table:
+def run_shard(inputs: dict[str, pa.Table], ctx: StageContext) -> pa.Table:
     """index + detections -> landmarks table (one row per index row, same order)."""
-    params = ctx.params  # type: ignore[attr-defined]
-    manifest = ctx.manifest  # type: ignore[attr-defined]
-    backend = get_backend(manifest, params)  # before any image: a missing checkpoint stops here
-    max_pixels = max_pixels_from(manifest)
-    storage_options = getattr(ctx, "storage_options", None)
+    params = ctx.params.as_dict()
+    # before any image: a missing checkpoint stops here
+    backend = get_backend(ctx.config, params, ctx.assets.get("weights"))
+    max_pixels = max_pixels_from(ctx.config)
+    storage_options = ctx.storage_options
     index = inputs["index"].to_pylist()
     det = inputs["detect"].to_pylist()
     if len(index) != len(det) or any(a["image_id"] != b["image_id"] for a, b in zip(index, det, strict=True)):
         raise ValueError(
-            f"landmarks shard {getattr(ctx, 'shard', '?')}: index and detect tables do not match row for row "
+            f"landmarks shard {ctx.shard}: index and detect tables do not match row for row "
             f"({len(index)} vs {len(det)} rows); rebuild detect for this shard"
         )
     common = {

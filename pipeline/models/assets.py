@@ -22,10 +22,12 @@ import sys
 import tempfile
 import zipfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from pipeline.config.manifest import Manifest
+from pipeline.core.stage import Asset
 from pipeline.core.workercache import get_or_create
 from pipeline.models.morphable_model import ModelError, MorphableModel, load_npz, sha256_file
 from pipeline.models.triangulation import triangulate_face
@@ -210,3 +212,32 @@ def resolve_morphable_model(manifest: Manifest, key: str = "morphable_model") ->
     extra = tuple(entry.get(k) for k in ("expression", "landmarks", "vertex_subset"))
     ident = (key, entry["source"], entry.get("sha256"), *extra, str(cache_dir))
     return get_or_create(("morphable_model", ident), lambda: load_model_entry(entry, cache_dir))
+
+
+def morphable_model_asset(manifest: Any, key: str = "morphable_model") -> Asset:
+    """Resolve (convert and cache if needed) the manifest's morphable model on the driver and
+    return its ``.npz`` as a verified :class:`Asset` for the tasks."""
+    entry = manifest.model(key)
+    model = resolve_morphable_model(manifest, key)
+    source = entry["source"]
+    if source.startswith("pypi:") or Path(source).suffix.lower() in (".mat", ".h5", ".hdf5"):
+        path = cache_path(entry, manifest.cache_dir)
+    else:
+        path = Path(source).expanduser()
+    if not path.is_file():  # e.g. a cache directory that was cleared after this process loaded it
+        model.save_npz(path)
+    return Asset(str(path.resolve()), sha256_file(path), f"morphable model {model.name}: {path}")
+
+
+def load_model_asset(asset: Asset) -> MorphableModel:
+    """The model of a verified asset, loaded once per process after re-checking the file's sha256."""
+
+    def load() -> MorphableModel:
+        sha = sha256_file(asset.path)
+        if sha != asset.sha256:
+            raise ModelError(
+                f"{asset.path}: sha256 {sha} differs from the {asset.sha256} verified by the driver"
+            )
+        return load_npz(asset.path)
+
+    return get_or_create(("morphable_model_file", asset.path, asset.sha256), load)

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.storage.atomic import atomic_write
 from pipeline.storage.hashing import sha256_file  # noqa: F401  (re-exported)
 
 NPZ_FORMAT_VERSION = 1
@@ -135,12 +136,8 @@ class MorphableModel:
         return buf.getvalue()
 
     def save_npz(self, path: str | Path) -> None:
-        """Write atomically (temporary name in the same directory, then rename)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_bytes(self.to_npz_bytes())
-        tmp.replace(path)
+        """Write atomically (a unique temporary name, then rename: concurrent first uses never collide)."""
+        atomic_write(path, self.to_npz_bytes())
 
 
 _REQUIRED_NPZ_KEYS = (

@@ -18,7 +18,6 @@ import hashlib
 import io
 import json
 import re
-import uuid
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any
@@ -30,6 +29,7 @@ import pyarrow.parquet as pq
 
 from pipeline import __version__
 from pipeline.config.schemas import StageSchema, check_version, conform
+from pipeline.storage.atomic import atomic_write, remove_temporaries
 
 PART_RE = re.compile(r"part-(\d{5})\.json$")
 ROW_GROUP_SIZE = 2048  # bounded row groups: column selection never reads more than this many rows of bytes
@@ -74,20 +74,8 @@ class ShardStore:
     def failed_path(self, shard: int) -> str:
         return f"{self.dir}/part-{shard:05d}.failed.json"
 
-    def _tmp(self, final: str) -> str:
-        d, name = final.rsplit("/", 1)
-        return f"{d}/_tmp-{uuid.uuid4().hex[:12]}-{name}"
-
     def _atomic_write(self, final: str, data: bytes) -> None:
-        self.fs.makedirs(self.dir, exist_ok=True)
-        tmp = self._tmp(final)
-        with self.fs.open(tmp, "wb") as f:
-            f.write(data)
-        try:
-            self.fs.mv(tmp, final)
-        except Exception:
-            self.fs.rm(tmp)
-            raise
+        atomic_write(final, data, self.fs)
 
     # --- writing -------------------------------------------------------------------------
     def write(
@@ -158,12 +146,7 @@ class ShardStore:
     def remove_temporaries(self) -> int:
         """Delete ``_tmp-*`` files a killed writer left behind. Call only when no writer of this
         run is active (the build driver does, before submitting work)."""
-        if not self.fs.exists(self.dir):
-            return 0
-        stale = [p for p in self.fs.ls(self.dir, detail=False) if p.rsplit("/", 1)[-1].startswith("_tmp-")]
-        for p in stale:
-            self.fs.rm(p)
-        return len(stale)
+        return remove_temporaries(self.dir, self.fs)
 
     def clear(self) -> None:
         if self.fs.exists(self.dir):

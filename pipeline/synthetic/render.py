@@ -25,6 +25,8 @@ import cv2
 import numpy as np
 import scipy.sparse as sp
 
+from pipeline.models.geometry import vertex_normals
+
 # Fragment budget per vectorised chunk (candidate pixel tests held in memory at once).
 _CHUNK_CANDIDATES = 1 << 21
 # Landmark visibility: a landmark is hidden when the surface at its pixel is this much nearer (mm).
@@ -49,17 +51,6 @@ class Camera:
         c = self.to_camera(points)
         t = np.asarray(self.translation, np.float64)
         return np.stack([t[0] + self.scale * c[:, 0], t[1] - self.scale * c[:, 1]], axis=1)
-
-
-def rotation_from_euler_deg(yaw: float, pitch: float, roll: float) -> np.ndarray:
-    """R = Rz(roll) Ry(yaw) Rx(pitch), degrees; positive yaw turns the nose towards image right,
-    positive pitch turns it down, positive roll turns the face counter-clockwise on the image
-    (the same convention as ``pipeline.fit.camera``)."""
-    y, p, r = np.deg2rad([yaw, pitch, roll])
-    rx = np.array([[1, 0, 0], [0, np.cos(p), -np.sin(p)], [0, np.sin(p), np.cos(p)]])
-    ry = np.array([[np.cos(y), 0, np.sin(y)], [0, 1, 0], [-np.sin(y), 0, np.cos(y)]])
-    rz = np.array([[np.cos(r), -np.sin(r), 0], [np.sin(r), np.cos(r), 0], [0, 0, 1]])
-    return rz @ ry @ rx
 
 
 # --- rasterisation -------------------------------------------------------------------------------
@@ -222,19 +213,6 @@ def rasterize(
     first[1:] = pix[order[1:]] != pix[order[:-1]]
     sel = order[first]
     return Fragments(height, width, pix[sel], tri_id[sel], bary[sel], depth[sel])
-
-
-def vertex_normals(vertices: np.ndarray, triangles: np.ndarray) -> np.ndarray:
-    """Area-weighted unit vertex normals (n, 3) for outward-wound triangles."""
-    v = np.asarray(vertices, np.float64)
-    tri = np.asarray(triangles, np.int64)
-    fn = np.cross(v[tri[:, 1]] - v[tri[:, 0]], v[tri[:, 2]] - v[tri[:, 0]])
-    n = np.zeros_like(v)
-    idx = tri.reshape(-1)
-    for axis in range(3):
-        n[:, axis] = np.bincount(idx, weights=np.repeat(fn[:, axis], 3), minlength=len(v))
-    norm = np.linalg.norm(n, axis=1, keepdims=True)
-    return n / np.where(norm > 0, norm, 1.0)
 
 
 # --- lighting ------------------------------------------------------------------------------------
@@ -402,7 +380,7 @@ def cavity_occlusion(vertices: np.ndarray, triangles: np.ndarray) -> np.ndarray:
     adj.data[:] = 1.0
     deg = np.asarray(adj.sum(axis=1)).ravel()
     walk = sp.diags(1.0 / np.maximum(deg, 1.0)) @ adj
-    normals = vertex_normals(v, t)
+    normals = vertex_normals(v, t, weighting="area")
     smooth = v.copy()
     depth = {}
     for step in range(1, 201):
@@ -572,7 +550,7 @@ def render_face(
     a, b, c = cam_pts[tri[:, 0]], cam_pts[tri[:, 1]], cam_pts[tri[:, 2]]
     back = ((b[:, 0] - a[:, 0]) * (c[:, 1] - a[:, 1]) - (c[:, 0] - a[:, 0]) * (b[:, 1] - a[:, 1])) < 0
     bw = frags.bary
-    normals = vertex_normals(v, triangles) @ np.asarray(camera.rotation, np.float64).T
+    normals = vertex_normals(v, triangles, weighting="area") @ np.asarray(camera.rotation, np.float64).T
 
     def interp(attr: np.ndarray) -> np.ndarray:
         return bw[:, 0:1] * attr[tri[:, 0]] + bw[:, 1:2] * attr[tri[:, 1]] + bw[:, 2:3] * attr[tri[:, 2]]

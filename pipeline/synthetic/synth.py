@@ -32,8 +32,10 @@ import pyarrow.parquet as pq
 from pipeline.config.manifest import Manifest
 from pipeline.config.schemas import from_rows, load_schema
 from pipeline.core.workercache import get_or_create
+from pipeline.fit.camera import rotation_from_euler_deg
 from pipeline.models.assets import resolve_morphable_model
 from pipeline.models.morphable_model import MorphableModel
+from pipeline.storage.atomic import atomic_write
 from pipeline.synthetic.render import (
     Appearance,
     Camera,
@@ -43,7 +45,6 @@ from pipeline.synthetic.render import (
     luminance,
     paint_albedo,
     render_face,
-    rotation_from_euler_deg,
     sample_appearance,
     sample_background,
     sample_head_style,
@@ -209,13 +210,6 @@ def render_sample(
 
 
 # --- I/O and orchestration -----------------------------------------------------------------------
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_bytes(data)
-    tmp.replace(path)
-
-
 def model_face_triangles(model: MorphableModel) -> np.ndarray:
     """The face triangles drawn (ears and neck rim left to the head proxy), once per process."""
     return get_or_create(
@@ -237,7 +231,7 @@ def _render_subject(model: MorphableModel, p: SynthParams, s: int, out_dir: Path
     rows = []
     for i in range(p.images_per_subject):
         jpeg, row = render_sample(model, regions, p, s, i, sha)
-        _atomic_write(out_dir / row["image_id"], jpeg)
+        atomic_write(out_dir / row["image_id"], jpeg)
         rows.append(row)
     return rows
 
@@ -279,7 +273,7 @@ def write_preview(out_dir: Path, image_ids: list[str], limit: int = 32) -> Path:
     if not ok:
         raise RuntimeError("PNG encoding of the preview failed")
     path = out_dir / PREVIEW_FILE
-    _atomic_write(path, png.tobytes())
+    atomic_write(path, png.tobytes())
     return path
 
 
@@ -378,7 +372,7 @@ def synthesize(
     )
     buf = io.BytesIO()
     pq.write_table(table, buf, compression="zstd")
-    _atomic_write(out / GROUND_TRUTH_FILE, buf.getvalue())
+    atomic_write(out / GROUND_TRUTH_FILE, buf.getvalue())
     summary: dict[str, Any] = {
         "out": str(out),
         "subjects": p.subjects,

@@ -7,11 +7,12 @@ None), so ``torch.load(weights_only=True)`` reads it without unpickling arbitrar
 from __future__ import annotations
 
 import logging
-import os
 import re
 from pathlib import Path
 
 import torch
+
+from pipeline.storage.atomic import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -24,14 +25,8 @@ def checkpoint_path(directory: Path, epoch: int) -> Path:
 
 
 def save_atomic(obj: object, path: Path) -> None:
-    """torch.save to a hidden name in the same directory, fsync, then rename over ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """torch.save through the one atomic write (unique temporary name, fsync, rename)."""
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def list_checkpoints(directory: Path) -> list[tuple[int, Path]]:

@@ -14,7 +14,7 @@ from typing import Any
 
 import yaml
 
-from pipeline.config.manifest import Manifest, ManifestError, parse_override, validate
+from pipeline.config.manifest import Manifest, ManifestError, validate
 
 # The CPU demo configuration (used by `make demo`): a quarter-width encoder, a vertex subsample for
 # the reconstruction loss, and a few epochs per phase; ~240 images train in a few minutes on 2 cores.
@@ -82,7 +82,7 @@ def resolve_params(
     manifest: Manifest,
     tiny: bool = False,
     config_file: str | Path | None = None,
-    set_overrides: list[str] | None = None,
+    set_values: dict[str, Any] | None = None,
     flags: dict[str, Any] | None = None,
 ) -> dict:
     """The effective, validated ``stages.train`` parameters (see the module docstring for order)."""
@@ -94,8 +94,7 @@ def resolve_params(
     if config_file:
         params.update(read_config_file(config_file))
         sources.append(str(config_file))
-    for text in set_overrides or []:
-        key, value = parse_override(text)
+    for key, value in (set_values or {}).items():
         if key.startswith("stages.train."):
             params[key[len("stages.train.") :]] = value
     params.update(flags or {})

@@ -14,7 +14,6 @@ import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-import cv2
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -23,11 +22,11 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from pipeline.config.schemas import SchemaError, check_version, load_schema
+from pipeline.imaging.crops import CROP_HW, decode_crop
 from pipeline.storage.store import ShardStore
 
 log = logging.getLogger(__name__)
 
-CROP_HW = (112, 96)
 MODEL_META_KEYS = (
     "morphset.model.name",
     "morphset.model.sha256",
@@ -181,14 +180,6 @@ def to_input_tensor(crops_uint8: np.ndarray) -> torch.Tensor:
         )
     t = torch.from_numpy(np.ascontiguousarray(a)).permute(0, 3, 1, 2).float()
     return t / 127.5 - 1.0
-
-
-def decode_crop(jpeg: bytes) -> np.ndarray | None:
-    """JPEG bytes -> (112, 96, 3) uint8 RGB, or None if undecodable or of the wrong size."""
-    img = cv2.imdecode(np.frombuffer(jpeg, np.uint8), cv2.IMREAD_COLOR)
-    if img is None or img.shape[:2] != CROP_HW:
-        return None
-    return np.ascontiguousarray(img[:, :, ::-1])
 
 
 def distributed_rank_world() -> tuple[int, int]:

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from pipeline.models.morphable_model import MorphableModel, sha256_file
+from pipeline.storage.atomic import atomic_write
 from pipeline.train.checkpoint import load_checkpoint, save_atomic
 from pipeline.train.data import to_input_tensor
 from pipeline.train.network import ExportedEncoder, MorphNet
@@ -62,13 +63,9 @@ def export_encoder(
         wrapper = ExportedEncoder(net).cpu().eval()
         with torch.no_grad():
             traced = torch.jit.trace(wrapper, torch.zeros(1, 3, 112, 96), check_trace=False)
-        tmp = d / f".{TORCHSCRIPT_FILE}.tmp"
-        traced.save(str(tmp))
-        tmp.replace(d / TORCHSCRIPT_FILE)
+        atomic_write(d / TORCHSCRIPT_FILE, lambda f: torch.jit.save(traced, f))
         cfg["torchscript_sha256"] = sha256_file(d / TORCHSCRIPT_FILE)
-    tmp = d / f".{CONFIG_FILE}.tmp"
-    tmp.write_text(json.dumps(cfg, indent=1), encoding="utf-8")
-    tmp.replace(d / CONFIG_FILE)
+    atomic_write(d / CONFIG_FILE, json.dumps(cfg, indent=1))
     return d
 
 

@@ -37,6 +37,7 @@ from torch.utils.data import DataLoader
 
 from pipeline.config.manifest import Manifest
 from pipeline.models.morphable_model import MorphableModel
+from pipeline.storage.atomic import atomic_write
 from pipeline.train import checkpoint as ckpt_io
 from pipeline.train.config import ARCHITECTURE_KEYS
 from pipeline.train.data import (
@@ -259,9 +260,7 @@ def _read_metrics(path: Path) -> list[dict]:
 def _truncate_metrics(path: Path, before_epoch: int) -> None:
     """On resume, drop records of epochs that the checkpoint does not contain (re-run ones)."""
     keep = [r for r in _read_metrics(path) if r.get("epoch", 0) < before_epoch]
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in keep), encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write(path, "".join(json.dumps(r) + "\n" for r in keep))
 
 
 def _to_device(batch: dict, device: torch.device) -> dict:

@@ -1,0 +1,331 @@
+"""morphset's Python API: what every command does, callable from Python.
+
+The commands (``pipeline/commands/``) are argparse wrappers around these functions; the demo,
+the benchmarks and the tests call them too. Every function resolves its manifest through
+:func:`pipeline.config.resolve.resolve` (schema defaults < manifest file < ``RUN/run.json`` <
+arguments), so a later call on a run needs no arguments beyond the run.
+
+>>> from pipeline.api import build, status
+>>> report = build("runs/demo", dataset="synthetic", root="runs/demo/synthetic", landmarks="dlib")
+>>> report.stages["fit"].computed, report.ok
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pipeline.config.manifest import Manifest
+from pipeline.config.resolve import DatasetChoice, Resolved, resolve
+from pipeline.storage.run import Run
+
+__all__ = [
+    "BuildReport",
+    "StageReport",
+    "build",
+    "evaluate",
+    "ingest",
+    "run_stages",
+    "status",
+    "synth",
+    "train",
+]
+
+
+@dataclass
+class StageReport:
+    """Per-stage counts of one build."""
+
+    submitted: int
+    computed: int
+    skipped: int
+    failed: int
+    blocked: int
+    images: int
+    task_seconds: float
+    wall_seconds: float
+    images_per_second_per_worker: float | None
+    errors: list[str]
+
+    @classmethod
+    def from_dict(cls, d: dict) -> StageReport:
+        return cls(
+            d["shards_submitted"],
+            d["shards_computed"],
+            d["shards_skipped"],
+            d["shards_failed"],
+            d["shards_blocked"],
+            d["images"],
+            d["task_seconds"],
+            d["wall_seconds"],
+            d["images_per_second_per_worker"],
+            list(d["errors"]),
+        )
+
+
+@dataclass
+class BuildReport:
+    """What a build did: per-stage counts, ingest's scan, throughput, failures, and the run's status."""
+
+    run: str
+    stages: dict[str, StageReport]
+    wall_seconds: float
+    images_per_second: float | None
+    failed_shards: list[str]
+    ingest: dict[str, Any] = field(default_factory=dict)
+    status: dict[str, Any] = field(default_factory=dict)
+    raw: dict[str, Any] = field(default_factory=dict, repr=False)  # the report.json document
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed_shards
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.raw
+
+    @classmethod
+    def from_dict(cls, d: dict) -> BuildReport:
+        return cls(
+            d["run"],
+            {s: StageReport.from_dict(v) for s, v in d["stages"].items()},
+            d["wall_seconds"],
+            d["images_per_second"],
+            list(d["failed_shards"]),
+            d.get("ingest", {}),
+            d.get("status", {}),
+            d,
+        )
+
+
+def _execution_flags(scheduler: str | None, workers: int | None) -> dict[str, Any]:
+    flags: dict[str, Any] = {}
+    if scheduler:
+        flags["execution.scheduler"] = scheduler
+    if workers is not None:
+        flags["execution.n_workers"] = workers
+    return flags
+
+
+def _resolve_build(
+    run: Run,
+    manifest: str | None,
+    overrides: list[str] | dict[str, Any] | None,
+    flags: dict[str, Any],
+    choice: DatasetChoice,
+    mode: str,
+) -> Resolved:
+    if mode not in ("resume", "overwrite", "extend"):
+        raise ValueError(f"mode: expected resume, overwrite or extend, got {mode!r}")
+    return resolve(run, manifest, overrides, flags, choice, mode)
+
+
+def ingest(
+    run: str | os.PathLike,
+    dataset: str | None = None,
+    root: str | None = None,
+    list_file: str | None = None,
+    shard_size: int | None = None,
+    mode: str = "resume",
+    overrides: list[str] | dict[str, Any] | None = None,
+    manifest: str | None = None,
+    storage_options: dict | None = None,
+) -> Any:
+    """Scan a dataset into ``RUN/ingest`` index shards; returns :class:`pipeline.ingest.stage.IngestResult`."""
+    from pipeline.ingest.stage import run_ingest
+
+    r = Run(run, storage_options)
+    res = _resolve_build(
+        r, manifest, overrides, {}, DatasetChoice(dataset, root, list_file, None, shard_size), mode
+    )
+    result = run_ingest(res.manifest, r.url, res.dataset, mode=mode, storage_options=storage_options)
+    r.write_record(res.record)
+    return result
+
+
+def _run_with_executor(r: Run, m: Manifest, stages: list[str], mode: str, progress: bool) -> dict:
+    from dags.build import DaskExecutor
+    from dags.cluster import open_client
+    from pipeline.core.registry import config_view, get_stage
+    from pipeline.core.runner import SyncExecutor, resolve_assets
+    from pipeline.core.runner import run_stages as run_planned
+
+    assets = resolve_assets(m, stages)  # on the driver, before any cluster starts
+    gpu_stages = set(m.get("execution.gpu_stages", []) or [])
+    resources = {
+        s: ({"GPU": 1} if s in gpu_stages else get_stage(s).resources_for(config_view(m, s))) for s in stages
+    }
+    with open_client(m) as client:
+        executor = (
+            SyncExecutor()
+            if client is None
+            else DaskExecutor(client, int(m.get("execution.retries", 2)), resources)
+        )
+        return run_planned(r, m, stages, executor, mode=mode, progress=progress, assets=assets)
+
+
+def run_stages(
+    run: str | os.PathLike,
+    stages: list[str],
+    mode: str = "resume",
+    overrides: list[str] | dict[str, Any] | None = None,
+    flags: dict[str, Any] | None = None,
+    scheduler: str | None = None,
+    workers: int | None = None,
+    progress: bool = True,
+    manifest: str | None = None,
+    storage_options: dict | None = None,
+) -> dict:
+    """Run some stages (after ingest) over a run's shards; returns the report dict."""
+    r = Run(run, storage_options)
+    if r.read_record() is None and not r.shards():
+        raise FileNotFoundError(f"{r.url}: no index shards; run `morphset ingest` first")
+    res = resolve(r, manifest, overrides, {**(flags or {}), **_execution_flags(scheduler, workers)})
+    r.write_record(res.record)
+    stage_mode = "resume" if mode == "extend" else mode
+    return _run_with_executor(r, res.manifest, stages, stage_mode, progress)
+
+
+def build(
+    run: str | os.PathLike,
+    dataset: str | None = None,
+    root: str | None = None,
+    list_file: str | None = None,
+    until: str | None = None,
+    overrides: list[str] | dict[str, Any] | None = None,
+    scheduler: str | None = None,
+    progress: bool = True,
+    *,
+    landmarks: str | None = None,
+    shard_size: int | None = None,
+    mode: str = "resume",
+    workers: int | None = None,
+    manifest: str | None = None,
+    storage_options: dict | None = None,
+) -> BuildReport:
+    """ingest -> detect -> landmarks -> fit -> export over a run (resumable); writes ``RUN/report.json``.
+
+    A later ``build(run)`` uses what the run remembers (``run.json``); another dataset, root or
+    list file is refused (:class:`pipeline.storage.run.RunError`) unless ``mode="overwrite"``."""
+    from pipeline.core.registry import BUILD_ORDER
+    from pipeline.core.status import run_status
+    from pipeline.ingest.stage import run_ingest
+
+    until = until or BUILD_ORDER[-1]
+    if until not in BUILD_ORDER[1:]:
+        raise ValueError(f"until: expected one of {BUILD_ORDER[1:]}, got {until!r}")
+    r = Run(run, storage_options)
+    res = _resolve_build(
+        r,
+        manifest,
+        overrides,
+        _execution_flags(scheduler, workers),
+        DatasetChoice(dataset, root, list_file, landmarks, shard_size),
+        mode,
+    )
+    m = res.manifest
+    stages = BUILD_ORDER[1 : BUILD_ORDER.index(until) + 1]
+    from pipeline.core.runner import resolve_assets
+
+    resolve_assets(m, stages)  # a missing model or checkpoint stops the build before ingest
+    ing = run_ingest(m, r.url, res.dataset, mode=mode, storage_options=storage_options)
+    r.write_record(res.record)
+    stage_mode = "resume" if mode == "extend" else mode
+    report = _run_with_executor(r, m, stages, stage_mode, progress)
+    report["ingest"] = {
+        "images": ing.images,
+        "subjects": ing.subjects,
+        "shards_written": len(ing.shards_written),
+        "shards_unchanged": len(ing.shards_skipped),
+        "failures": ing.failures,
+        "warnings": ing.warnings,
+    }
+    report["status"] = run_status(r, m)
+    r.write_json("report.json", report)
+    return BuildReport.from_dict(report)
+
+
+def status(
+    run: str | os.PathLike,
+    overrides: list[str] | dict[str, Any] | None = None,
+    manifest: str | None = None,
+    storage_options: dict | None = None,
+) -> dict[str, dict]:
+    """Per stage: shards done / pending / failed, rows, failures by reason, images/s."""
+    from pipeline.core.status import run_status
+
+    r = Run(run, storage_options)
+    return run_status(r, resolve(r, manifest, overrides).manifest)
+
+
+def synth(
+    out: str | os.PathLike | None = None,
+    overrides: list[str] | dict[str, Any] | None = None,
+    manifest: str | None = None,
+    **params: Any,
+) -> dict[str, Any]:
+    """Render a synthetic dataset (``stages.synth`` keys as keyword arguments); returns its summary."""
+    from pipeline.synthetic.synth import synthesize
+
+    flags = {f"stages.synth.{k}": (list(v) if isinstance(v, tuple) else v) for k, v in params.items()}
+    if out is not None:
+        flags["stages.synth.out"] = str(out)
+    m = resolve(None, manifest, overrides, flags).manifest
+    return synthesize(m)
+
+
+def train(
+    run: str | os.PathLike,
+    out: str | os.PathLike | None = None,
+    tiny: bool = False,
+    config: str | None = None,
+    epochs: str | dict[str, int] | None = None,
+    resume: bool = False,
+    overrides: list[str] | dict[str, Any] | None = None,
+    manifest: str | None = None,
+    print_config: bool = False,
+) -> Any:
+    """Train the encoder-decoder on ``RUN/export``; returns :class:`pipeline.train.loop.TrainResult`
+    (or, with ``print_config``, the effective ``stages.train`` parameters).
+
+    Precedence: manifest < ``tiny`` < ``config`` file < ``overrides`` (``stages.train.*``) < ``epochs``."""
+    from pipeline.train.config import parse_epochs, resolve_params
+
+    r = Run(run)
+    res = resolve(r, manifest, overrides)
+    flags = parse_epochs(epochs) if isinstance(epochs, str) else dict(epochs or {})
+    train_sets = {k: v for k, v in res.new_overrides.items() if k.startswith("stages.train.")}
+    params = resolve_params(res.manifest, tiny, config, train_sets, flags)
+    if print_config:
+        return params
+    if "://" not in r.url and not Path(r.url).is_dir():
+        raise FileNotFoundError(f"{r.url}: run directory not found")
+    from pipeline.train.loop import resolve_model
+    from pipeline.train.loop import train as train_loop
+
+    out_dir = Path(out) if out else Path(r.url) / "train"
+    return train_loop(r.url, params, resolve_model(res.manifest), out_dir, resume=resume)
+
+
+def evaluate(
+    run: str | os.PathLike,
+    ground_truth: str | None = None,
+    pairs: str | None = None,
+    encoder: str | None = None,
+    genova: bool | None = None,
+    overrides: list[str] | dict[str, Any] | None = None,
+    manifest: str | None = None,
+) -> Path:
+    """Measure a run (verification, 3D error, fit quality); returns the path of ``RUN/eval/report.html``."""
+    from pipeline.evaluate.run import evaluate_run
+
+    flags: dict[str, Any] = {}
+    for key, value in (("ground_truth", ground_truth), ("pairs", pairs), ("encoder", encoder)):
+        if value is not None:
+            flags[f"stages.evaluate.{key}"] = str(value)
+    if genova is not None:
+        flags["stages.evaluate.genova"] = bool(genova)
+    r = Run(run)
+    m = resolve(r, manifest, overrides, flags).manifest
+    return evaluate_run(r.url, m, m.stage_params("evaluate"))

@@ -1,0 +1,296 @@
+"""Running stages over shards, independent of any executor.
+
+- :func:`process_shard`: one stage on one shard (read inputs, skip if done, run, commit).
+- :class:`ShardTask`: the picklable callable every executor runs (a Dask worker, this process).
+- :func:`resolve_assets`: model files located and verified once on the driver.
+- :func:`run_stages`: plans pending shards per segment, hands chains of (shard, stages) to an
+  :class:`Executor`, records what comes back (stats, failure markers, progress) and reports.
+
+An executor only runs chains: for each shard, its pending stages in order, each after the one
+before it; it yields one :class:`Outcome` per task. :class:`SyncExecutor` (in this process) is
+here; the Dask executor is in ``dags/``.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+import traceback as tb_mod
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from tqdm.auto import tqdm
+
+from pipeline.config.manifest import Manifest
+from pipeline.core.registry import STAGES, config_view, get_stage, schema_for
+from pipeline.core.stage import Asset, StageContext, stage_parameters
+from pipeline.storage.run import Run
+
+
+def resolve_assets(manifest: Manifest, stages: list[str]) -> dict[str, dict[str, Asset]]:
+    """Every stage's model files, located and verified here (the driver) before any work."""
+    return {s: get_stage(s).resolve_assets(config_view(manifest, s)) for s in stages}
+
+
+def stage_context(
+    manifest: Manifest,
+    stage: str,
+    run: Run | str = "memory://morphset-unused",
+    shard: int = 0,
+    assets: dict[str, Asset] | None = None,
+) -> StageContext:
+    """The context a stage's ``run`` gets, for calling a stage directly (tools, tests)."""
+    run = run if isinstance(run, Run) else Run(run)
+    return StageContext(
+        shard, stage, stage_parameters(manifest, stage), config_view(manifest, stage), run, assets or {}
+    )
+
+
+def process_shard(
+    run: Run,
+    manifest: Manifest,
+    stage: str,
+    shard: int,
+    assets: dict[str, Asset] | None = None,
+    force: bool = False,
+) -> dict:
+    """Run one stage on one shard if it is not already done; return its sidecar.
+
+    ``assets``: what :func:`resolve_assets` gave for this stage (resolved here when omitted)."""
+    spec = get_stage(stage)
+    out = run.store(stage)
+    fp = run.shard_fingerprint(manifest, stage, shard)
+    if fp is None:
+        raise RuntimeError(
+            f"{stage} shard {shard}: an input ({', '.join(spec.inputs)}) is not done in {run.url}"
+        )
+    if not force and out.is_done(shard, fp):
+        return {**out.sidecar(shard), "skipped": True}
+    t0 = time.perf_counter()
+    inputs = {inp: run.read_shard(inp, shard) for inp in spec.inputs}
+    if assets is None:
+        assets = spec.resolve_assets(config_view(manifest, stage))
+    ctx = stage_context(manifest, stage, run, shard, assets)
+    table = spec.run(inputs, ctx)
+    images = inputs[spec.inputs[0]].num_rows
+    params_hash = spec.params_hash(manifest)
+    extra_md = {"morphset.stage_params_hash": params_hash}
+    extra_md.update(
+        {
+            k.decode(): v.decode()
+            for k, v in (table.schema.metadata or {}).items()
+            if k.startswith(b"morphset.") and not k.startswith(b"morphset.schema")
+        }
+    )
+    return out.write(
+        shard,
+        table,
+        schema_for(stage),
+        fp,
+        params_hash,
+        time.perf_counter() - t0,
+        extra_metadata=extra_md,
+        extra_sidecar={"images": images},
+    )
+
+
+@dataclass(frozen=True)
+class ShardTask:
+    """What a worker runs: ``task(stage, shard, *upstream)``. ``upstream`` holds the results of the
+    same shard's earlier tasks; they are passed only so that an executor can order the tasks. The
+    manifest travels inside (a few kB): scattered data would die with the worker holding it."""
+
+    manifest: Manifest
+    run_url: str
+    storage_options: dict | None
+    assets: dict[str, dict[str, Asset]]
+
+    def __call__(self, stage: str, shard: int, *upstream: object) -> dict:
+        run = Run(self.run_url, self.storage_options)
+        return process_shard(run, self.manifest, stage, shard, self.assets.get(stage, {}))
+
+
+@dataclass
+class Outcome:
+    """One finished task: a result, an error, or blocked (an upstream task of its shard failed)."""
+
+    stage: str
+    shard: int
+    result: dict | None = None
+    error: BaseException | None = None
+    traceback: str = ""
+    blocked: bool = False
+    started: float | None = None
+    ended: float | None = None
+
+
+class Executor(Protocol):
+    def execute(self, task: ShardTask, plan: dict[int, list[str]]) -> Iterator[Outcome]:
+        """Run every chain of ``plan`` (shard -> stages in order) and yield one outcome per task."""
+        ...
+
+
+class SyncExecutor:
+    """Every task in this process, one after another (``--scheduler sync``, tests, debugging)."""
+
+    def execute(self, task: ShardTask, plan: dict[int, list[str]]) -> Iterator[Outcome]:
+        for i, todo in plan.items():
+            for k, s in enumerate(todo):
+                t0 = time.perf_counter()
+                try:
+                    res = task(s, i)
+                except Exception as exc:  # recorded by the runner; the shard's later stages are blocked
+                    yield Outcome(s, i, error=exc, traceback=tb_mod.format_exc(), started=t0)
+                    for d in todo[k + 1 :]:
+                        yield Outcome(d, i, blocked=True)
+                    break
+                yield Outcome(s, i, result=res, started=t0, ended=time.perf_counter())
+
+
+@dataclass
+class StageStats:
+    submitted: int = 0
+    computed: int = 0
+    skipped: int = 0
+    failed: int = 0
+    blocked: int = 0  # not run because an upstream shard failed
+    images: int = 0
+    task_seconds: float = 0.0
+    first_start: float | None = None
+    last_end: float | None = None
+    errors: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        wall = (self.last_end - self.first_start) if self.first_start and self.last_end else 0.0
+        return {
+            "shards_submitted": self.submitted,
+            "shards_computed": self.computed,
+            "shards_skipped": self.skipped,
+            "shards_failed": self.failed,
+            "shards_blocked": self.blocked,
+            "images": self.images,
+            "task_seconds": round(self.task_seconds, 3),
+            "wall_seconds": round(wall, 3),
+            "images_per_second_per_worker": round(self.images / self.task_seconds, 2)
+            if self.task_seconds
+            else None,
+            "errors": self.errors[:20],
+        }
+
+
+def segments(stages: list[str]) -> list[list[str]]:
+    """Split the stage list before every stage that needs all shards of the previous ones."""
+    segs: list[list[str]] = []
+    for s in stages:
+        if not segs or STAGES[s].global_input:
+            segs.append([s])
+        else:
+            segs[-1].append(s)
+    return segs
+
+
+def record_failure(run: Run, manifest: Manifest, outcome: Outcome, stats: StageStats) -> None:
+    """Mark the shard failed (traceback kept in ``part-NNNNN.failed.json``); it stays not done."""
+    exc = outcome.error
+    fp = run.shard_fingerprint(manifest, outcome.stage, outcome.shard) or ""
+    run.store(outcome.stage).mark_failed(outcome.shard, fp, f"{type(exc).__name__}: {exc}", outcome.traceback)
+    stats.failed += 1
+    stats.errors.append(f"{outcome.stage}/{outcome.shard:05d}: {type(exc).__name__}: {exc}")
+
+
+def run_stages(
+    run: Run,
+    manifest: Manifest,
+    stages: list[str],
+    executor: Executor,
+    mode: str = "resume",
+    progress: bool = True,
+    assets: dict[str, dict[str, Asset]] | None = None,
+) -> dict:
+    """Run ``stages`` (data-flow order, ingest excluded) over all committed index shards."""
+    unknown = [s for s in stages if s not in STAGES]
+    if unknown:
+        raise ValueError(f"unknown stage(s) {unknown}; known: {list(STAGES)}")
+    shards = run.shards()
+    if not shards:
+        raise FileNotFoundError(f"{run.url}: no index shards; run `morphset ingest` first")
+    run.remove_temporaries(["ingest", *stages])  # left by a killed run; nothing writes now
+    if mode == "overwrite":
+        for s in stages:
+            run.store(s).clear()
+    if assets is None:
+        assets = resolve_assets(manifest, stages)
+    task = ShardTask(manifest, run.url, run.storage_options, assets)
+    stats = {s: StageStats() for s in stages}
+    failed: set[tuple[str, int]] = set()
+    t_build = time.perf_counter()
+    for segment in segments(stages):
+        head = STAGES[segment[0]]
+        if head.global_input:
+            head.prepare(run, config_view(manifest, head.name))
+        plan = run.plan(manifest, segment, shards)
+        for s in segment:
+            stats[s].skipped += sum(1 for i in shards if i not in plan or s not in plan[i])
+            stats[s].submitted = sum(s in todo for todo in plan.values())
+        _run_plan(run, manifest, segment, plan, executor, task, stats, failed, progress)
+    wall = time.perf_counter() - t_build
+    images = max((st.images for st in stats.values()), default=0)
+    return {
+        "run": run.url,
+        "stages": {s: st.as_dict() for s, st in stats.items()},
+        "wall_seconds": round(wall, 3),
+        "images_per_second": round(images / wall, 2) if wall and images else None,
+        "failed_shards": sorted(f"{s}/{i:05d}" for s, i in failed),
+    }
+
+
+def _run_plan(
+    run: Run,
+    manifest: Manifest,
+    segment: list[str],
+    plan: dict[int, list[str]],
+    executor: Executor,
+    task: ShardTask,
+    stats: dict[str, StageStats],
+    failed: set[tuple[str, int]],
+    progress: bool,
+) -> None:
+    bars = {
+        s: tqdm(
+            total=stats[s].submitted,
+            desc=f"{s:>9}",
+            unit="shard",
+            disable=not progress or not sys.stderr.isatty(),
+            leave=True,
+            dynamic_ncols=True,
+        )
+        for s in segment
+    }
+    try:
+        for out in executor.execute(task, plan):
+            st = stats[out.stage]
+            if out.started is not None:
+                st.first_start = min(st.first_start or out.started, out.started)
+            if out.blocked:
+                st.blocked += 1
+            elif out.error is not None:
+                record_failure(run, manifest, out, st)
+                failed.add((out.stage, out.shard))
+            else:
+                st.last_end = out.ended or time.perf_counter()
+                _record(st, out.result or {}, bars[out.stage])
+    finally:
+        for b in bars.values():
+            b.close()
+
+
+def _record(stats: StageStats, result: dict, bar: Any) -> None:
+    stats.images += int(result.get("images", result.get("rows", 0)))
+    if result.get("skipped"):
+        stats.skipped += 1
+    else:
+        stats.computed += 1
+        stats.task_seconds += float(result.get("seconds", 0.0))
+    bar.update(1)
+    bar.set_postfix(images=stats.images, refresh=False)

@@ -1,0 +1,202 @@
+"""A run: one build's folder (or object-store prefix) and everything in it.
+
+:class:`Run` owns the run's location — made absolute (or kept as a full fsspec URL) before anything
+reaches a worker, so a worker started in another directory reads and writes the same files — the
+record of the run's inputs (``RUN/run.json``), one :class:`~pipeline.storage.store.ShardStore` per
+stage, typed readers, run-level files written through the one atomic write, and the planner that
+decides which shards of which stages are pending. It knows nothing of executors.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import fsspec
+import pyarrow as pa
+
+from pipeline import __version__
+from pipeline.config.manifest import Manifest, ManifestError, validate
+from pipeline.storage.atomic import atomic_write
+from pipeline.storage.store import ShardStore, fingerprint
+
+RUN_FILE = "run.json"
+RUN_FORMAT = 2
+
+
+class RunError(ValueError):
+    """The run folder or its record is unusable, or a request contradicts what the run remembers."""
+
+
+def absolute_location(location: str | os.PathLike) -> str:
+    """A local path made absolute (``~`` expanded); an fsspec URL (``s3://…``, ``file://…``) unchanged."""
+    text = os.fspath(location)
+    if "://" in text:
+        return text.rstrip("/")
+    return os.path.abspath(os.path.expanduser(text))
+
+
+@dataclass
+class RunRecord:
+    """What ``RUN/run.json`` remembers: the run's inputs and the overrides it was built with."""
+
+    dataset: str | None = None
+    root: str | None = None
+    list_file: str | None = None
+    layout: str | None = None
+    landmarks: str | None = None
+    manifest_path: str | None = None
+    overrides: dict[str, Any] = field(default_factory=dict)
+    morphset_version: str = __version__
+    manifest: dict | None = None  # the effective manifest of the last build (for reference)
+
+    @classmethod
+    def from_json(cls, doc: Any, where: str) -> RunRecord:
+        if not isinstance(doc, dict):
+            raise RunError(f"{where}: expected a JSON object, got {type(doc).__name__}")
+        if doc.get("format") is None and "manifest" in doc:  # format 1: a manifest snapshot
+            manifest = doc.get("manifest") or {}
+            over = doc.get("overrides") or {}
+            stages = manifest.get("stages") or {}
+            return cls(
+                dataset=over.get("stages.ingest.dataset") or (stages.get("ingest") or {}).get("dataset"),
+                manifest_path=doc.get("manifest_path"),
+                overrides=dict(over),
+                manifest=manifest,
+            )
+        known = {f for f in cls.__dataclass_fields__}
+        unknown = sorted(set(doc) - known - {"format"})
+        if unknown:
+            raise RunError(f"{where}: unknown key(s) {unknown}; allowed: {sorted(known)}")
+        if not isinstance(doc.get("overrides", {}), dict):
+            raise RunError(f"{where}: overrides: expected an object")
+        return cls(**{k: v for k, v in doc.items() if k in known})
+
+    def to_json(self) -> dict:
+        return {"format": RUN_FORMAT, **asdict(self)}
+
+
+class Run:
+    """One run's location and files."""
+
+    def __init__(self, location: str | os.PathLike, storage_options: dict | None = None) -> None:
+        self.url = absolute_location(location)
+        self.storage_options = storage_options
+        self.fs, root = fsspec.core.url_to_fs(self.url, **(storage_options or {}))
+        self.root = root.rstrip("/")
+
+    def __repr__(self) -> str:
+        return f"Run({self.url!r})"
+
+    def __reduce__(self) -> tuple:  # travels to workers as its URL (filesystems are rebuilt there)
+        return (Run, (self.url, self.storage_options))
+
+    # --- files ------------------------------------------------------------------------------
+    def path(self, *parts: str) -> str:
+        return "/".join([self.root, *parts])
+
+    def exists(self) -> bool:
+        return self.fs.exists(self.root)
+
+    def write_file(self, relpath: str, content: bytes | str) -> str:
+        """A run-level file (``report.json`` …), written atomically; returns its full path."""
+        target = self.path(relpath)
+        atomic_write(target, content, self.fs)
+        return target
+
+    def write_json(self, relpath: str, doc: Any) -> str:
+        return self.write_file(relpath, json.dumps(doc, indent=1, ensure_ascii=False, default=str))
+
+    def read_json(self, relpath: str) -> Any:
+        """The parsed file, or None if it does not exist; a file that is not JSON is an error."""
+        target = self.path(relpath)
+        try:
+            with self.fs.open(target, "rb") as f:
+                raw = f.read()
+        except FileNotFoundError:
+            return None
+        try:
+            return json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise RunError(f"{target}: not valid JSON ({exc})") from None
+
+    # --- the run record ---------------------------------------------------------------------
+    def read_record(self) -> RunRecord | None:
+        if self.fs.exists(self.root) and not self.fs.isdir(self.root):
+            raise RunError(f"{self.url}: is a file, not a run directory")
+        doc = self.read_json(RUN_FILE)
+        if doc is None:
+            return None
+        record = RunRecord.from_json(doc, self.path(RUN_FILE))
+        if record.manifest is not None:
+            try:
+                validate(record.manifest, self.path(RUN_FILE))
+            except ManifestError as exc:
+                raise RunError(str(exc)) from None
+        return record
+
+    def write_record(self, record: RunRecord) -> None:
+        self.write_json(RUN_FILE, record.to_json())
+
+    # --- shards ------------------------------------------------------------------------------
+    def store(self, stage_or_table: str) -> ShardStore:
+        from pipeline.core.registry import stage_dir
+
+        return ShardStore(self.url, stage_dir(stage_or_table), self.storage_options)
+
+    def shards(self) -> list[int]:
+        """The committed index shards: the unit of work of every stage."""
+        return self.store("index").shards_with_sidecar()
+
+    def read_shard(self, stage_or_table: str, shard: int, columns: list[str] | None = None) -> pa.Table:
+        from pipeline.core.registry import schema_for
+
+        return self.store(stage_or_table).read(shard, schema_for(stage_or_table), columns)
+
+    def table(self, stage_or_table: str, columns: list[str] | None = None) -> pa.Table:
+        """All committed shards of a stage as one table (small runs, evaluation, tests)."""
+        from pipeline.core.registry import schema_for
+
+        return self.store(stage_or_table).dataset(schema_for(stage_or_table)).to_table(columns=columns)
+
+    def remove_temporaries(self, stages: list[str]) -> int:
+        return sum(self.store(s).remove_temporaries() for s in stages)
+
+    # --- planning ----------------------------------------------------------------------------
+    def shard_fingerprint(self, manifest: Manifest, stage: str, shard: int) -> str | None:
+        """Fingerprint of ``stage``'s shard: upstream fingerprints (+ the global input) + the stage's
+        declared parameters. None while an input is not done."""
+        from pipeline.core.registry import get_stage
+
+        spec = get_stage(stage)
+        ups = []
+        for inp in spec.inputs:
+            sc = self.store(inp).sidecar(shard)
+            if sc is None:
+                return None
+            ups.append(sc["fingerprint"])
+        if spec.global_input:
+            doc = self.store(stage).read_json(spec.global_input)
+            if doc is None:
+                return None
+            ups.append(fingerprint(doc))
+        return fingerprint(ups, spec.params_hash(manifest))
+
+    def is_done(self, manifest: Manifest, stage: str, shard: int) -> bool:
+        fp = self.shard_fingerprint(manifest, stage, shard)
+        return fp is not None and self.store(stage).is_done(shard, fp)
+
+    def plan(self, manifest: Manifest, segment: list[str], shards: list[int]) -> dict[int, list[str]]:
+        """Per shard, the stages of ``segment`` that must run: a stage runs when it is not done for
+        the current inputs and parameters, or when anything upstream of it in the segment runs."""
+        plan: dict[int, list[str]] = {}
+        for i in shards:
+            todo: list[str] = []
+            for s in segment:
+                if todo or not self.is_done(manifest, s, i):
+                    todo.append(s)
+            if todo:
+                plan[i] = todo
+        return plan
