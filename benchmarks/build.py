@@ -14,10 +14,11 @@ import json
 import os
 import platform
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 CASIA_IMAGES = 494_414
 CASIA_SUBJECTS = 10_575
@@ -31,55 +32,29 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--shard-size", type=int, default=200)
     args = ap.parse_args()
-    cli = [sys.executable, "-m", "pipeline.cli"]
+    from pipeline import api
+
     data = HERE / ".cache" / f"synth-{args.subjects}x{args.images_per_subject}"
     t0 = time.perf_counter()
     if not (data / "ground_truth.parquet").is_file():
-        subprocess.run(
-            cli
-            + [
-                "synth",
-                "--subjects",
-                str(args.subjects),
-                "--images-per-subject",
-                str(args.images_per_subject),
-                "--seed",
-                "11",
-                "--out",
-                str(data),
-            ],
-            check=True,
-            stdout=subprocess.DEVNULL,
-        )
+        api.synth(data, subjects=args.subjects, images_per_subject=args.images_per_subject, seed=11)
     synth_seconds = time.perf_counter() - t0
     run = HERE / ".cache" / "build-run"
     shutil.rmtree(run, ignore_errors=True)
     t0 = time.perf_counter()
-    proc = subprocess.run(
-        cli
-        + [
-            "build",
-            str(run),
-            "--dataset",
-            "synthetic",
-            "--root",
-            str(data),
-            "--landmarks",
-            "dlib",
-            "--shard-size",
-            str(args.shard_size),
-            "--workers",
-            str(args.workers),
-            "--no-progress",
-            "--json",
-        ],
-        capture_output=True,
-        text=True,
+    result = api.build(
+        run,
+        dataset="synthetic",
+        root=str(data),
+        landmarks="dlib",
+        shard_size=args.shard_size,
+        workers=args.workers,
+        progress=False,
     )
     wall = time.perf_counter() - t0
-    if proc.returncode != 0:
-        sys.exit(proc.stdout + proc.stderr)
-    report = json.loads(proc.stdout[proc.stdout.index("{") :])
+    if not result.ok:
+        sys.exit(f"build failed: {result.failed_shards}")
+    report = result.to_dict()
     images = report["ingest"]["images"]
     stages = {}
     for name, st in report["stages"].items():

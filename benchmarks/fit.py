@@ -1,6 +1,6 @@
 """Benchmark of the multi-image 3DMM fit (issue 4). Prints one JSON document to stdout.
 
-Landmarks are generated from the morphable model itself (pipeline.fit.synthetic): identities and
+Landmarks are generated from the morphable model itself (pipeline.synthetic.toy): identities and
 expressions ~ N(0, std^2), yaw uniform in +-60 deg, pitch +-15, roll +-10, ~1.2 px/mm into a
 250x250 image, Gaussian pixel noise. Measured:
 
@@ -38,8 +38,8 @@ from pipeline.config.manifest import load_manifest  # noqa: E402
 from pipeline.config.schemas import load_schema  # noqa: E402
 from pipeline.fit.loop import fit_batch, fit_subjects, prepare_model  # noqa: E402
 from pipeline.fit.stage import fit_landmark_table, options_from_params  # noqa: E402
-from pipeline.fit.synthetic import synthesize, toy_model  # noqa: E402
 from pipeline.models.morphable_model import load_npz  # noqa: E402
+from pipeline.synthetic.toy import synthesize, toy_model  # noqa: E402
 
 
 def load_model():

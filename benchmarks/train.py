@@ -31,11 +31,12 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from pipeline.synthetic.toy import toy_model  # noqa: E402
+from pipeline.synthetic.trainset import write_synthetic_trainset  # noqa: E402
 from pipeline.train.config import validate_params  # noqa: E402
 from pipeline.train.data import TrainsetStream, compute_norm_stats, scan_trainset  # noqa: E402
 from pipeline.train.loop import ShapeTargets, StepModule, build_optimizer, vertex_rows  # noqa: E402
 from pipeline.train.network import MorphNet, count_parameters, encoder_flops, init_decoders_from_model  # noqa: E402
-from pipeline.train.synthetic import random_model, write_synthetic_trainset  # noqa: E402
 
 CONFIGS = {"full": (1.0, 512), "tiny": (0.25, 128)}
 
@@ -123,7 +124,7 @@ def main() -> int:
     args = ap.parse_args()
     torch.set_flush_denormal(True)
     load_before = os.getloadavg()[0]
-    model = random_model(n_vertices=53215, k_id=40, k_exp=10, seed=0)
+    model = toy_model(k_id=40, k_exp=10, seed=0, spacing_mm=0.66)
     with tempfile.TemporaryDirectory() as tmp:
         data = bench_data(tmp, model)
         norm = compute_norm_stats(scan_trainset(tmp))

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import sys
 from collections.abc import Iterator
 
 from pipeline.config.manifest import Manifest
@@ -66,7 +67,11 @@ def open_client(manifest: Manifest, echo: bool = True) -> Iterator[object | None
     if scheduler:
         client = Client(scheduler, timeout="30s")
         if echo:
-            print(f"joined Dask cluster {scheduler}; dashboard: {client.dashboard_link}", flush=True)
+            print(
+                f"joined Dask cluster {scheduler}; dashboard: {client.dashboard_link}",
+                file=sys.stderr,
+                flush=True,
+            )
         try:
             yield client
         finally:
@@ -110,7 +115,11 @@ def _serve(cluster: object, description: str, echo: bool, dashboard: bool = True
 
     client = Client(cluster)
     if echo:
-        print(f"{description}; dashboard: {client.dashboard_link if dashboard else 'off'}", flush=True)
+        print(
+            f"{description}; dashboard: {client.dashboard_link if dashboard else 'off'}",
+            file=sys.stderr,
+            flush=True,
+        )
     try:
         yield client
     finally:

@@ -270,7 +270,7 @@ def test_a_real_multi_process_cluster_gives_the_same_export(reference, dataset, 
             timeout=600,
         )
         assert proc.returncode == 0, proc.stdout + proc.stderr
-        assert f"joined Dask cluster tcp://127.0.0.1:{port}" in proc.stdout
+        assert f"joined Dask cluster tcp://127.0.0.1:{port}" in proc.stderr
         assert export_rows(driver_cwd / "run") == want
         assert not (elsewhere / "run").exists()
     finally:

@@ -218,8 +218,8 @@ def test_api_build_on_a_synth_folder_and_the_run_remembers_it(tmp_path):
 # --- concurrent first use of a model cache ----------------------------------------------------
 def _save_and_load(args: tuple) -> str:
     path, barrier = args
-    from pipeline.fit.synthetic import toy_model
     from pipeline.models.morphable_model import load_npz
+    from pipeline.synthetic.toy import toy_model
 
     model = toy_model(k_id=4, k_exp=2, seed=1)
     barrier.wait()

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from pipeline.fit.loop import FitOptions, fit_batch, fit_subjects, prepare_model
-from pipeline.fit.synthetic import synthesize, toy_model
+from pipeline.synthetic.toy import synthesize
 
 EXACT = FitOptions(
     max_iterations=60,
@@ -19,9 +19,7 @@ EXACT = FitOptions(
 )
 
 
-@pytest.fixture(scope="module")
-def model():
-    return toy_model(k_id=20, k_exp=8, seed=1)
+MODEL = {"k_id": 20, "k_exp": 8, "seed": 1}  # the model fixture (conftest.py)
 
 
 @pytest.fixture(scope="module")

@@ -16,14 +16,12 @@ from pipeline.fit.expression import solve_expression
 from pipeline.fit.identity import solve_identity, solve_identity_joint
 from pipeline.fit.linear import shape_points
 from pipeline.fit.loop import prepare_model
-from pipeline.fit.synthetic import synthesize, toy_model
+from pipeline.synthetic.toy import synthesize
 
 FIT_DIR = Path(__file__).resolve().parents[1] / "pipeline" / "fit"
 
 
-@pytest.fixture(scope="module")
-def model():
-    return toy_model(k_id=12, k_exp=6, seed=3)
+MODEL = {"k_id": 12, "k_exp": 6, "seed": 3}  # the model fixture (conftest.py)
 
 
 def _white(model, s):

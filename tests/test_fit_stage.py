@@ -12,14 +12,11 @@ from pipeline.config.schemas import load_schema
 from pipeline.core.runner import process_shard
 from pipeline.fit import stage as fit_stage
 from pipeline.fit.loop import FitOptions
-from pipeline.fit.synthetic import synthesize, toy_model
 from pipeline.storage.run import Run
 from pipeline.storage.store import ShardStore
+from pipeline.synthetic.toy import synthesize
 
-
-@pytest.fixture(scope="module")
-def model():
-    return toy_model(k_id=16, k_exp=6, seed=2)
+MODEL = {"k_id": 16, "k_exp": 6, "seed": 2}  # the model fixture (conftest.py)
 
 
 def landmarks_table(model, n_subjects=3, n_images=3, noise=1.0, seed=0):

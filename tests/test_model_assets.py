@@ -15,16 +15,12 @@ from pipeline.models.assets import (
     _PREFIX,
     build_from_pypi,
     load_model_entry,
-    resolve_morphable_model,
     whitening_arrays,
 )
 from pipeline.models.morphable_model import ModelError, MorphableModel, load_npz
 from pipeline.models.triangulation import face_normals
 
-
-@pytest.fixture(scope="module")
-def model() -> MorphableModel:
-    return resolve_morphable_model(load_manifest())
+MODEL = "default"  # the model fixture (conftest.py)
 
 
 def test_default_model_sizes_units_and_provenance(model):

@@ -5,15 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline.config.manifest import load_manifest
 from pipeline.fit.camera import rotation_from_euler_deg
-from pipeline.models.assets import resolve_morphable_model
 from pipeline.synthetic import render as R
 
-
-@pytest.fixture(scope="module")
-def model():
-    return resolve_morphable_model(load_manifest())
+MODEL = "default"  # the model fixture (conftest.py)
 
 
 @pytest.fixture(scope="module")

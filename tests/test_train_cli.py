@@ -8,14 +8,11 @@ import numpy as np
 import pytest
 
 from pipeline import cli
+from pipeline.synthetic.trainset import write_synthetic_trainset
 from pipeline.train import loop
 from pipeline.train.inference import load_encoder
-from pipeline.train.synthetic import random_model, write_synthetic_trainset
 
-
-@pytest.fixture(scope="module")
-def model():
-    return random_model(n_vertices=200, k_id=6, k_exp=3, seed=0)
+MODEL = {"k_id": 6, "k_exp": 3, "seed": 0, "spacing_mm": 7.0}  # the model fixture (conftest.py)
 
 
 @pytest.fixture
@@ -82,7 +79,7 @@ def test_tiny_run_end_to_end_then_resume(run, capsys):
     enc = load_encoder(train_dir)
     assert enc.k_id == 6
     # the last checkpoint loads as an encoder too, with the same outputs as the export
-    from pipeline.train.synthetic import draw_crop
+    from pipeline.synthetic.trainset import draw_crop
 
     rng = np.random.default_rng(0)
     crops = np.stack([draw_crop(np.full(3, 120.0), np.zeros(3), np.zeros(3), rng) for _ in range(2)])

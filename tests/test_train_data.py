@@ -12,6 +12,8 @@ from torch.utils.data import DataLoader
 
 from pipeline.config.schemas import SchemaError, from_rows, load_schema
 from pipeline.storage.store import ShardStore
+from pipeline.synthetic.toy import toy_model
+from pipeline.synthetic.trainset import model_metadata, synthetic_rows, write_synthetic_trainset
 from pipeline.train.data import (
     TrainsetStream,
     assign_units,
@@ -19,12 +21,8 @@ from pipeline.train.data import (
     scan_trainset,
     to_input_tensor,
 )
-from pipeline.train.synthetic import model_metadata, random_model, synthetic_rows, write_synthetic_trainset
 
-
-@pytest.fixture(scope="module")
-def model():
-    return random_model(n_vertices=200, k_id=6, k_exp=3, seed=1)
+MODEL = {"k_id": 6, "k_exp": 3, "seed": 1, "spacing_mm": 7.0}  # the model fixture (conftest.py)
 
 
 @pytest.fixture(scope="module")
@@ -136,7 +134,7 @@ def test_missing_export_and_mixed_models_are_refused(tmp_path, model):
     with pytest.raises(FileNotFoundError, match="no committed trainset shards"):
         scan_trainset(str(tmp_path))
     write_synthetic_trainset(str(tmp_path), model, n_subjects=2, images_per_subject=2, n_shards=1)
-    other = random_model(n_vertices=200, k_id=6, k_exp=3, seed=99)
+    other = toy_model(k_id=6, k_exp=3, seed=99, spacing_mm=7.0)
     schema = load_schema("trainset")
     table = from_rows(synthetic_rows(other, 1, 2, seed=1), schema)
     ShardStore(str(tmp_path), "export").write(1, table, schema, "f", "p", 0, model_metadata(other))

@@ -8,15 +8,12 @@ import numpy as np
 import pytest
 import torch
 
+from pipeline.synthetic.trainset import draw_crop
 from pipeline.train.config import validate_params
 from pipeline.train.inference import TORCHSCRIPT_FILE, export_encoder, load_encoder
 from pipeline.train.network import MorphNet, init_decoders_from_model
-from pipeline.train.synthetic import draw_crop, random_model
 
-
-@pytest.fixture(scope="module")
-def model():
-    return random_model(n_vertices=400, k_id=40, k_exp=10, seed=4)
+MODEL = {"k_id": 40, "k_exp": 10, "seed": 4, "spacing_mm": 7.0}  # the model fixture (conftest.py)
 
 
 @pytest.fixture(scope="module")

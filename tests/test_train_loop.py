@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 import torch
 
+from pipeline.synthetic.toy import toy_model
+from pipeline.synthetic.trainset import write_synthetic_trainset
 from pipeline.train import checkpoint as ckpt_io
 from pipeline.train.config import validate_params
-from pipeline.train.loop import phase_schedule, train, update_lambda_r
-from pipeline.train.synthetic import random_model, write_synthetic_trainset
+from pipeline.train.loop import TrainState, phase_schedule, train, update_lambda_r
 
 TINY_TEST = {
     "width_multiplier": 0.125,
@@ -28,9 +29,7 @@ TINY_TEST = {
 }
 
 
-@pytest.fixture(scope="module")
-def model():
-    return random_model(n_vertices=300, k_id=8, k_exp=4, seed=0)
+MODEL = {"k_id": 8, "k_exp": 4, "seed": 0, "spacing_mm": 7.0}  # the model fixture (conftest.py)
 
 
 @pytest.fixture(scope="module")
@@ -108,7 +107,7 @@ def test_checkpoints_are_weights_only_and_pruned(run, model, tmp_path):
 
 
 def test_model_mismatch_is_refused(run, tmp_path):
-    other = random_model(n_vertices=300, k_id=8, k_exp=4, seed=5)
+    other = toy_model(k_id=8, k_exp=4, seed=5, spacing_mm=7.0)
     with pytest.raises(ValueError, match="use the same model as the export stage"):
         train(run, validate_params(TINY_TEST), other, tmp_path / "x")
 
@@ -123,15 +122,15 @@ def test_resume_refuses_another_architecture(run, model, tmp_path):
 
 def test_lambda_r_switches_on_plateau_or_fixed_epoch():
     params = validate_params({"plateau_patience": 2, "plateau_min_delta": 0.01})
-    state = {"lambda_r": 0.5, "switched": False, "best_loss": None, "bad_epochs": 0}
+    state = TrainState(lambda_r=0.5)
     for i, loss in enumerate([10.0, 8.0, 7.0, 6.99, 6.98]):
         update_lambda_r(state, loss, i + 1, params)
-        assert state["lambda_r"] == (1.0 if i == 4 else 0.5)
+        assert state.lambda_r == (1.0 if i == 4 else 0.5)
     fixed = validate_params({"lambda_r_switch_epoch": 3})
-    state = {"lambda_r": 0.5, "switched": False, "best_loss": None, "bad_epochs": 0}
+    state = TrainState(lambda_r=0.5)
     for i in range(4):
         update_lambda_r(state, 100.0 / (i + 1), i + 1, fixed)
-        assert state["lambda_r"] == (1.0 if i >= 2 else 0.5)
+        assert state.lambda_r == (1.0 if i >= 2 else 0.5)
     assert phase_schedule(validate_params({"epochs_phase1": 2, "epochs_phase2": 0, "epochs_phase3": 1})) == [
         1,
         1,

@@ -7,9 +7,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from pipeline.synthetic.toy import toy_model
 from pipeline.train.losses import asoftmax_loss, batch_distribution_loss, softmax_loss
 from pipeline.train.network import MorphNet, SphereFace20, init_decoders_from_model, stage_channels
-from pipeline.train.synthetic import random_model
 
 
 def _norm_from(a_id: np.ndarray, a_exp: np.ndarray) -> dict[str, np.ndarray]:
@@ -49,7 +49,7 @@ def test_network_output_shapes(width, emb):
 
 
 def test_decoders_initialised_from_model_reproduce_the_3dmm_exactly():
-    model = random_model(n_vertices=2000, k_id=40, k_exp=10, seed=3)
+    model = toy_model(k_id=40, k_exp=10, seed=3, spacing_mm=3.6)
     rng = np.random.default_rng(0)
     a_id = rng.normal(size=(50, 40)) * model.id_std
     a_exp = rng.normal(size=(50, 10)) * model.exp_std

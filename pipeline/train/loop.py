@@ -20,6 +20,7 @@ across ranks, and lets rank 0 alone write checkpoints, metrics and the export.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -211,21 +212,41 @@ def build_optimizer(
     return opt, sched
 
 
-def update_lambda_r(state: dict, epoch_loss: float, phase3_epochs_done: int, params: dict) -> None:
+@dataclass
+class TrainState:
+    """What the loop carries from step to step and epoch to epoch (saved in every checkpoint)."""
+
+    lambda_r: float  # weight of the reconstruction loss in Phase III
+    switched: bool = False  # λ_R has switched to lambda_r_final (it switches once)
+    best_loss: float | None = None  # best Phase III epoch loss so far (plateau detection)
+    bad_epochs: int = 0  # Phase III epochs since best_loss improved
+    step: int = 0  # optimiser steps taken
+    id_steps: int = 0  # Phase III steps (A-Softmax λ annealing)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TrainState:
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+def update_lambda_r(state: TrainState, epoch_loss: float, phase3_epochs_done: int, params: dict) -> None:
     """Plateau detection on the Phase III epoch loss; switches λ_R once, to lambda_r_final."""
-    if state["lambda_r"] == params["lambda_r_final"] and state["switched"]:
+    if state.lambda_r == params["lambda_r_final"] and state.switched:
         return
     if params["lambda_r_switch_epoch"] is not None:
         if phase3_epochs_done >= params["lambda_r_switch_epoch"]:
-            state["lambda_r"], state["switched"] = params["lambda_r_final"], True
+            state.lambda_r, state.switched = params["lambda_r_final"], True
         return
-    best = state["best_loss"]
+    best = state.best_loss
     if best is None or epoch_loss < best * (1.0 - params["plateau_min_delta"]):
-        state["best_loss"], state["bad_epochs"] = float(epoch_loss), 0
+        state.best_loss, state.bad_epochs = float(epoch_loss), 0
     else:
-        state["bad_epochs"] += 1
-    if state["bad_epochs"] >= params["plateau_patience"]:
-        state["lambda_r"], state["switched"] = params["lambda_r_final"], True
+        state.bad_epochs += 1
+    if state.bad_epochs >= params["plateau_patience"]:
+        state.lambda_r, state.switched = params["lambda_r_final"], True
 
 
 def _device(params: dict) -> torch.device:
@@ -402,17 +423,7 @@ def train(
 
     schedule = phase_schedule(params)
     start = int(ck["epoch"]) if ck is not None else 0
-    state = (
-        dict(ck["state"])
-        if ck is not None
-        else {
-            "lambda_r": params["lambda_r_initial"],
-            "switched": False,
-            "best_loss": None,
-            "bad_epochs": 0,
-            "step": 0,
-        }
-    )
+    state = TrainState.from_dict(ck["state"]) if ck is not None else TrainState(params["lambda_r_initial"])
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(params, indent=1, sort_keys=True), encoding="utf-8")
@@ -456,7 +467,7 @@ def train(
             if val_ds is not None and phase != 2:
                 val_ds.set_epoch(epoch)
                 rec["val"] = evaluate_split(step, val_ds, params, device)
-            rec["lambda_r_next"] = state["lambda_r"]
+            rec["lambda_r_next"] = state.lambda_r
             records.append(rec)
             if rank == 0:
                 metrics_f.write(json.dumps(rec) + "\n")
@@ -511,7 +522,7 @@ def _run_epoch(
     device: torch.device,
     epoch: int,
     phase: int,
-    state: dict,
+    state: TrainState,
     scaler: torch.amp.GradScaler | None,
     metrics_f: object,
     total_epochs: int,
@@ -531,10 +542,10 @@ def _run_epoch(
     for batch in _loader(ds, params, device):
         batch = _to_device(batch, device)
         # A-Softmax anneals over the identification head's own iterations (Phase III steps)
-        lam = asoftmax_lambda(state.get("id_steps", 0), params["asoftmax_lambda_min"])
+        lam = asoftmax_lambda(state.id_steps, params["asoftmax_lambda_min"])
         opt.zero_grad(set_to_none=True)
         with torch.autocast("cuda", dtype=torch.float16, enabled=scaler is not None):
-            losses = runner(batch, phase, state["lambda_r"], lam)
+            losses = runner(batch, phase, state.lambda_r, lam)
         if scaler is not None:
             scaler.scale(losses["loss"]).backward()
             scaler.step(opt)
@@ -546,18 +557,18 @@ def _run_epoch(
         vals = {k: float(v.detach()) for k, v in losses.items()}
         if not math.isfinite(vals["loss"]):
             raise FloatingPointError(
-                f"epoch {epoch + 1} step {state['step']}: loss is {vals['loss']}; lower stages.train.lr"
+                f"epoch {epoch + 1} step {state.step}: loss is {vals['loss']}; lower stages.train.lr"
             )
         for k, v in vals.items():
             sums[k] = sums.get(k, 0.0) + v * b
         n_images += b
-        state["step"] += 1
+        state.step += 1
         if phase == 3:
-            state["id_steps"] = state.get("id_steps", 0) + 1
+            state.id_steps += 1
         if metrics_f is not None:
-            rec = {"kind": "step", "epoch": epoch, "phase": phase, "step": state["step"], "batch": b}
+            rec = {"kind": "step", "epoch": epoch, "phase": phase, "step": state.step, "batch": b}
             rec.update(vals)
-            rec.update({"lambda_r": state["lambda_r"], "lr": opt.param_groups[0]["lr"]})
+            rec.update({"lambda_r": state.lambda_r, "lr": opt.param_groups[0]["lr"]})
             metrics_f.write(json.dumps(rec) + "\n")
         bar.update(b)
         bar.set_postfix(loss=f"{vals['loss']:.4g}")
@@ -568,7 +579,7 @@ def _run_epoch(
     rec = {"kind": "epoch", "epoch": epoch, "phase": phase, "images": n_images, "seconds": round(secs, 3)}
     rec.update({k: v / n_images for k, v in sums.items()})
     rec["images_per_s"] = round(n_images / secs, 2) if secs > 0 else None
-    rec["lambda_r"] = state["lambda_r"]
+    rec["lambda_r"] = state.lambda_r
     rec["lr"] = opt.param_groups[0]["lr"]
     return rec
 
@@ -581,7 +592,7 @@ def _save_checkpoint(
     opt: torch.optim.Optimizer,
     sched: torch.optim.lr_scheduler.LRScheduler,
     scaler: torch.amp.GradScaler | None,
-    state: dict,
+    state: TrainState,
     norm_t: dict[str, torch.Tensor],
     rows: torch.Tensor,
     num_classes: int,
@@ -597,7 +608,7 @@ def _save_checkpoint(
             "optimizer": opt.state_dict(),
             "scheduler": sched.state_dict(),
             "scaler": scaler.state_dict() if scaler is not None else None,
-            "state": dict(state),
+            "state": state.to_dict(),
             "norm": norm_t,
             "vertex_rows": rows,
             "num_classes": num_classes,

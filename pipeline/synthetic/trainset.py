@@ -12,28 +12,8 @@ import cv2
 import numpy as np
 
 from pipeline.config.schemas import from_rows, load_schema
-from pipeline.models.morphable_model import N_LANDMARKS, MorphableModel
+from pipeline.models.morphable_model import MorphableModel
 from pipeline.storage.store import ShardStore
-
-
-def random_model(n_vertices: int = 500, k_id: int = 8, k_exp: int = 4, seed: int = 0) -> MorphableModel:
-    """A random linear model with the project's conventions (mm, flat xyz, 68 landmarks).
-
-    Scaled like a real face model: shapes deviate from the mean by a few mm RMS.
-    """
-    rng = np.random.default_rng(seed)
-    n3 = 3 * n_vertices
-    return MorphableModel(
-        name=f"random-{n_vertices}v-{k_id}id-{k_exp}exp",
-        mean=(rng.normal(size=n3) * 50).astype(np.float32),
-        id_basis=(rng.normal(size=(n3, k_id)) * 0.5).astype(np.float32),
-        id_std=np.linspace(3, 0.5, k_id).astype(np.float32),
-        exp_basis=(rng.normal(size=(n3, k_exp)) * 0.5).astype(np.float32),
-        exp_std=np.linspace(2, 0.5, k_exp).astype(np.float32),
-        landmarks=rng.choice(n_vertices, N_LANDMARKS, replace=False).astype(np.int64),
-        triangles=rng.integers(0, n_vertices, size=(2 * n_vertices, 3)).astype(np.int64),
-        source_sha256="0" * 64,
-    )
 
 
 def draw_crop(
