@@ -242,3 +242,40 @@ def test_four_processes_writing_an_empty_model_cache_never_collide(tmp_path):
     assert results == ["ok"] * 16
     assert not [p for p in tmp_path.rglob("*") if p.name.startswith("_tmp-")]
     assert np.load(tmp_path / "trial0" / "model.npz", allow_pickle=False)["mean"].size > 0
+
+
+# --- resources as Dask annotations --------------------------------------------------------------
+def _restrictions(stage: str, shard: int, *upstream: object) -> dict:
+    from distributed import get_worker
+
+    w = get_worker()
+    ts = w.state.tasks[w.get_current_task()]
+    return {"stage": stage, "shard": shard, "resources": dict(ts.resource_restrictions or {})}
+
+
+@pytest.mark.parametrize("declared", [{"GPU": 1}, None], ids=["gpu-worker", "cpu-only-cluster"])
+def test_declared_resources_become_annotations_only_where_workers_have_them(declared):
+    from distributed import Client, LocalCluster
+
+    from dags.build import DaskExecutor
+
+    with (
+        LocalCluster(
+            n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None, resources=declared
+        ) as cluster,
+        Client(cluster) as client,
+    ):
+        ex = DaskExecutor(client, retries=0, resources={"fit": {"GPU": 1}, "landmarks": {}})
+        outs = list(ex.execute(_restrictions, {0: ["landmarks", "fit"], 1: ["fit"]}))
+    assert all(o.error is None and not o.blocked for o in outs)
+    got = {(o.result["stage"], o.result["shard"]): o.result["resources"] for o in outs}
+    want_fit = {"GPU": 1} if declared else {}
+    assert got == {("landmarks", 0): {}, ("fit", 0): want_fit, ("fit", 1): want_fit}
+
+
+def test_stages_declare_gpu_only_when_their_configuration_uses_one():
+    m = load_manifest(overrides={"stages.landmarks.backend": "dlib", "execution.array_backend": "numpy"})
+    assert all(STAGES[s].resources_for(config_view(m, s)) == {} for s in STAGES)
+    m = load_manifest(overrides={"stages.landmarks.backend": "fan", "execution.array_backend": "auto"})
+    assert STAGES["landmarks"].resources_for(config_view(m, "landmarks")) == {"GPU": 1}
+    assert STAGES["fit"].resources_for(config_view(m, "fit")) == {"GPU": 1}

@@ -57,21 +57,8 @@ def run(args: argparse.Namespace) -> int:
     from pipeline import api
     from pipeline.commands._common import run_location
 
-    location = run_location(args)
-    if args.print_config:
-        params = api.train(
-            location,
-            tiny=args.tiny,
-            config=args.config,
-            epochs=args.epochs,
-            overrides=args.overrides,
-            manifest=args.manifest,
-            print_config=True,
-        )
-        print(json.dumps(params, indent=1, sort_keys=True))
-        return 0
     result = api.train(
-        location,
+        run_location(args),
         out=args.out,
         tiny=args.tiny,
         config=args.config,
@@ -79,7 +66,11 @@ def run(args: argparse.Namespace) -> int:
         resume=args.resume,
         overrides=args.overrides,
         manifest=args.manifest,
+        print_config=args.print_config,
     )
+    if args.print_config:  # the effective stages.train parameters
+        print(json.dumps(result, indent=1, sort_keys=True))
+        return 0
     last = result.epoch_records[-1] if result.epoch_records else {}
     logging.getLogger("morphset.train").info(
         "%d/%d epochs; metrics %s; export %s%s",
