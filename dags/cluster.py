@@ -100,8 +100,10 @@ def open_client(manifest: Manifest, echo: bool = True) -> Iterator[object | None
         threads_per_worker=ex.get("threads_per_worker", 1),
         processes=True,
         memory_limit=ex.get("memory_limit", "4GiB"),
-        dashboard_address=":0" if ex.get("dashboard", True) else None,
-        silence_logs=logging.WARNING,
+        dashboard_address=(ex.get("dashboard_address") or "127.0.0.1:0")
+        if ex.get("dashboard", True)
+        else None,
+        silence_logs=logging.ERROR,  # a failed task is reported (and kept) by the build, once
     )
     desc = f"LocalCluster: {n_workers} worker process(es) x {ex.get('threads_per_worker', 1)} thread(s)"
     with _serve(cluster, desc, echo, dashboard=ex.get("dashboard", True)) as client:

@@ -139,8 +139,9 @@ def ingest(
     res = _resolve_build(
         r, manifest, overrides, {}, DatasetChoice(dataset, root, list_file, None, shard_size), mode
     )
-    result = run_ingest(res.manifest, r.url, res.dataset, mode=mode, storage_options=storage_options)
-    r.write_record(res.record)
+    with r.lock("ingest"):
+        result = run_ingest(res.manifest, r.url, res.dataset, mode=mode, storage_options=storage_options)
+        r.write_record(res.record)
     return result
 
 
@@ -182,9 +183,10 @@ def run_stages(
     if r.read_record() is None and not r.shards():
         raise FileNotFoundError(f"{r.url}: no index shards; run `morphset ingest` first")
     res = resolve(r, manifest, overrides, {**(flags or {}), **_execution_flags(scheduler, workers)})
-    r.write_record(res.record)
     stage_mode = "resume" if mode == "extend" else mode
-    return _run_with_executor(r, res.manifest, stages, stage_mode, progress)
+    with r.lock(f"{'+'.join(stages)}"):
+        r.write_record(res.record)
+        return _run_with_executor(r, res.manifest, stages, stage_mode, progress)
 
 
 def build(
@@ -209,7 +211,6 @@ def build(
     A later ``build(run)`` uses what the run remembers (``run.json``); another dataset, root or
     list file is refused (:class:`pipeline.storage.run.RunError`) unless ``mode="overwrite"``."""
     from pipeline.core.registry import BUILD_ORDER
-    from pipeline.core.status import run_status
     from pipeline.ingest.stage import run_ingest
 
     until = until or BUILD_ORDER[-1]
@@ -229,10 +230,18 @@ def build(
     from pipeline.core.runner import resolve_assets
 
     resolve_assets(m, stages)  # a missing model or checkpoint stops the build before ingest
-    ing = run_ingest(m, r.url, res.dataset, mode=mode, storage_options=storage_options)
-    r.write_record(res.record)
-    stage_mode = "resume" if mode == "extend" else mode
-    report = _run_with_executor(r, m, stages, stage_mode, progress)
+    with r.lock("build"):
+        ing = run_ingest(m, r.url, res.dataset, mode=mode, storage_options=storage_options)
+        r.write_record(res.record)
+        stage_mode = "resume" if mode == "extend" else mode
+        report = _run_with_executor(r, m, stages, stage_mode, progress)
+        report = _finish_report(r, m, ing, report)
+    return BuildReport.from_dict(report)
+
+
+def _finish_report(r: Run, m: Manifest, ing: Any, report: dict) -> dict:
+    from pipeline.core.status import run_status
+
     report["ingest"] = {
         "images": ing.images,
         "subjects": ing.subjects,
@@ -243,7 +252,7 @@ def build(
     }
     report["status"] = run_status(r, m)
     r.write_json("report.json", report)
-    return BuildReport.from_dict(report)
+    return report
 
 
 def status(
@@ -256,7 +265,38 @@ def status(
     from pipeline.core.status import run_status
 
     r = Run(run, storage_options)
+    if not r.exists():
+        raise FileNotFoundError(f"{r.url}: no such run")
     return run_status(r, resolve(r, manifest, overrides).manifest)
+
+
+def verify(run: str | os.PathLike, storage_options: dict | None = None) -> dict[str, Any]:
+    """Check every committed shard's data file against the size and sha256 in its sidecar. A
+    corrupt shard is invalidated (its sidecar removed), so the next build recomputes it."""
+    from pipeline.core.registry import BUILD_ORDER
+
+    r = Run(run, storage_options)
+    if not r.exists():
+        raise FileNotFoundError(f"{r.url}: no such run")
+    out: dict[str, Any] = {"run": r.url, "stages": {}, "corrupt": []}
+    with r.lock("verify"):
+        for stage in BUILD_ORDER:
+            store = r.store(stage)
+            verified, corrupt = 0, []
+            for shard in store.shards_with_sidecar():
+                why = store.verify(shard)
+                if why is None:
+                    verified += 1
+                    continue
+                if why == "not committed":  # a malformed sidecar: already not done
+                    continue
+                corrupt.append(shard)
+                out["corrupt"].append(
+                    {"stage": stage, "shard": shard, "path": store.data_path(shard), "why": why}
+                )
+                store.invalidate(shard)
+            out["stages"][stage] = {"verified": verified, "corrupt": corrupt}
+    return out
 
 
 def synth(

@@ -8,6 +8,7 @@ command-specific flags are shorthands for manifest keys and override them.
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import logging
 import os
@@ -24,6 +25,7 @@ COMMANDS = [
     "export",
     "build",
     "status",
+    "verify",
     "synth",
     "train",
     "evaluate",
@@ -85,6 +87,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def describe_os_error(exc: OSError) -> str:
+    """``path: No space left on device (ENOSPC)``: the file and the errno's meaning."""
+    if exc.errno is None or not exc.strerror:
+        return str(exc)
+    where = f"{exc.filename}: " if exc.filename else ""
+    return f"{where}{exc.strerror} ({errno.errorcode.get(exc.errno, exc.errno)})"
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # keep TensorFlow's log noise off the terminal
     parser = build_parser()
@@ -103,6 +113,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ManifestError, SchemaError, FileNotFoundError, ValueError) as exc:
         print(f"morphset {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # the file system refused (full, read-only, corrupt shard): one line
+        print(f"morphset {args.command}: error: {describe_os_error(exc)}", file=sys.stderr)
+        return 1
     except BrokenPipeError:  # output piped into `head` and the like
         sys.stderr.close()
         return 0

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -82,5 +84,13 @@ def test_reader_refuses_another_schema_version(tmp_path):
     md = dict(t.schema.metadata)
     md[b"morphset.schema_version"] = b"99"
     pq.write_table(t.replace_schema_metadata(md), path)
+    # as another morphset version would have committed it: a sidecar that matches the file
+    import hashlib
+    import json
+
+    sc = store.sidecar(0)
+    data = Path(path).read_bytes()
+    sc.update(bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
+    Path(store.sidecar_path(0)).write_text(json.dumps(sc))
     with pytest.raises(SchemaError, match=r"written with schema index v99, this morphset reads index v1"):
         store.read(0, schema)

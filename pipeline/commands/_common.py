@@ -9,6 +9,17 @@ import sys
 from typing import Any
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (0 or less is refused, never replaced by a default)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+    return value
+
+
 def add_run_argument(p: argparse.ArgumentParser, required: bool = False) -> None:
     if required:
         p.add_argument("run", help="run directory or fsspec URL")
@@ -34,7 +45,10 @@ def add_execution_arguments(p: argparse.ArgumentParser) -> None:
         "default (execution.scheduler = null) starts a LocalCluster",
     )
     p.add_argument(
-        "--workers", type=int, default=None, help="LocalCluster worker processes (default: one per core)"
+        "--workers",
+        type=positive_int,
+        default=None,
+        help="LocalCluster worker processes (default: one per core)",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 

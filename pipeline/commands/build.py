@@ -7,6 +7,7 @@ import argparse
 from pipeline.commands._common import (
     add_execution_arguments,
     add_run_argument,
+    positive_int,
     print_json,
     print_report,
     run_location,
@@ -31,7 +32,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--root", default=None, help="override the dataset root (local path or fsspec URL)")
     p.add_argument("--list-file", default=None, help="CSV path,subject; sets layout list-file")
     p.add_argument(
-        "--shard-size", type=int, default=None, help="target images per shard (stages.ingest.shard_size)"
+        "--shard-size",
+        type=positive_int,
+        default=None,
+        help="target images per shard (stages.ingest.shard_size)",
     )
     p.add_argument(
         "--landmarks",

@@ -7,6 +7,8 @@ import argparse
 import time
 from pathlib import Path
 
+from pipeline.commands._common import positive_int
+
 HELP = "render a synthetic face set, build it on a LocalCluster, train the tiny encoder, evaluate; print the report path"
 DESCRIPTION = (
     "The self-contained demo (what `make demo` runs): morphset synth (SUBJECTS x IMAGES faces with known 3D "
@@ -31,7 +33,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--epochs", default="6,1,8", help="tiny-trainer epochs of phases I,II,III")
     p.add_argument(
-        "--workers", type=int, default=None, help="LocalCluster worker processes (default: one per core)"
+        "--workers",
+        type=positive_int,
+        default=None,
+        help="LocalCluster worker processes (default: one per core)",
     )
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from pipeline.commands._common import add_run_argument, run_location
+from pipeline.commands._common import add_run_argument, positive_int, run_location
 
 HELP = "scan a dataset (subject folders or a list file) into index shards"
 DESCRIPTION = (
@@ -22,7 +22,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--root", default=None, help="override datasets.<name>.root (local path or fsspec URL)")
     p.add_argument("--list-file", default=None, help="CSV path,subject; sets layout list-file")
     p.add_argument(
-        "--shard-size", type=int, default=None, help="target images per shard (stages.ingest.shard_size)"
+        "--shard-size",
+        type=positive_int,
+        default=None,
+        help="target images per shard (stages.ingest.shard_size)",
     )
     p.add_argument(
         "--mode",

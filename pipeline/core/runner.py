@@ -13,9 +13,14 @@ here; the Dask executor is in ``dags/``.
 
 from __future__ import annotations
 
+import errno
+import json
+import logging
+import os
 import sys
 import time
 import traceback as tb_mod
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -24,8 +29,11 @@ from tqdm.auto import tqdm
 
 from pipeline.config.manifest import Manifest
 from pipeline.core.registry import STAGES, config_view, get_stage, schema_for
-from pipeline.core.stage import Asset, StageContext, stage_parameters
+from pipeline.core.stage import DROPPED_ROWS_KEY, Asset, StageContext, stage_parameters
 from pipeline.storage.run import Run
+from pipeline.storage.store import CorruptShard, failure_counts
+
+log = logging.getLogger(__name__)
 
 
 def resolve_assets(manifest: Manifest, stages: list[str]) -> dict[str, dict[str, Asset]]:
@@ -68,21 +76,36 @@ def process_shard(
     if not force and out.is_done(shard, fp):
         return {**out.sidecar(shard), "skipped": True}
     t0 = time.perf_counter()
-    inputs = {inp: run.read_shard(inp, shard) for inp in spec.inputs}
+    inputs = {}
+    for inp in spec.inputs:
+        try:
+            inputs[inp] = run.read_shard(inp, shard)
+        except CorruptShard:
+            run.store(inp).invalidate(shard)  # never served again; the next build recomputes it
+            raise
     if assets is None:
         assets = spec.resolve_assets(config_view(manifest, stage))
     ctx = stage_context(manifest, stage, run, shard, assets)
     table = spec.run(inputs, ctx)
     images = inputs[spec.inputs[0]].num_rows
     params_hash = spec.params_hash(manifest)
+    table_md = dict(table.schema.metadata or {})
+    # Input rows a stage could not use and has no failure_reason column for (export): kept in the
+    # sidecar, counted with the failures, never silently lost.
+    dropped = json.loads(table_md.pop(DROPPED_ROWS_KEY, b"{}"))
     extra_md = {"morphset.stage_params_hash": params_hash}
     extra_md.update(
         {
             k.decode(): v.decode()
-            for k, v in (table.schema.metadata or {}).items()
+            for k, v in table_md.items()
             if k.startswith(b"morphset.") and not k.startswith(b"morphset.schema")
         }
     )
+    extra_sidecar: dict = {"images": images}
+    if dropped:
+        failures = Counter(failure_counts(table))
+        failures.update(dropped.values())
+        extra_sidecar.update(failures=dict(sorted(failures.items())), dropped_rows=dropped)
     return out.write(
         shard,
         table,
@@ -91,7 +114,7 @@ def process_shard(
         params_hash,
         time.perf_counter() - t0,
         extra_metadata=extra_md,
-        extra_sidecar={"images": images},
+        extra_sidecar=extra_sidecar,
     )
 
 
@@ -190,11 +213,32 @@ def segments(stages: list[str]) -> list[list[str]]:
     return segs
 
 
+# Errors of the output's file system: nothing else can be written either, so the build stops.
+STORAGE_ERRNOS = frozenset({errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.EACCES, errno.EPERM})
+
+
+class StorageFault(OSError):
+    """The run's storage refused a write (full, read-only, no permission): the build stops."""
+
+
+def storage_fault(exc: BaseException) -> StorageFault | None:
+    if isinstance(exc, OSError) and exc.errno in STORAGE_ERRNOS:
+        return StorageFault(exc.errno, exc.strerror or os.strerror(exc.errno), exc.filename)
+    return None
+
+
 def record_failure(run: Run, manifest: Manifest, outcome: Outcome, stats: StageStats) -> None:
     """Mark the shard failed (traceback kept in ``part-NNNNN.failed.json``); it stays not done."""
     exc = outcome.error
-    fp = run.shard_fingerprint(manifest, outcome.stage, outcome.shard) or ""
-    run.store(outcome.stage).mark_failed(outcome.shard, fp, f"{type(exc).__name__}: {exc}", outcome.traceback)
+    try:
+        fp = run.shard_fingerprint(manifest, outcome.stage, outcome.shard) or ""
+        run.store(outcome.stage).mark_failed(
+            outcome.shard, fp, f"{type(exc).__name__}: {exc}", outcome.traceback
+        )
+    except OSError as marker_exc:  # e.g. a full disk: the failure is still reported below
+        log.warning(
+            "%s/%05d: could not write its failure marker (%s)", outcome.stage, outcome.shard, marker_exc
+        )
     stats.failed += 1
     stats.errors.append(f"{outcome.stage}/{outcome.shard:05d}: {type(exc).__name__}: {exc}")
 
@@ -267,20 +311,25 @@ def _run_plan(
         )
         for s in segment
     }
+    outcomes = executor.execute(task, plan)
     try:
-        for out in executor.execute(task, plan):
+        for out in outcomes:
             st = stats[out.stage]
             if out.started is not None:
                 st.first_start = min(st.first_start or out.started, out.started)
             if out.blocked:
                 st.blocked += 1
             elif out.error is not None:
+                fault = storage_fault(out.error)
+                if fault is not None:
+                    raise fault from out.error  # stops the executor (Dask futures are cancelled)
                 record_failure(run, manifest, out, st)
                 failed.add((out.stage, out.shard))
             else:
                 st.last_end = out.ended or time.perf_counter()
                 _record(st, out.result or {}, bars[out.stage])
     finally:
+        outcomes.close()  # an executor cancels what is still running (Ctrl-C, a storage fault)
         for b in bars.values():
             b.close()
 

@@ -35,6 +35,10 @@ from pipeline.config.manifest import Manifest, manifest_json_schema
 from pipeline.config.schemas import StageSchema, load_schema
 from pipeline.storage.store import fingerprint
 
+# Table metadata under which a stage lists input rows it could not use and has no failure_reason
+# column for ({image_id: reason}); the runner moves it into the sidecar's failures.
+DROPPED_ROWS_KEY = b"morphset.dropped_rows"
+
 
 class UndeclaredConfigRead(KeyError):
     """A stage read a manifest value it did not declare (``depends_on`` / ``runtime``)."""

@@ -26,7 +26,7 @@ def stage_status(run: Run, manifest: Manifest, stage: str) -> dict:
             current = sc is not None
         else:
             fp = run.shard_fingerprint(manifest, stage, i)
-            current = sc is not None and fp is not None and sc.get("fingerprint") == fp
+            current = sc is not None and fp is not None and store.is_done(i, fp)
         if current:
             done.append(i)
             rows += sc.get("rows", 0)

@@ -33,7 +33,7 @@ import pyarrow as pa
 from pipeline.config.schemas import from_rows, load_schema
 from pipeline.core import workercache
 from pipeline.core.stage import Stage, StageContext
-from pipeline.imaging.decode import max_pixels_from, read_image
+from pipeline.imaging.decode import dataset_root, max_pixels_from, read_image
 
 log = logging.getLogger(__name__)
 
@@ -381,6 +381,7 @@ def run_shard(inputs: dict[str, pa.Table], ctx: StageContext) -> pa.Table:
     params = ctx.params.as_dict()
     max_pixels = max_pixels_from(ctx.config)
     storage_options = ctx.storage_options
+    root = dataset_root(inputs["index"])
     rows: list[dict] = []
     # (row number, detection-size image, scale, full width, full height)
     pending: list[tuple[int, np.ndarray, float, int, int]] = []
@@ -409,7 +410,7 @@ def run_shard(inputs: dict[str, pa.Table], ctx: StageContext) -> pa.Table:
         if rec.get("failure_reason"):
             rows.append({**base, "failure_reason": rec["failure_reason"]})
             continue
-        res = read_image(rec["uri"], max_pixels, storage_options)
+        res = read_image(rec["uri"], max_pixels, storage_options, root)
         if not res.ok:
             log.debug("%s: %s (%s)", rec["uri"], res.reason, res.detail)
             rows.append({**base, "failure_reason": res.reason})

@@ -8,6 +8,7 @@ the whole run by :func:`prepare_global` (``export/_labels.json``) before any exp
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 
@@ -17,9 +18,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline.config.schemas import from_rows, load_schema
-from pipeline.core.stage import ConfigView, Stage, StageContext
+from pipeline.core.stage import DROPPED_ROWS_KEY, ConfigView, Stage, StageContext
 from pipeline.imaging.align import transform_points, warp_crop
-from pipeline.imaging.decode import max_pixels_from, read_image
+from pipeline.imaging.decode import TRANSIENT_REASONS, dataset_root, max_pixels_from, read_image
 from pipeline.storage.run import Run
 
 LABELS_FILE = "_labels.json"
@@ -115,17 +116,29 @@ def run_shard(inputs: dict[str, pa.Table], ctx: StageContext) -> pa.Table:
     det_by_id = {r["image_id"]: r for r in det.select(["image_id", "primary_score"]).to_pylist()}
     lm_by_id = {r["image_id"]: r for r in lm.select(["image_id", "landmarks", "align_matrix"]).to_pylist()}
     uri_by_id = dict(zip(index.column("image_id").to_pylist(), index.column("uri").to_pylist(), strict=True))
+    root = dataset_root(index)
     rows = []
+    dropped: dict[str, str] = {}  # image_id -> why a fitted image is not in the trainset
     for f in fit.to_pylist():
         if f["failure_reason"] is not None or f["subject"] not in subjects:
             continue
         image_id = f["image_id"]
         lrow, drow = lm_by_id.get(image_id), det_by_id.get(image_id)
         if lrow is None or drow is None or lrow["align_matrix"] is None or lrow["landmarks"] is None:
+            dropped[image_id] = "inputs_inconsistent"
             continue
-        decoded = read_image(uri_by_id[image_id], max_pixels, ctx.storage_options)
+        decoded = read_image(uri_by_id[image_id], max_pixels, ctx.storage_options, root)
         if not decoded.ok:
-            continue  # the file changed since detection; the next detect pass records the reason
+            if decoded.reason in TRANSIENT_REASONS:
+                # perhaps a passing storage error: fail the shard (retried; not committed without it)
+                raise OSError(
+                    errno.EIO,
+                    f"cannot read an image the earlier stages read ({decoded.reason}: {decoded.detail}); "
+                    "the shard is not committed without it",
+                    uri_by_id[image_id],
+                )
+            dropped[image_id] = decoded.reason  # the file changed since detection: recorded
+            continue
         matrix = np.asarray(lrow["align_matrix"], dtype=np.float64).reshape(2, 3)
         crop = warp_crop(decoded.image, matrix)
         pts = transform_points(np.asarray(lrow["landmarks"], dtype=np.float64).reshape(68, 2), matrix)
@@ -154,5 +167,7 @@ def run_shard(inputs: dict[str, pa.Table], ctx: StageContext) -> pa.Table:
         {
             **(table.schema.metadata or {}),
             **{k.encode(): v.encode() for k, v in _build_metadata(fit, ctx.config).items()},
+            # rows this shard could not use, by image: the sidecar counts them under "failures"
+            DROPPED_ROWS_KEY: json.dumps(dropped, sort_keys=True).encode(),
         }
     )

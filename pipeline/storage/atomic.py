@@ -54,8 +54,12 @@ def atomic_write(target: str | Path, content: bytes | str | Writer, fs: Any = No
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
+        except BaseException as exc:
+            try:
+                tmp.unlink(missing_ok=True)
+            except OSError:  # the original error matters more than a failed clean-up
+                pass
+            _raise_for_target(exc, str(path))
             raise
         return
     target = str(target)
@@ -67,13 +71,20 @@ def atomic_write(target: str | Path, content: bytes | str | Writer, fs: Any = No
         with fs.open(tmp, "wb") as f:
             _write_to(f, content)
         fs.mv(tmp, target)
-    except BaseException:
+    except BaseException as exc:
         try:
             if fs.exists(tmp):
                 fs.rm(tmp)
         except Exception:  # the original error matters more than a failed clean-up
             pass
+        _raise_for_target(exc, target)
         raise
+
+
+def _raise_for_target(exc: BaseException, target: str) -> None:
+    """An OS error while writing names the file the user knows (the target), not the temporary."""
+    if isinstance(exc, OSError) and exc.errno is not None:
+        raise type(exc)(exc.errno, exc.strerror or os.strerror(exc.errno), target) from exc
 
 
 def remove_temporaries(directory: str, fs: Any) -> int:

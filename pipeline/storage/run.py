@@ -9,8 +9,13 @@ decides which shards of which stages are pending. It knows nothing of executors.
 
 from __future__ import annotations
 
+import contextlib
+import datetime as _dt
 import json
+import logging
 import os
+import socket
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -22,12 +27,30 @@ from pipeline.config.manifest import Manifest, ManifestError, validate
 from pipeline.storage.atomic import atomic_write
 from pipeline.storage.store import ShardStore, fingerprint
 
+log = logging.getLogger(__name__)
 RUN_FILE = "run.json"
 RUN_FORMAT = 2
 
 
 class RunError(ValueError):
     """The run folder or its record is unusable, or a request contradicts what the run remembers."""
+
+
+class RunLocked(RunError):
+    """Another command is writing this run (its lock file names it)."""
+
+
+LOCK_FILE = "_lock.json"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
 
 
 def absolute_location(location: str | os.PathLike) -> str:
@@ -121,6 +144,74 @@ class Run:
             return json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise RunError(f"{target}: not valid JSON ({exc})") from None
+
+    # --- the run lock -----------------------------------------------------------------------
+    @contextlib.contextmanager
+    def lock(self, command: str) -> Iterator[dict]:
+        """Hold ``RUN/_lock.json`` (host, pid, start time, command) while ``command`` writes the run.
+
+        On a local disk the file is created exclusively (``O_EXCL``): of two builds started at once
+        exactly one gets it, the other raises :class:`RunLocked` naming the holder. A lock left by a
+        process of this host that no longer runs is taken over with a warning. On object stores
+        there is no exclusive create: the check is best effort (exists, then write), so do not
+        start two builds of one object-store run at once.
+        """
+        doc = {
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "started_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "command": command,
+        }
+        path = self.path(LOCK_FILE)
+        self._acquire(path, doc, retry=True)
+        try:
+            yield doc
+        finally:
+            try:
+                if self.read_json(LOCK_FILE) == doc:
+                    self.fs.rm(path)
+            except (OSError, RunError):  # a vanished or unreadable lock is nobody's to remove
+                pass
+
+    def _acquire(self, path: str, doc: dict, retry: bool) -> None:
+        data = json.dumps(doc, indent=1).encode()
+        local = "file" in (self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,))
+        try:
+            if local:
+                os.makedirs(self.root, exist_ok=True)
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+                with os.fdopen(fd, "wb") as f:
+                    f.write(data)
+                return
+            if not self.fs.exists(path):
+                self.fs.makedirs(self.root, exist_ok=True)
+                atomic_write(path, data, self.fs)
+                return
+        except FileExistsError:
+            pass
+        try:
+            holder = self.read_json(LOCK_FILE) or {}
+        except RunError:
+            holder = {}
+        who = (
+            f"{holder.get('command', '?')} (pid {holder.get('pid', '?')} on {holder.get('host', '?')}, "
+            f"since {holder.get('started_at', '?')})"
+        )
+        stale = (
+            holder.get("host") == doc["host"]
+            and isinstance(holder.get("pid"), int)
+            and not _pid_alive(holder["pid"])
+        )
+        if (stale or not holder) and retry:
+            log.warning(
+                "%s: taking over a stale lock left by %s", path, who if holder else "an unreadable lock file"
+            )
+            self.fs.rm(path)
+            self._acquire(path, doc, retry=False)
+            return
+        raise RunLocked(
+            f"{self.url}: in use by {who}; wait for it to finish, or remove {path} if that process is gone"
+        )
 
     # --- the run record ---------------------------------------------------------------------
     def read_record(self) -> RunRecord | None:

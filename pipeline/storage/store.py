@@ -17,6 +17,7 @@ import datetime as _dt
 import hashlib
 import io
 import json
+import logging
 import re
 from collections import Counter
 from dataclasses import dataclass
@@ -31,8 +32,20 @@ from pipeline import __version__
 from pipeline.config.schemas import StageSchema, check_version, conform
 from pipeline.storage.atomic import atomic_write, remove_temporaries
 
+log = logging.getLogger(__name__)
 PART_RE = re.compile(r"part-(\d{5})\.json$")
 ROW_GROUP_SIZE = 2048  # bounded row groups: column selection never reads more than this many rows of bytes
+
+
+class CorruptShard(OSError):
+    """A committed data file does not match the size or sha256 its sidecar recorded."""
+
+    def __init__(self, path: str, why: str) -> None:
+        super().__init__(f"{path}: {why}; the shard is not used and the next build recomputes it")
+        self.path = path
+
+
+SIDECAR_KEYS = ("fingerprint", "rows")
 
 
 def fingerprint(*parts: Any) -> str:
@@ -93,8 +106,12 @@ class ShardStore:
         table = conform(table, schema, extra_metadata)
         buf = io.BytesIO()
         pq.write_table(table, buf, row_group_size=ROW_GROUP_SIZE, compression="zstd")
-        self._atomic_write(self.data_path(shard), buf.getvalue())
+        data = buf.getvalue()
+        self._atomic_write(self.data_path(shard), data)
         sidecar = {
+            # what readers verify: a truncated or altered data file is never served
+            "bytes": len(data),
+            "sha256": hashlib.sha256(data).hexdigest(),
             "stage": self.stage,
             "shard": shard,
             "rows": table.num_rows,
@@ -154,13 +171,21 @@ class ShardStore:
 
     # --- reading -------------------------------------------------------------------------
     def sidecar(self, shard: int) -> dict | None:
+        """The shard's sidecar, or None when the shard is not committed. A malformed sidecar (not a
+        JSON object with a fingerprint and a row count) counts as not done, with a warning."""
+        path = self.sidecar_path(shard)
         try:
-            with self.fs.open(self.sidecar_path(shard), "rb") as f:
-                return json.loads(f.read())
+            with self.fs.open(path, "rb") as f:
+                doc = json.loads(f.read())
         except FileNotFoundError:
             return None
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            return None  # a corrupt sidecar means not done
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            _warn_once(path, f"not valid JSON ({exc})")
+            return None
+        if not isinstance(doc, dict) or any(k not in doc for k in SIDECAR_KEYS):
+            _warn_once(path, f"malformed sidecar (expected an object with {', '.join(SIDECAR_KEYS)})")
+            return None
+        return doc
 
     def failure(self, shard: int) -> dict | None:
         try:
@@ -170,10 +195,38 @@ class ShardStore:
             return None
 
     def is_done(self, shard: int, fingerprint: str | None = None) -> bool:
+        """Committed for ``fingerprint``, and its data file has the size its sidecar recorded (a cheap
+        check that catches truncation; :meth:`read` and :meth:`verify` also check the sha256)."""
         sc = self.sidecar(shard)
-        if sc is None or not self.fs.exists(self.data_path(shard)):
+        if sc is None or (fingerprint is not None and sc.get("fingerprint") != fingerprint):
             return False
-        return fingerprint is None or sc.get("fingerprint") == fingerprint
+        try:
+            size = self.fs.size(self.data_path(shard))
+        except FileNotFoundError:
+            return False
+        if "bytes" in sc and size != sc["bytes"]:
+            _warn_once(
+                self.data_path(shard), f"{size} bytes, its sidecar recorded {sc['bytes']}: recomputing"
+            )
+            return False
+        return True
+
+    def verify(self, shard: int) -> str | None:
+        """None if the committed shard's data file matches its sidecar, else why not."""
+        sc = self.sidecar(shard)
+        if sc is None:
+            return "not committed"
+        try:
+            with self.fs.open(self.data_path(shard), "rb") as f:
+                data = f.read()
+        except FileNotFoundError:
+            return "data file missing"
+        return _mismatch(sc, data)
+
+    def invalidate(self, shard: int) -> None:
+        """Make a committed shard not done (its sidecar goes; the data file is rewritten later)."""
+        if self.fs.exists(self.sidecar_path(shard)):
+            self.fs.rm(self.sidecar_path(shard))
 
     def shards_with_sidecar(self) -> list[int]:
         if not self.fs.exists(self.dir):
@@ -188,18 +241,49 @@ class ShardStore:
     def read(self, shard: int, schema: StageSchema, columns: list[str] | None = None) -> pa.Table:
         """Read one committed shard, refusing a schema-version mismatch."""
         path = self.data_path(shard)
-        if self.sidecar(shard) is None:
+        sc = self.sidecar(shard)
+        if sc is None:
             raise FileNotFoundError(f"{path}: shard not committed (no sidecar)")
         with self.fs.open(path, "rb") as f:
-            pf = pq.ParquetFile(f)
-            check_version(pf.schema_arrow.metadata, schema, path)
-            return pf.read(columns=columns)
+            data = f.read()
+        why = _mismatch(sc, data)
+        if why:
+            raise CorruptShard(path, why)
+        try:
+            pf = pq.ParquetFile(io.BytesIO(data))
+        except pa.ArrowInvalid as exc:  # a shard written before checksums existed
+            raise CorruptShard(path, f"not a readable Parquet file ({exc})") from None
+        check_version(pf.schema_arrow.metadata, schema, path)
+        return pf.read(columns=columns)
 
     def dataset(self, schema: StageSchema, shards: list[int] | None = None) -> pads.Dataset:
         """A pyarrow dataset over committed shards (column selection reads only those columns)."""
         shards = self.shards_with_sidecar() if shards is None else shards
-        paths = [self.data_path(s) for s in shards if self.sidecar(s) is not None]
+        paths = []
+        for s in shards:
+            if self.sidecar(s) is None:
+                continue
+            if not self.is_done(s):  # truncated since it was committed: say so, never serve it
+                raise CorruptShard(self.data_path(s), "size differs from its sidecar")
+            paths.append(self.data_path(s))
         for p in paths[:1]:
             with self.fs.open(p, "rb") as f:
                 check_version(pq.ParquetFile(f).schema_arrow.metadata, schema, p)
         return pads.dataset(paths, schema=schema.arrow, format="parquet", filesystem=self.fs)
+
+
+def _mismatch(sidecar: dict, data: bytes) -> str | None:
+    if "bytes" in sidecar and len(data) != sidecar["bytes"]:
+        return f"{len(data)} bytes, its sidecar recorded {sidecar['bytes']}"
+    if "sha256" in sidecar and hashlib.sha256(data).hexdigest() != sidecar["sha256"]:
+        return "sha256 differs from its sidecar (the file was altered after it was committed)"
+    return None
+
+
+_WARNED: set[str] = set()
+
+
+def _warn_once(path: str, why: str) -> None:
+    if path not in _WARNED:
+        _WARNED.add(path)
+        log.warning("%s: %s", path, why)

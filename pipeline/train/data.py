@@ -23,7 +23,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from pipeline.config.schemas import SchemaError, check_version, load_schema
 from pipeline.imaging.crops import CROP_HW, decode_crop
-from pipeline.storage.store import ShardStore
+from pipeline.storage.store import CorruptShard, ShardStore
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +76,10 @@ def scan_trainset(run_root: str, storage_options: dict | None = None) -> Trainse
     max_label, n_train, n_val = -1, 0, 0
     for s in shards:
         path = store.data_path(s)
+        why = store.verify(s)  # once per training run: row groups are streamed later, unhashed
+        if why is not None:
+            store.invalidate(s)
+            raise CorruptShard(path, why)
         with store.fs.open(path, "rb") as f:
             pf = pq.ParquetFile(f)
             md = pf.schema_arrow.metadata or {}

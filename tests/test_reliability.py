@@ -1,0 +1,400 @@
+"""Nothing lost, nothing stale, no one in: the fault cases of docs/reliability.md, one test each.
+
+Builds run in this process (``--scheduler sync``) on a small rendered set with dlib landmarks.
+"""
+
+from __future__ import annotations
+
+import errno
+import glob
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow.dataset as pads
+import pytest
+
+from pipeline import api
+from pipeline.cli import main
+from pipeline.storage.run import Run
+
+pytestmark = pytest.mark.slow
+SYNC = ["--scheduler", "sync", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("rel") / "faces"
+    api.synth(out, subjects=3, images_per_subject=3, seed=2, workers=1, yaw_range=[-20, 20])
+    (out / "ground_truth.parquet").rename(out.parent / "ground_truth.parquet")  # keep the root images only
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference(data, tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("rel-ref") / "run"
+    rc = main(["build", str(run), "--dataset", "synthetic", "--root", str(data), "--landmarks", "dlib",
+               "--shard-size", "3", *SYNC])  # fmt: skip
+    assert rc == 0
+    return run
+
+
+def copy_run(reference: Path, tmp_path: Path) -> Path:
+    run = tmp_path / "run"
+    shutil.copytree(reference, run)
+    return run
+
+
+def export_rows(run: Path) -> list[tuple]:
+    t = pads.dataset(sorted(glob.glob(str(run / "export" / "*.parquet")))).to_table(
+        columns=["image_id", "crop_jpeg", "alpha_id"]
+    )
+    return sorted(
+        (r["image_id"], r["crop_jpeg"], tuple(round(a, 4) for a in r["alpha_id"])) for r in t.to_pylist()
+    )
+
+
+def temporaries(run: Path) -> list[str]:
+    return glob.glob(str(run / "**" / "_tmp-*"), recursive=True)
+
+
+# 1 -------------------------------------------------------------------------------------------
+def test_a_list_file_cannot_escape_the_root_through_a_directory_symlink(tmp_path, data):
+    root = tmp_path / "root"
+    shutil.copytree(data, root)
+    secret = tmp_path / "elsewhere" / "secret_dir"
+    secret.mkdir(parents=True)
+    shutil.copy(next((root / sorted(os.listdir(root))[0]).glob("*.jpg")), secret / "leak.jpg")
+    subject = sorted(os.listdir(root))[0]
+    (root / subject / "subdir_link").symlink_to(secret, target_is_directory=True)
+    good = sorted((root / subject).glob("*.jpg"))[0].relative_to(root)
+    lst = tmp_path / "list.csv"
+    lst.write_text(f"path,subject\n{good},{subject}\n{subject}/subdir_link/leak.jpg,mallory\n")
+    result = api.ingest(tmp_path / "run", dataset="listed", root=str(root), list_file=str(lst))
+    assert result.failures == {"symlink_escapes_root": 1}
+    index = Run(tmp_path / "run").table("index").to_pylist()
+    assert {r["subject"]: r["failure_reason"] for r in index} == {
+        subject: None,
+        "mallory": "symlink_escapes_root",
+    }
+    # and again when a file is opened: the stage refuses what resolves outside the root
+    from pipeline.imaging.decode import read_image
+
+    res = read_image(str(root / subject / "subdir_link" / "leak.jpg"), root=str(root))
+    assert res.reason == "symlink_escapes_root"
+    # the subject-folders layout resolves every component too
+    result = api.ingest(tmp_path / "run2", dataset="foldered", root=str(root))
+    assert result.failures.get("symlink_escapes_root") == 1
+
+
+# 2 -------------------------------------------------------------------------------------------
+def test_a_truncated_committed_shard_is_not_done_and_is_recomputed(reference, tmp_path, capsys):
+    run = copy_run(reference, tmp_path)
+    want = export_rows(reference)
+    fit = run / "fit" / "part-00001.parquet"
+    fit.write_bytes(fit.read_bytes()[:100])
+    assert main(["status", str(run), "--json"]) == 0
+    status = json.loads(capsys.readouterr().out)
+    assert status["fit"]["done"] == status["fit"]["shards"] - 1
+    assert main(["build", str(run), *SYNC, "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["stages"]["fit"]["shards_computed"] == 1
+    assert export_rows(run) == want
+
+
+def test_a_truncated_export_shard_is_recomputed_not_reported_done(reference, tmp_path, capsys):
+    run = copy_run(reference, tmp_path)
+    want = export_rows(reference)
+    p = run / "export" / "part-00000.parquet"
+    p.write_bytes(p.read_bytes()[:-50])
+    assert main(["build", str(run), *SYNC, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["stages"]["export"]["shards_computed"] == 1
+    assert export_rows(run) == want
+
+
+def test_a_flipped_byte_is_never_served_and_the_next_build_recomputes(reference, tmp_path, capsys):
+    run = copy_run(reference, tmp_path)
+    p = run / "landmarks" / "part-00000.parquet"
+    data = bytearray(p.read_bytes())
+    data[len(data) // 2] ^= 0x40
+    p.write_bytes(bytes(data))
+    # a fit parameter change makes the fit read the landmarks again
+    rc = main(["build", str(run), *SYNC, "--set", "stages.fit.max_iterations=9"])
+    err = capsys.readouterr().err
+    assert rc == 1
+    assert str(p) in err and "sha256 differs" in err
+    assert main(["build", str(run), *SYNC]) == 0  # recomputes landmarks shard 0, then fits
+    clean = copy_run(reference, tmp_path / "clean")
+    assert main(["build", str(clean), *SYNC, "--set", "stages.fit.max_iterations=9"]) == 0
+    assert export_rows(run) == export_rows(clean)
+
+
+def test_verify_finds_a_corrupt_shard_and_the_next_build_repairs_it(reference, tmp_path, capsys):
+    run = copy_run(reference, tmp_path)
+    p = run / "detect" / "part-00002.parquet"
+    data = bytearray(p.read_bytes())
+    data[-40] ^= 0x01
+    p.write_bytes(bytes(data))
+    assert main(["verify", str(run), "--json"]) == 1
+    result = json.loads(capsys.readouterr().out)
+    assert [c["path"] for c in result["corrupt"]] == [str(p)]
+    assert main(["build", str(run), *SYNC, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["stages"]["detect"]["shards_computed"] == 1
+    assert main(["verify", str(run)]) == 0
+    assert export_rows(run) == export_rows(reference)
+
+
+# 3 -------------------------------------------------------------------------------------------
+def test_export_fails_the_shard_rather_than_dropping_an_unreadable_image(data, tmp_path, capsys):
+    root = tmp_path / "root"
+    shutil.copytree(data, root)
+    run = tmp_path / "run"
+    assert main(["build", str(run), "--dataset", "synthetic", "--root", str(root), "--landmarks", "dlib",
+                 "--shard-size", "3", "--until", "fit", *SYNC]) == 0  # fmt: skip
+    victim = sorted(root.glob("*/*.jpg"))[0]
+    kept = victim.read_bytes()
+    victim.unlink()  # gone after the earlier stages read it (a flaky mount, say)
+    rc = main(["export", str(run), *SYNC])
+    err = capsys.readouterr().err
+    assert rc == 1 and str(victim) in err
+    assert len(glob.glob(str(run / "export" / "part-?????.json"))) == 2  # that shard is not committed
+    victim.write_bytes(kept)
+    assert main(["export", str(run), *SYNC]) == 0
+    ids = {r[0] for r in export_rows(run)}
+    assert str(victim.relative_to(root)) in ids
+
+
+# 4 -------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EROFS], ids=["disk-full", "read-only"])
+def test_a_storage_fault_is_one_line_exit_1_and_the_rerun_completes(
+    reference, tmp_path, capsys, monkeypatch, code
+):
+    import pipeline.storage.atomic as atomic
+
+    run = copy_run(reference, tmp_path)
+    real = atomic._write_to
+
+    def failing(f, content):
+        name = str(getattr(f, "path", getattr(f, "name", "")))
+        if f"{os.sep}fit{os.sep}" in name:
+            f.write(b"partial")
+            raise OSError(code, os.strerror(code))
+        return real(f, content)
+
+    monkeypatch.setattr(atomic, "_write_to", failing)
+    rc = main(["build", str(run), *SYNC, "--set", "stages.fit.max_iterations=8"])
+    err = capsys.readouterr().err
+    assert rc == 1
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert any(
+        os.strerror(code) in line and errno.errorcode[code] in line and str(run / "fit") in line
+        for line in lines
+    )
+    assert "Traceback" not in err
+    assert temporaries(run) == []
+    monkeypatch.setattr(atomic, "_write_to", real)
+    assert main(["build", str(run), *SYNC, "--set", "stages.fit.max_iterations=8"]) == 0
+    assert temporaries(run) == []
+
+
+# 5 -------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("content", ["[]", "{}", "{not json"])
+def test_a_malformed_sidecar_counts_as_not_done(reference, tmp_path, capsys, content, caplog):
+    run = copy_run(reference, tmp_path)
+    (run / "fit" / "part-00000.json").write_text(content)
+    assert main(["status", str(run), "--json"]) == 0
+    status = json.loads(capsys.readouterr().out)
+    assert status["fit"]["pending"] == 1
+    assert "part-00000.json" in caplog.text
+    assert main(["build", str(run), *SYNC, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["stages"]["fit"]["shards_computed"] == 1
+
+
+# 6 -------------------------------------------------------------------------------------------
+def test_content_fingerprints_catch_an_edit_that_keeps_size_and_mtime(data, tmp_path):
+    root = tmp_path / "root"
+    shutil.copytree(data, root)
+    images = sorted(root.glob("*/*.jpg"))
+    a, b = images[0], images[1]
+    for mode in ("stat", "content"):
+        run = tmp_path / f"run-{mode}"
+        over = [f"stages.ingest.fingerprint={mode}"]
+        api.ingest(run, dataset="d", root=str(root), shard_size=100, overrides=over)
+        st = os.stat(a)
+        blob = bytearray(a.read_bytes())
+        blob[-3] ^= 0xFF  # same size, other content
+        a.write_bytes(bytes(blob))
+        os.utime(a, ns=(st.st_atime_ns, st.st_mtime_ns))
+        again = api.ingest(run, dataset="d", root=str(root), shard_size=100, overrides=over)
+        assert again.shards_written == ([] if mode == "stat" else [0])  # stat: the documented blind spot
+        shutil.copy(b, a)
+        os.utime(a, ns=(st.st_atime_ns, st.st_mtime_ns))
+        shutil.copytree(data, root, dirs_exist_ok=True)
+
+
+# 7 -------------------------------------------------------------------------------------------
+def test_a_second_build_of_a_run_is_refused_naming_the_holder(reference, tmp_path, capsys, caplog):
+    import socket
+
+    run = copy_run(reference, tmp_path)
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        lock = {"host": socket.gethostname(), "pid": holder.pid, "started_at": "x", "command": "build"}
+        (run / "_lock.json").write_text(json.dumps(lock))
+        assert main(["build", str(run), *SYNC]) == 2
+        assert f"pid {holder.pid}" in capsys.readouterr().err
+    finally:
+        holder.kill()
+        holder.wait()
+    assert main(["build", str(run), *SYNC]) == 0  # the holder is gone: the stale lock is taken over
+    assert "stale lock" in caplog.text
+    assert not (run / "_lock.json").exists()
+
+
+def test_two_concurrent_builds_one_wins(reference, tmp_path):
+    run = copy_run(reference, tmp_path)
+    cmd = [
+        sys.executable,
+        "-m",
+        "pipeline.cli",
+        "build",
+        str(run),
+        *SYNC,
+        "--set",
+        "stages.fit.max_iterations=6",
+    ]
+    procs = [
+        subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for _ in range(2)
+    ]
+    results = sorted((p.wait(timeout=300), p.stderr.read()) for p in procs)
+    assert [rc for rc, _ in results] == [0, 2]
+    assert "in use by build" in results[1][1]
+
+
+# 8 -------------------------------------------------------------------------------------------
+def test_the_dashboard_listens_on_localhost_only():
+    from dags.cluster import open_client
+    from pipeline.config.manifest import load_manifest
+
+    m = load_manifest(overrides={"execution.n_workers": 1})
+    with open_client(m, echo=False) as client:
+        socks = client.run_on_scheduler(
+            lambda dask_scheduler: [s.getsockname()[0] for s in dask_scheduler.http_server._sockets.values()]
+        )
+    assert socks and set(socks) <= {"127.0.0.1"}
+
+
+def test_a_tampered_model_cache_is_not_accepted(tmp_path, caplog):
+    import numpy as np
+
+    from pipeline.config.manifest import load_manifest
+    from pipeline.models import assets
+    from pipeline.models.morphable_model import load_npz
+
+    m = load_manifest(overrides={"cache_dir": str(tmp_path)})
+    entry, cache = m.model("morphable_model"), m.cache_dir
+    good = assets.load_model_entry(entry, cache)  # converts into the empty cache
+    path = assets.cache_path(entry, cache)
+    bad = load_npz(path)
+    bad.id_basis[:, 0] *= 2.0  # the recorded source hash stays the same
+    bad.save_npz(path)
+    again = assets.load_model_entry(entry, cache)
+    assert again.sha256 == good.sha256 == entry["content_sha256"]
+    assert "does not match the manifest" in caplog.text
+    assert np.allclose(load_npz(path).id_basis, good.id_basis)  # the cache was replaced
+
+
+# 9 -------------------------------------------------------------------------------------------
+def test_bad_values_and_bad_places_are_refused_up_front(data, tmp_path, capsys):
+    base = [
+        "build",
+        str(tmp_path / "r"),
+        "--dataset",
+        "synthetic",
+        "--root",
+        str(data),
+        "--landmarks",
+        "dlib",
+    ]
+    with pytest.raises(SystemExit) as exit_info:  # argparse: usage error
+        main([*base, "--shard-size", "0", *SYNC])
+    assert exit_info.value.code == 2
+    assert "--shard-size: expected an integer >= 1, got 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        main([*base, "--workers", "0"])
+    assert exit_info.value.code == 2
+    assert "--workers: expected an integer >= 1, got 0" in capsys.readouterr().err
+    assert api_refuses_zero_workers(tmp_path, data)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert (
+        main(
+            [
+                "build",
+                str(tmp_path / "r2"),
+                "--dataset",
+                "synthetic",
+                "--root",
+                str(empty),
+                "--landmarks",
+                "dlib",
+                *SYNC,
+            ]
+        )
+        == 2
+    )
+    assert f"{empty}: no images to build" in capsys.readouterr().err
+    (empty / "alice").mkdir()
+    (empty / "alice" / "notes.txt").write_text("x")
+    assert (
+        main(
+            [
+                "build",
+                str(tmp_path / "r3"),
+                "--dataset",
+                "synthetic",
+                "--root",
+                str(empty),
+                "--landmarks",
+                "dlib",
+                *SYNC,
+            ]
+        )
+        == 2
+    )
+    assert "none usable (not_an_image=1)" in capsys.readouterr().err
+    afile = tmp_path / "a-file"
+    afile.write_text("x")
+    assert main(["status", str(afile)]) == 2
+    assert "is a file, not a run directory" in capsys.readouterr().err
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "run.json").write_text("{")
+    assert main(["build", str(broken), *SYNC]) == 2
+    assert "run.json: not valid JSON" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists() or not list((tmp_path / "r").glob("*/part-*.parquet"))
+
+
+def api_refuses_zero_workers(tmp_path: Path, data: Path) -> bool:
+    """The API refuses it too, naming the manifest key."""
+    from pipeline.config.manifest import ManifestError
+
+    with pytest.raises(ManifestError, match="execution.n_workers"):
+        api.build(tmp_path / "r4", dataset="synthetic", root=str(data), landmarks="dlib", workers=0)
+    return True
+
+
+def test_train_refuses_an_altered_export_shard_naming_it(reference, tmp_path, capsys):
+    run = copy_run(reference, tmp_path)
+    p = run / "export" / "part-00001.parquet"
+    data = bytearray(p.read_bytes())
+    data[len(data) // 3] ^= 0x10
+    p.write_bytes(bytes(data))
+    assert main(["train", str(run), "--tiny", "--epochs", "1,0,0"]) == 1
+    err = capsys.readouterr().err
+    assert str(p) in err and "sha256 differs" in err and "Traceback" not in err
+    assert main(["build", str(run), *SYNC]) == 0  # invalidated by train: export recomputes it
+    assert export_rows(run) == export_rows(reference)
