@@ -330,41 +330,11 @@ def test_bad_values_and_bad_places_are_refused_up_front(data, tmp_path, capsys):
     assert api_refuses_zero_workers(tmp_path, data)
     empty = tmp_path / "empty"
     empty.mkdir()
-    assert (
-        main(
-            [
-                "build",
-                str(tmp_path / "r2"),
-                "--dataset",
-                "synthetic",
-                "--root",
-                str(empty),
-                "--landmarks",
-                "dlib",
-                *SYNC,
-            ]
-        )
-        == 2
-    )
+    assert build_from(empty, tmp_path / "r2") == 2
     assert f"{empty}: no images to build" in capsys.readouterr().err
     (empty / "alice").mkdir()
     (empty / "alice" / "notes.txt").write_text("x")
-    assert (
-        main(
-            [
-                "build",
-                str(tmp_path / "r3"),
-                "--dataset",
-                "synthetic",
-                "--root",
-                str(empty),
-                "--landmarks",
-                "dlib",
-                *SYNC,
-            ]
-        )
-        == 2
-    )
+    assert build_from(empty, tmp_path / "r3") == 2
     assert "none usable (not_an_image=1)" in capsys.readouterr().err
     afile = tmp_path / "a-file"
     afile.write_text("x")
@@ -376,6 +346,12 @@ def test_bad_values_and_bad_places_are_refused_up_front(data, tmp_path, capsys):
     assert main(["build", str(broken), *SYNC]) == 2
     assert "run.json: not valid JSON" in capsys.readouterr().err
     assert not (tmp_path / "r").exists() or not list((tmp_path / "r").glob("*/part-*.parquet"))
+
+
+def build_from(root: Path, run: Path) -> int:
+    return main(
+        ["build", str(run), "--dataset", "synthetic", "--root", str(root), "--landmarks", "dlib", *SYNC]
+    )
 
 
 def api_refuses_zero_workers(tmp_path: Path, data: Path) -> bool:
