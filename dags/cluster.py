@@ -20,13 +20,20 @@ import sys
 from collections.abc import Iterator
 
 from pipeline.config.manifest import Manifest
+from pipeline.errors import MorphsetError
 
 log = logging.getLogger("morphset.cluster")
 
 
 def _quiet_dask_logs() -> None:
-    for name in ("distributed", "distributed.worker", "distributed.scheduler", "distributed.nanny", "bokeh"):
+    for name in ("distributed", "distributed.worker", "distributed.scheduler", "distributed.nanny"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    # bokeh warns about its websocket origin wildcard on every dashboard start; the dashboard listens
+    # on execution.dashboard_address (127.0.0.1 by default), which is what limits who can reach it
+    logging.getLogger("bokeh").setLevel(logging.ERROR)
+    # a scheduler that cannot be reached is one error line (above), not a log of every retry
+    logging.getLogger("distributed.core").setLevel(logging.ERROR)
+    logging.getLogger("distributed.comm").setLevel(logging.ERROR)
 
 
 _JOBQUEUE = {"slurm": "SLURMCluster", "pbs": "PBSCluster", "sge": "SGECluster", "lsf": "LSFCluster"}
@@ -65,7 +72,13 @@ def open_client(manifest: Manifest, echo: bool = True) -> Iterator[object | None
 
     _quiet_dask_logs()
     if scheduler:
-        client = Client(scheduler, timeout="30s")
+        try:
+            client = Client(scheduler, timeout=ex.get("connect_timeout") or "30s")
+        except (OSError, TimeoutError) as exc:
+            raise MorphsetError(
+                f"cannot reach the Dask scheduler at {scheduler} ({type(exc).__name__}: {exc}); is it running "
+                "and reachable from here? (--scheduler / execution.scheduler)"
+            ) from None
         if echo:
             print(
                 f"joined Dask cluster {scheduler}; dashboard: {client.dashboard_link}",

@@ -12,7 +12,9 @@ arguments), so a later call on a run needs no arguments beyond the run.
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -145,24 +147,31 @@ def ingest(
     return result
 
 
-def _run_with_executor(r: Run, m: Manifest, stages: list[str], mode: str, progress: bool) -> dict:
+@contextlib.contextmanager
+def _executor(m: Manifest, stages: list[str]) -> Iterator[tuple[Any, dict]]:
+    """(executor, verified assets): model files resolved on the driver, then the cluster opened —
+    both before any work, so a missing model or an unreachable scheduler costs nothing."""
     from dags.build import DaskExecutor
     from dags.cluster import open_client
     from pipeline.core.registry import config_view, get_stage
     from pipeline.core.runner import SyncExecutor, resolve_assets
-    from pipeline.core.runner import run_stages as run_planned
 
-    assets = resolve_assets(m, stages)  # on the driver, before any cluster starts
+    assets = resolve_assets(m, stages)
     gpu_stages = set(m.get("execution.gpu_stages", []) or [])
     resources = {
         s: ({"GPU": 1} if s in gpu_stages else get_stage(s).resources_for(config_view(m, s))) for s in stages
     }
     with open_client(m) as client:
-        executor = (
-            SyncExecutor()
-            if client is None
-            else DaskExecutor(client, int(m.get("execution.retries", 2)), resources)
-        )
+        if client is None:
+            yield SyncExecutor(), assets
+        else:
+            yield DaskExecutor(client, int(m.get("execution.retries", 2)), resources), assets
+
+
+def _run_with_executor(r: Run, m: Manifest, stages: list[str], mode: str, progress: bool) -> dict:
+    from pipeline.core.runner import run_stages as run_planned
+
+    with _executor(m, stages) as (executor, assets):
         return run_planned(r, m, stages, executor, mode=mode, progress=progress, assets=assets)
 
 
@@ -227,14 +236,13 @@ def build(
     )
     m = res.manifest
     stages = BUILD_ORDER[1 : BUILD_ORDER.index(until) + 1]
-    from pipeline.core.runner import resolve_assets
+    from pipeline.core.runner import run_stages as run_planned
 
-    resolve_assets(m, stages)  # a missing model or checkpoint stops the build before ingest
-    with r.lock("build"):
+    with r.lock("build"), _executor(m, stages) as (executor, assets):
         ing = run_ingest(m, r.url, res.dataset, mode=mode, storage_options=storage_options)
         r.write_record(res.record)
         stage_mode = "resume" if mode == "extend" else mode
-        report = _run_with_executor(r, m, stages, stage_mode, progress)
+        report = run_planned(r, m, stages, executor, mode=stage_mode, progress=progress, assets=assets)
         report = _finish_report(r, m, ing, report)
     return BuildReport.from_dict(report)
 
@@ -367,5 +375,13 @@ def evaluate(
     if genova is not None:
         flags["stages.evaluate.genova"] = bool(genova)
     r = Run(run)
-    m = resolve(r, manifest, overrides, flags).manifest
-    return evaluate_run(r.url, m, m.stage_params("evaluate"))
+    res = resolve(r, manifest, overrides, flags)
+    m = res.manifest
+    params = m.stage_params("evaluate")
+    if not params.get("pairs") and res.dataset in m.data["datasets"]:
+        # the dataset's own protocol (LFW pairs.txt) rather than generated pairs
+        params["pairs"] = m.dataset(res.dataset).get("pairs") or None
+    trained = Path(r.url) / "train"
+    if not params.get("encoder") and (trained / "export" / "encoder.json").is_file():
+        params["encoder"] = str(trained)  # the run's own trained encoder
+    return evaluate_run(r.url, m, params)

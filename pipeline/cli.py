@@ -65,6 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Offline data preparation for 3D face research: person-labelled photos -> MTCNN -> 68 landmarks "
         "-> multi-image 3DMM fit -> Parquet training sets, on Dask; plus a compact trainer and evaluation.",
         formatter_class=_Formatter,
+        allow_abbrev=False,
     )
     parser.add_argument("--version", action="version", version=f"morphset {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -80,6 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
             help=mod.HELP,
             description=getattr(mod, "DESCRIPTION", mod.HELP),
             formatter_class=_Formatter,
+            allow_abbrev=False,  # --land is not --landmarks: a typo is an error, not a guess
         )
         mod.add_arguments(p)
         add_common(p)
@@ -107,12 +109,16 @@ def main(argv: list[str] | None = None) -> int:
     )
     from pipeline.config.manifest import ManifestError
     from pipeline.config.schemas import SchemaError
+    from pipeline.errors import MorphsetError
 
     try:
         return int(args._run(args) or 0)
     except (ManifestError, SchemaError, FileNotFoundError, ValueError) as exc:
         print(f"morphset {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except MorphsetError as exc:
+        print(f"morphset {args.command}: error: {exc}", file=sys.stderr)
+        return exc.exit_code
     except OSError as exc:  # the file system refused (full, read-only, corrupt shard): one line
         print(f"morphset {args.command}: error: {describe_os_error(exc)}", file=sys.stderr)
         return 1

@@ -43,6 +43,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="skip the slower ICP point-to-plane error (stages.evaluate.genova=false)",
     )
+    p.add_argument(
+        "--json", action="store_true", help="print one JSON document on stdout (logs go to stderr)"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -58,5 +61,11 @@ def run(args: argparse.Namespace) -> int:
         overrides=args.overrides,
         manifest=args.manifest,
     )
-    print(page)
+    if args.json:
+        import json
+
+        doc = json.loads((page.parent / "report.json").read_text(encoding="utf-8"))
+        print(json.dumps({"report_html": str(page), "report_json": str(page.parent / "report.json"), **doc}))
+    else:
+        print(page)
     return 0

@@ -20,6 +20,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     which.add_argument("--subject", help="subject name: export its identity shape")
     which.add_argument("--image", help="image_id (path relative to the dataset root): export its full shape")
     p.add_argument("-o", "--out", required=True, help="output file, .obj or .ply")
+    p.add_argument(
+        "--json", action="store_true", help="print one JSON document on stdout (logs go to stderr)"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -41,5 +44,15 @@ def run(args: argparse.Namespace) -> int:
         verts = subject_identity_shape(fits, model, args.subject)
     else:
         verts = image_full_shape(fits, model, args.image)
-    print(write_mesh(verts, model.triangles, out))
+    path = write_mesh(verts, model.triangles, out)
+    if args.json:
+        import json
+
+        print(
+            json.dumps(
+                {"path": str(path), "vertices": int(len(verts)), "triangles": int(len(model.triangles))}
+            )
+        )
+    else:
+        print(path)
     return 0

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 
-from pipeline.commands._common import add_run_argument, positive_int, run_location
+from pipeline.commands._common import add_run_argument, positive_int, print_json, run_location
 
 HELP = "scan a dataset (subject folders or a list file) into index shards"
 DESCRIPTION = (
@@ -33,6 +34,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default="resume",
         help="resume: rewrite only changed shards; overwrite: rewrite all; extend: new subjects go to new shards",
     )
+    p.add_argument(
+        "--json", action="store_true", help="print one JSON document on stdout (logs go to stderr)"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -48,6 +52,9 @@ def run(args: argparse.Namespace) -> int:
         overrides=args.overrides,
         manifest=args.manifest,
     )
+    if args.json:
+        print_json(dataclasses.asdict(r))
+        return 0
     print(
         f"ingest: {r.images} files of {r.subjects} subjects; shards written {len(r.shards_written)}, "
         f"unchanged {len(r.shards_skipped)}, removed {len(r.shards_removed)}"

@@ -83,6 +83,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=None,
         help="also write OUT/preview.png, a contact sheet of the first 32 images (stages.synth.preview)",
     )
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help="the summary is always one JSON document on stdout (accepted for symmetry)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:

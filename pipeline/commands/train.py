@@ -51,6 +51,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--print-config", action="store_true", help="print the effective stages.train parameters and exit"
     )
+    p.add_argument(
+        "--json", action="store_true", help="print one JSON document on stdout (logs go to stderr)"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -80,9 +83,10 @@ def run(args: argparse.Namespace) -> int:
         result.export_dir,
         f"; last epoch loss {last['loss']:.4g}" if last else "",
     )
-    print(
-        json.dumps(
-            {"out": str(result.out_dir), "epochs": result.epochs_completed, "export": str(result.export_dir)}
+    doc = {"out": str(result.out_dir), "epochs": result.epochs_completed, "export": str(result.export_dir)}
+    if args.json:  # everything a script may want, as one document
+        doc.update(
+            total_epochs=result.total_epochs, metrics=str(result.metrics_path), last_epoch=last or None
         )
-    )
+    print(json.dumps(doc, default=str))
     return 0

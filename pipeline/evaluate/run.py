@@ -24,6 +24,7 @@ from fsspec.implementations.local import LocalFileSystem
 from pipeline import __version__
 from pipeline.config.manifest import Manifest
 from pipeline.config.schemas import from_rows, load_schema
+from pipeline.errors import MorphsetError
 from pipeline.evaluate import report as rp
 from pipeline.evaluate.fit_quality import (
     fit_quality,
@@ -157,9 +158,23 @@ def fit_quality_section(ctx: Context) -> dict:
 
 
 # --- verification ----------------------------------------------------------------------------------
+class NoPairsInRun(MorphsetError):
+    """A pairs file none of whose images is in the run (another dataset, other naming)."""
+
+
 def _pairs(ctx: Context) -> tuple[PairList, bool]:
     if ctx.params.get("pairs"):
-        return read_pairs(ctx.params["pairs"], ctx.params["n_folds"]), False
+        pairs = read_pairs(ctx.params["pairs"], ctx.params["n_folds"])
+        named = set(pairs.a) | set(pairs.b)
+        known = {str(i) for i in ctx.fits["image_id"]} if len(ctx.fits) else set()
+        missing = sorted(named - known)
+        if named and len(missing) == len(named):
+            raise NoPairsInRun(
+                f"{ctx.params['pairs']}: none of its {len(named)} image names is in {ctx.run_root} "
+                f"({len(missing)} missing, e.g. {missing[0]!r}; the run's images are named like "
+                f"{next(iter(sorted(known)), 'nothing')!r})"
+            )
+        return pairs, False
     good = ctx.fitted
     items: dict[str, list[str]] = {}
     for subject, image_id in zip(good["subject"], good["image_id"], strict=True):

@@ -1,0 +1,86 @@
+"""Machine-readable output and the command line's small promises: every reporting command's
+``--json`` is one JSON document on stdout; evaluate's defaults and refusals; no abbreviations."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from pipeline import api
+from pipeline.cli import main
+
+SYNC = ["--scheduler", "sync", "--no-progress"]
+
+
+def _json(capsys) -> object:
+    out = capsys.readouterr().out
+    return json.loads(out)  # the whole of stdout: one document, nothing before or after it
+
+
+@pytest.mark.slow
+def test_every_reporting_command_prints_one_json_document(tmp_path, capsys):
+    data, run = tmp_path / "faces", tmp_path / "run"
+    assert main(["synth", "--out", str(data), "--subjects", "3", "--images-per-subject", "3",
+                 "--seed", "4", "--yaw-range", "-20", "20", "--workers", "1", "--json"]) == 0  # fmt: skip
+    assert _json(capsys)["images"] == 9
+    shutil.move(data / "ground_truth.parquet", tmp_path / "ground_truth.parquet")
+    assert main(["build", str(run), "--dataset", "synthetic", "--root", str(data), "--landmarks", "dlib",
+                 *SYNC, "--json"]) == 0  # fmt: skip
+    assert _json(capsys)["stages"]["export"]["shards_computed"] == 1
+    assert main(["status", str(run), "--json"]) == 0
+    assert _json(capsys)["export"]["done"] == 1
+    assert main(["ingest", str(run), "--json"]) == 0
+    assert _json(capsys)["shards_skipped"] == [0]
+    assert main(["fit", str(run), *SYNC, "--json"]) == 0
+    assert _json(capsys)["stages"]["fit"]["shards_skipped"] == 1
+    assert main(["train", str(run), "--tiny", "--epochs", "1,1,1", "--json"]) == 0
+    doc = _json(capsys)
+    assert doc["epochs"] == 3 and doc["last_epoch"]["phase"] == 3
+    # evaluate uses the run's trained encoder without being told
+    assert main(["evaluate", str(run), "--ground-truth", str(tmp_path / "ground_truth.parquet"),
+                 "--no-genova", "--json"]) == 0  # fmt: skip
+    doc = _json(capsys)
+    assert doc["params"]["encoder"] == str(run / "train")
+    assert doc["report_html"].endswith("report.html")
+    subject = sorted(p.name for p in data.iterdir())[0]
+    mesh = tmp_path / "id.obj"
+    assert main(["export-mesh", str(run), "--subject", subject, "-o", str(mesh), "--json"]) == 0
+    assert _json(capsys)["path"] == str(mesh)
+
+    # a pairs file that names nothing of this run is an error with counts, not "no data"
+    pairs = tmp_path / "pairs.csv"
+    pairs.write_text("a,b,same\nx/1.jpg,x/2.jpg,1\ny/1.jpg,z/1.jpg,0\n")
+    assert main(["evaluate", str(run), "--pairs", str(pairs)]) == 1
+    err = capsys.readouterr().err
+    assert "none of its 4 image names" in err and "4 missing" in err
+    # the dataset's own pairs file (datasets.<name>.pairs) is the default protocol
+    missing = tmp_path / "nope" / "pairs.txt"
+    assert main(["evaluate", str(run), "--set", f"datasets.synthetic.pairs={missing}"]) == 2
+    assert f"{missing}: pairs file not found" in capsys.readouterr().err
+
+
+def test_options_are_never_abbreviated(capsys):
+    with pytest.raises(SystemExit) as ei:
+        main(["build", "runs/x", "--land", "dlib"])
+    assert ei.value.code == 2
+    assert "--land" in capsys.readouterr().err
+
+
+def test_status_of_a_run_that_does_not_exist_is_an_error(tmp_path, capsys):
+    assert main(["status", str(tmp_path / "nosuch")]) == 2
+    assert "no such run" in capsys.readouterr().err
+    with pytest.raises(FileNotFoundError):
+        api.status(tmp_path / "nosuch")
+
+
+def test_an_unreachable_scheduler_is_one_line(tmp_path, capsys):
+    rc = main(["build", str(tmp_path / "r"), "--dataset", "synthetic", "--root", str(tmp_path),
+               "--landmarks", "dlib", "--scheduler", "tcp://127.0.0.1:9", "--set",
+               "execution.connect_timeout=1s"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert rc == 1
+    assert [line for line in err.splitlines() if line.strip()] == [
+        line for line in err.splitlines() if "cannot reach the Dask scheduler at tcp://127.0.0.1:9" in line
+    ]
