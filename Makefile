@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha256sum | cut -c1-12)
 DEMO_OUT ?= runs/demo
 
-.PHONY: demo test lint format env bench clean
+.PHONY: demo test lint format env bench clean wheel wheel-check
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,25 @@ test: env lint
 
 demo: env
 	$(BIN)/morphset demo --out $(DEMO_OUT)
+
+# The wheel a user installs: built here, installed into a fresh virtual environment (packages from
+# the local cache), then run from another directory with no repository around it.
+WHEEL_CHECK ?= $(CURDIR)/build/wheel-check
+wheel: env
+	rm -rf dist
+	$(BIN)/pip wheel --quiet --no-deps -w dist .
+
+wheel-check: wheel
+	rm -rf $(WHEEL_CHECK)
+	$(PYTHON) -m venv $(WHEEL_CHECK)/venv
+	$(WHEEL_CHECK)/venv/bin/pip install --quiet "torch==2.13.0"
+	$(WHEEL_CHECK)/venv/bin/pip install --quiet "$$(ls $(CURDIR)/dist/morphset-*.whl)[dlib]"
+	cd $(WHEEL_CHECK) && venv/bin/morphset synth --out faces --subjects 2 --images-per-subject 2 --workers 1 --json >synth.json
+	cd $(WHEEL_CHECK) && venv/bin/morphset build run --dataset synthetic --root faces --landmarks dlib \
+		--until detect --scheduler sync --no-progress --json >build.json
+	cd $(WHEEL_CHECK) && venv/bin/morphset status run --json | $(PYTHON) -m json.tool >status.json
+	cd $(WHEEL_CHECK) && $(PYTHON) -c "import json; s = json.load(open('status.json')); \
+		assert s['detect']['done'] == s['detect']['shards'] >= 1, s; print('wheel check: ok')"
 
 bench: env
 	for b in benchmarks/*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done

@@ -48,14 +48,14 @@ def make_batch_cluster(spec: dict) -> object:
             import dask_jobqueue
         except ImportError:
             raise RuntimeError(
-                f"execution.cluster.kind={kind} needs dask-jobqueue: pip install 'morphset[cluster]'"
+                f"execution.cluster.kind={kind} needs dask-jobqueue: install the cluster extra (pip install '<morphset wheel or checkout>[cluster]')"
             ) from None
         return getattr(dask_jobqueue, _JOBQUEUE[kind])(**options)
     try:
         from dask_kubernetes.operator import KubeCluster
     except ImportError:
         raise RuntimeError(
-            "execution.cluster.kind=kubernetes needs dask-kubernetes: pip install 'morphset[cluster]'"
+            "execution.cluster.kind=kubernetes needs dask-kubernetes: install the cluster extra (pip install '<morphset wheel or checkout>[cluster]')"
         ) from None
     return KubeCluster(**options)
 

@@ -19,10 +19,10 @@ from typing import Any
 import jsonschema
 import yaml
 
+from pipeline.config.data import data_root
 from pipeline.config.schemas import SCHEMA_DIR
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-DEFAULT_MANIFEST = REPO_ROOT / "data_manifest.yaml"
+DEFAULT_MANIFEST = data_root() / "data_manifest.yaml"
 MANIFEST_SCHEMA_DIR = SCHEMA_DIR / "manifest"
 
 

@@ -26,7 +26,9 @@ from pathlib import Path
 import pyarrow as pa
 import yaml
 
-SCHEMA_DIR = Path(__file__).resolve().parents[2] / "schemas"
+from pipeline.config.data import data_root
+
+SCHEMA_DIR = data_root() / "schemas"
 META_SCHEMA_NAME = b"morphset.schema"
 META_SCHEMA_VERSION = b"morphset.schema_version"
 

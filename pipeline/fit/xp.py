@@ -48,7 +48,7 @@ def resolve_backend(requested: str) -> str:
         if not cupy_available():
             raise BackendError(
                 "execution.array_backend is 'cupy' but CuPy with a CUDA device is not available "
-                "(install morphset[gpu] on a GPU machine, or set execution.array_backend=numpy)"
+                "(install the gpu extra (pip install '<morphset wheel or checkout>[gpu]') on a GPU machine, or set execution.array_backend=numpy)"
             )
         return "cupy"
     return "cupy" if cupy_available() else "numpy"
