@@ -39,7 +39,10 @@ def test_kubernetes_without_the_package_is_a_clear_error():
     try:
         import dask_kubernetes  # noqa: F401
     except ImportError:
-        with pytest.raises(RuntimeError, match=r"install the cluster extra \(pip install '<morphset wheel or checkout>\[cluster\]'\)"):
+        with pytest.raises(
+            RuntimeError,
+            match=r"install the cluster extra \(pip install '<morphset wheel or checkout>\[cluster\]'\)",
+        ):
             make_batch_cluster({"kind": "kubernetes", "options": {}})
     else:
         pytest.skip("dask-kubernetes installed; constructing a KubeCluster needs a Kubernetes API")
