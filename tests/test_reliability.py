@@ -336,6 +336,12 @@ def test_bad_values_and_bad_places_are_refused_up_front(data, tmp_path, capsys):
     (empty / "alice" / "notes.txt").write_text("x")
     assert build_from(empty, tmp_path / "r3") == 2
     assert "none usable (not_an_image=1)" in capsys.readouterr().err
+    # a missing model file is found before any image is read (not after detect and landmarks)
+    nomodel = [*base[:2], *base[2:], "--set", f"models.morphable_model.source={tmp_path / 'none.npz'}", *SYNC]
+    nomodel[1] = str(tmp_path / "r5")
+    assert main(nomodel) == 2
+    assert "none.npz" in capsys.readouterr().err
+    assert not (tmp_path / "r5" / "ingest").exists() and not (tmp_path / "r5" / "detect").exists()
     afile = tmp_path / "a-file"
     afile.write_text("x")
     assert main(["status", str(afile)]) == 2
