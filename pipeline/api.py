@@ -138,6 +138,7 @@ def ingest(
     from pipeline.ingest.stage import run_ingest
 
     r = Run(run, storage_options)
+    r.migrate_layout()
     res = _resolve_build(
         r, manifest, overrides, {}, DatasetChoice(dataset, root, list_file, None, shard_size), mode
     )
@@ -189,6 +190,7 @@ def run_stages(
 ) -> dict:
     """Run some stages (after ingest) over a run's shards; returns the report dict."""
     r = Run(run, storage_options)
+    r.migrate_layout()
     if r.read_record() is None and not r.shards():
         raise FileNotFoundError(f"{r.url}: no index shards; run `morphset ingest` first")
     res = resolve(r, manifest, overrides, {**(flags or {}), **_execution_flags(scheduler, workers)})
@@ -226,6 +228,7 @@ def build(
     if until not in BUILD_ORDER[1:]:
         raise ValueError(f"until: expected one of {BUILD_ORDER[1:]}, got {until!r}")
     r = Run(run, storage_options)
+    r.migrate_layout()
     res = _resolve_build(
         r,
         manifest,
@@ -273,6 +276,7 @@ def status(
     from pipeline.core.status import run_status
 
     r = Run(run, storage_options)
+    r.migrate_layout()
     if not r.exists():
         raise FileNotFoundError(f"{r.url}: no such run")
     return run_status(r, resolve(r, manifest, overrides).manifest)
@@ -284,6 +288,7 @@ def verify(run: str | os.PathLike, storage_options: dict | None = None) -> dict[
     from pipeline.core.registry import BUILD_ORDER
 
     r = Run(run, storage_options)
+    r.migrate_layout()
     if not r.exists():
         raise FileNotFoundError(f"{r.url}: no such run")
     out: dict[str, Any] = {"run": r.url, "stages": {}, "corrupt": []}
@@ -341,6 +346,7 @@ def train(
     from pipeline.train.config import parse_epochs, resolve_params
 
     r = Run(run)
+    r.migrate_layout()
     res = resolve(r, manifest, overrides)
     flags = parse_epochs(epochs) if isinstance(epochs, str) else dict(epochs or {})
     train_sets = {k: v for k, v in res.new_overrides.items() if k.startswith("stages.train.")}
@@ -375,6 +381,7 @@ def evaluate(
     if genova is not None:
         flags["stages.evaluate.genova"] = bool(genova)
     r = Run(run)
+    r.migrate_layout()
     res = resolve(r, manifest, overrides, flags)
     m = res.manifest
     params = m.stage_params("evaluate")

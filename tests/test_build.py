@@ -116,12 +116,12 @@ def test_reference_build_reports_and_status(reference):
 
 def test_rerun_does_no_work(reference, dataset):
     run, rows = reference
-    before = {p: os.path.getmtime(p) for p in glob.glob(str(run / "*" / "part-*.json"))}
+    before = {p: os.path.getmtime(p) for p in glob.glob(str(run / "_meta" / "*" / "part-*.json"))}
     proc = build(run, dataset, "--json")
     assert proc.returncode == 0, proc.stderr
     report = json.loads(proc.stdout[proc.stdout.index("{") :])
     assert all(st["shards_computed"] == 0 for st in report["stages"].values())
-    assert {p: os.path.getmtime(p) for p in glob.glob(str(run / "*" / "part-*.json"))} == before
+    assert {p: os.path.getmtime(p) for p in glob.glob(str(run / "_meta" / "*" / "part-*.json"))} == before
 
 
 def _wait_for(pattern: str, proc: subprocess.Popen | None = None, timeout: float = 300) -> bool:
@@ -138,7 +138,7 @@ def _wait_for(pattern: str, proc: subprocess.Popen | None = None, timeout: float
 
 @pytest.mark.parametrize(
     "kill_when",
-    ["detect/part-00000.json", "fit/part-00000.json", "export/_labels.json"],
+    ["_meta/detect/part-00000.json", "_meta/fit/part-00000.json", "_meta/export/_labels.json"],
     ids=["during-detect", "during-fit", "between-fit-and-export"],
 )
 def test_sigkill_then_resume_gives_the_uninterrupted_export(kill_when, reference, dataset, tmp_path):
@@ -157,7 +157,7 @@ def test_sigkill_then_resume_gives_the_uninterrupted_export(kill_when, reference
         os.killpg(proc.pid, signal.SIGKILL)  # the driver and its LocalCluster workers
         proc.wait()
     assert reached, f"the build ended before {kill_when} appeared"
-    done = glob.glob(str(run / "export" / "part-*.json"))
+    done = glob.glob(str(run / "_meta" / "export" / "part-?????.json"))
     assert len(done) < SUBJECTS * IMAGES // SHARD  # it really was interrupted
     resumed = build(run, dataset)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
@@ -191,7 +191,7 @@ def test_a_worker_killed_mid_run_does_not_change_the_result(reference, dataset, 
     ):
 
         def killer():
-            if _wait_for(str(run / "detect" / "part-00000.json")):
+            if _wait_for(str(run / "_meta" / "detect" / "part-00000.json")):
                 pids = client.run(os.getpid)
                 victim = sorted(pids.values())[0]
                 os.kill(victim, signal.SIGKILL)
@@ -282,7 +282,7 @@ def test_a_real_multi_process_cluster_gives_the_same_export(reference, dataset, 
 def _sidecar_times(run: Path, stage: str) -> dict[str, str]:
     return {
         p: json.loads(Path(p).read_text())["written_at"] + Path(p).read_text()
-        for p in sorted(glob.glob(str(run / stage / "part-*.json")))
+        for p in sorted(glob.glob(str(run / "_meta" / stage / "part-?????.json")))
     }
 
 
@@ -360,7 +360,7 @@ def test_ctrl_c_stops_cleanly_and_the_rerun_completes(reference, dataset, tmp_pa
         start_new_session=True,
     )
     try:
-        assert _wait_for(str(run / "detect" / "part-00000.json"), proc)
+        assert _wait_for(str(run / "_meta" / "detect" / "part-00000.json"), proc)
         proc.send_signal(signal.SIGINT)  # what Ctrl-C sends to the driver
         _, err = proc.communicate(timeout=120)
     finally:

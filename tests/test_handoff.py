@@ -84,3 +84,56 @@ def test_an_unreachable_scheduler_is_one_line(tmp_path, capsys):
     assert [line for line in err.splitlines() if line.strip()] == [
         line for line in err.splitlines() if "cannot reach the Dask scheduler at tcp://127.0.0.1:9" in line
     ]
+
+
+def test_the_bare_export_folder_opens_in_every_common_reader(tmp_path, monkeypatch):
+    """pyarrow, pandas, polars, duckdb and Hugging Face datasets on RUN/export, no glob: same rows."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    import duckdb
+    import pandas as pd
+    import polars as pl
+    import pyarrow.dataset as pads
+    import pyarrow.parquet as pq
+    from datasets import load_dataset
+
+    from pipeline.storage.run import Run
+    from pipeline.synthetic.toy import toy_model
+    from pipeline.synthetic.trainset import write_synthetic_trainset
+
+    run = tmp_path / "run"
+    write_synthetic_trainset(
+        str(run), toy_model(6, 3, 0, 7.0), n_subjects=6, images_per_subject=4, n_shards=3
+    )
+    Run(run).store("export").write_json("_labels.json", {"subjects": {}})  # stage-level files too
+    d = str(run / "export")
+    want = sorted(Run(run).table("export", ["image_id"]).column("image_id").to_pylist())
+    got = {
+        "pyarrow.dataset": pads.dataset(d).to_table(columns=["image_id"]).column("image_id").to_pylist(),
+        "pq.read_table": pq.read_table(d, columns=["image_id"]).column("image_id").to_pylist(),
+        "pandas": pd.read_parquet(d, columns=["image_id"])["image_id"].tolist(),
+        "polars": pl.read_parquet(d, columns=["image_id"])["image_id"].to_list(),
+        "duckdb": [r[0] for r in duckdb.sql(f"select image_id from read_parquet('{d}')").fetchall()],
+        "datasets": load_dataset("parquet", data_dir=d, split="train")["image_id"],
+    }
+    assert {name: sorted(ids) for name, ids in got.items()} == {name: want for name in got}
+
+
+def test_a_run_of_the_old_layout_is_migrated(tmp_path, capsys, caplog):
+    """Runs written before _meta/ had their sidecars beside the data: the first command moves them."""
+    from pipeline.storage.run import Run
+    from pipeline.synthetic.toy import toy_model
+    from pipeline.synthetic.trainset import write_synthetic_trainset
+
+    run = tmp_path / "run"
+    write_synthetic_trainset(
+        str(run), toy_model(6, 3, 0, 7.0), n_subjects=4, images_per_subject=2, n_shards=2
+    )
+    for p in (run / "_meta" / "export").iterdir():
+        p.rename(run / "export" / p.name)
+    assert Run(run).store("export").shards_with_sidecar() == []  # unreadable as it stands
+    assert main(["verify", str(run)]) == 0
+    assert "moved 2 sidecar file(s)" in caplog.text
+    assert sorted(p.name for p in (run / "export").iterdir()) == ["part-00000.parquet", "part-00001.parquet"]
+    assert Run(run).store("export").shards_with_sidecar() == [0, 1]

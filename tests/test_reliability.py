@@ -160,7 +160,9 @@ def test_export_fails_the_shard_rather_than_dropping_an_unreadable_image(data, t
     rc = main(["export", str(run), *SYNC])
     err = capsys.readouterr().err
     assert rc == 1 and str(victim) in err
-    assert len(glob.glob(str(run / "export" / "part-?????.json"))) == 2  # that shard is not committed
+    assert (
+        len(glob.glob(str(run / "_meta" / "export" / "part-?????.json"))) == 2
+    )  # that shard is not committed
     victim.write_bytes(kept)
     assert main(["export", str(run), *SYNC]) == 0
     ids = {r[0] for r in export_rows(run)}
@@ -204,7 +206,7 @@ def test_a_storage_fault_is_one_line_exit_1_and_the_rerun_completes(
 @pytest.mark.parametrize("content", ["[]", "{}", "{not json"])
 def test_a_malformed_sidecar_counts_as_not_done(reference, tmp_path, capsys, content, caplog):
     run = copy_run(reference, tmp_path)
-    (run / "fit" / "part-00000.json").write_text(content)
+    (run / "_meta" / "fit" / "part-00000.json").write_text(content)
     assert main(["status", str(run), "--json"]) == 0
     status = json.loads(capsys.readouterr().out)
     assert status["fit"]["pending"] == 1

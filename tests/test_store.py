@@ -77,7 +77,8 @@ def test_rewriting_a_shard_is_idempotent(tmp_path):
     first = open(store.data_path(0), "rb").read()
     store.write(0, t, schema, "fp", "ph", 0.2)  # e.g. Dask re-ran the task after a worker died
     assert open(store.data_path(0), "rb").read() == first
-    assert sorted(os.listdir(store.dir)) == ["part-00000.json", "part-00000.parquet"]
+    assert sorted(os.listdir(store.dir)) == ["part-00000.parquet"]  # the data folder holds data only
+    assert sorted(os.listdir(store.meta)) == ["part-00000.json"]
 
 
 def test_memory_filesystem_and_dataset_reader():

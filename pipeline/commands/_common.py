@@ -88,6 +88,6 @@ def print_report(report: dict) -> None:
         print(f"throughput: {report['images_per_second']} images/s over {report['wall_seconds']} s")
     if report["failed_shards"]:
         print(
-            f"FAILED shards: {', '.join(report['failed_shards'])} (tracebacks in <stage>/part-NNNNN.failed.json)",
+            f"FAILED shards: {', '.join(report['failed_shards'])} (tracebacks in RUN/_meta/<stage>/part-NNNNN.failed.json)",
             file=sys.stderr,
         )

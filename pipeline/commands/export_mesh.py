@@ -35,7 +35,9 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.suffix.lower() not in MESH_SUFFIXES:
         raise ValueError(f"--out {out}: the file name must end in .obj or .ply")
-    m = resolve(Run(args.run), args.manifest, args.overrides).manifest
+    run = Run(args.run)
+    run.migrate_layout()
+    m = resolve(run, args.manifest, args.overrides).manifest
     model, why = load_model(m)
     if model is None:
         raise FileNotFoundError(why)

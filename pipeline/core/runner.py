@@ -228,7 +228,7 @@ def storage_fault(exc: BaseException) -> StorageFault | None:
 
 
 def record_failure(run: Run, manifest: Manifest, outcome: Outcome, stats: StageStats) -> None:
-    """Mark the shard failed (traceback kept in ``part-NNNNN.failed.json``); it stays not done."""
+    """Mark the shard failed (traceback kept in ``_meta/<stage>/part-NNNNN.failed.json``); it stays not done."""
     exc = outcome.error
     try:
         fp = run.shard_fingerprint(manifest, outcome.stage, outcome.shard) or ""

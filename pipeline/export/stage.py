@@ -3,7 +3,7 @@
 Only images whose detection, landmarks and fit all succeeded; subjects with fewer usable images
 than ``min_images_per_subject`` are dropped. Labels are dense over the surviving subjects and the
 train/validation split is by subject (a hash of the subject name), so both are decided once for
-the whole run by :func:`prepare_global` (``export/_labels.json``) before any export shard runs.
+the whole run by :func:`prepare_global` (``_meta/export/_labels.json``) before any export shard runs.
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ class ExportStage(Stage):
 
 
 def prepare_global(run: Run, config: ConfigView) -> dict:
-    """Count usable images per subject over all committed fit shards; write ``export/_labels.json``."""
+    """Count usable images per subject over all committed fit shards; write ``_meta/export/_labels.json``."""
     params = config.stage_params("export")
     fits = run.store("fit")
     counts: dict[str, int] = {}

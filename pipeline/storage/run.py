@@ -252,6 +252,16 @@ class Run:
 
         return self.store(stage_or_table).dataset(schema_for(stage_or_table)).to_table(columns=columns)
 
+    def migrate_layout(self) -> None:
+        """Move sidecars of runs written before ``_meta/`` existed out of the stage folders."""
+        from pipeline.core.registry import BUILD_ORDER
+
+        moved = sum(self.store(s).migrate() for s in BUILD_ORDER) if self.fs.exists(self.root) else 0
+        if moved:
+            log.warning(
+                "%s: moved %d sidecar file(s) into %s/_meta/ (the current layout)", self.url, moved, self.url
+            )
+
     def remove_temporaries(self, stages: list[str]) -> int:
         return sum(self.store(s).remove_temporaries() for s in stages)
 

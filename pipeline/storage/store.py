@@ -1,8 +1,13 @@
-"""Shard store: stage outputs as ``<run>/<stage>/part-NNNNN.parquet`` plus a JSON sidecar.
+"""Shard store: stage outputs as ``<run>/<stage>/part-NNNNN.parquet`` plus a JSON sidecar
+``<run>/_meta/<stage>/part-NNNNN.json``.
+
+A stage folder holds Parquet files and nothing else, so every reader takes the bare folder
+(pyarrow, pandas, polars, duckdb, Hugging Face ``datasets``); sidecars, failure markers and
+stage-level files (export's ``_labels.json``, ingest's ``_summary.json``) live under ``_meta/``.
 
 Commit protocol (what makes resume and re-executed Dask tasks safe):
 1. the Parquet file is written under a hidden temporary name in the same directory, then renamed;
-2. the sidecar ``part-NNNNN.json`` is written the same way, last. It is the done-marker.
+2. the sidecar ``_meta/<stage>/part-NNNNN.json`` is written the same way, last. It is the done-marker.
 A shard is *done* only if its sidecar exists and records the fingerprint of the current inputs and
 parameters. A writer killed between 1 and 2 leaves a shard that is not done; the rerun rewrites it.
 A task that runs twice writes identical content twice. Readers only ever open Parquet files whose
@@ -33,6 +38,7 @@ from pipeline.config.schemas import StageSchema, check_version, conform
 from pipeline.storage.atomic import atomic_write, remove_temporaries
 
 log = logging.getLogger(__name__)
+META_DIR = "_meta"
 PART_RE = re.compile(r"part-(\d{5})\.json$")
 ROW_GROUP_SIZE = 2048  # bounded row groups: column selection never reads more than this many rows of bytes
 
@@ -75,17 +81,18 @@ class ShardStore:
     def __post_init__(self) -> None:
         self.fs, root = fsspec.core.url_to_fs(self.run_root, **(self.storage_options or {}))
         self.root = root.rstrip("/")
-        self.dir = f"{self.root}/{self.stage}"
+        self.dir = f"{self.root}/{self.stage}"  # the data: Parquet only
+        self.meta = f"{self.root}/{META_DIR}/{self.stage}"  # sidecars, markers, stage-level files
 
     # --- paths ---------------------------------------------------------------------------
     def data_path(self, shard: int) -> str:
         return f"{self.dir}/part-{shard:05d}.parquet"
 
     def sidecar_path(self, shard: int) -> str:
-        return f"{self.dir}/part-{shard:05d}.json"
+        return f"{self.meta}/part-{shard:05d}.json"
 
     def failed_path(self, shard: int) -> str:
-        return f"{self.dir}/part-{shard:05d}.failed.json"
+        return f"{self.meta}/part-{shard:05d}.failed.json"
 
     def _atomic_write(self, final: str, data: bytes) -> None:
         atomic_write(final, data, self.fs)
@@ -133,12 +140,12 @@ class ShardStore:
     def write_json(self, name: str, doc: dict) -> None:
         """An auxiliary stage-level JSON file (``_summary.json`` ...), written atomically."""
         self._atomic_write(
-            f"{self.dir}/{name}", json.dumps(doc, indent=1, ensure_ascii=False, sort_keys=True).encode()
+            f"{self.meta}/{name}", json.dumps(doc, indent=1, ensure_ascii=False, sort_keys=True).encode()
         )
 
     def read_json(self, name: str) -> dict | None:
         try:
-            with self.fs.open(f"{self.dir}/{name}", "rb") as f:
+            with self.fs.open(f"{self.meta}/{name}", "rb") as f:
                 return json.loads(f.read())
         except (FileNotFoundError, json.JSONDecodeError):
             return None
@@ -163,11 +170,24 @@ class ShardStore:
     def remove_temporaries(self) -> int:
         """Delete ``_tmp-*`` files a killed writer left behind. Call only when no writer of this
         run is active (the build driver does, before submitting work)."""
-        return remove_temporaries(self.dir, self.fs)
+        return remove_temporaries(self.dir, self.fs) + remove_temporaries(self.meta, self.fs)
 
     def clear(self) -> None:
-        if self.fs.exists(self.dir):
-            self.fs.rm(self.dir, recursive=True)
+        for d in (self.dir, self.meta):
+            if self.fs.exists(d):
+                self.fs.rm(d, recursive=True)
+
+    def migrate(self) -> int:
+        """Move the JSON files of the layout before ``_meta/`` (sidecars beside the data) into
+        ``_meta/<stage>/``; returns how many moved. Idempotent."""
+        if not self.fs.exists(self.dir):
+            return 0
+        legacy = [p for p in self.fs.ls(self.dir, detail=False) if p.rsplit("/", 1)[-1].endswith(".json")]
+        if legacy:
+            self.fs.makedirs(self.meta, exist_ok=True)
+        for p in legacy:
+            self.fs.mv(p, f"{self.meta}/{p.rsplit('/', 1)[-1]}")
+        return len(legacy)
 
     # --- reading -------------------------------------------------------------------------
     def sidecar(self, shard: int) -> dict | None:
@@ -229,10 +249,10 @@ class ShardStore:
             self.fs.rm(self.sidecar_path(shard))
 
     def shards_with_sidecar(self) -> list[int]:
-        if not self.fs.exists(self.dir):
+        if not self.fs.exists(self.meta):
             return []
         out = []
-        for p in self.fs.ls(self.dir, detail=False):
+        for p in self.fs.ls(self.meta, detail=False):
             m = PART_RE.search(p.rsplit("/", 1)[-1])
             if m:
                 out.append(int(m.group(1)))
