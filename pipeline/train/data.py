@@ -1,6 +1,6 @@
 """Streaming the export stage's trainset shards into torch.
 
-Only committed shards (those with a ``part-NNNNN.json`` sidecar) are read. The unit of work is one
+Only committed shards (those with a ``_meta/export/part-NNNNN.json`` sidecar) are read. The unit of work is one
 Parquet row group (at most ``pipeline.storage.store.ROW_GROUP_SIZE`` rows): each epoch the units are
 permuted with a seed of (seed, epoch) and dealt round-robin to the DataLoader workers (and DDP
 ranks), so every row is yielded exactly once per epoch; rows pass through a bounded shuffle
@@ -69,7 +69,7 @@ def scan_trainset(run_root: str, storage_options: dict | None = None) -> Trainse
     shards = [s for s in store.shards_with_sidecar() if store.fs.exists(store.data_path(s))]
     if not shards:
         raise FileNotFoundError(
-            f"{store.dir}: no committed trainset shards (part-NNNNN.parquet with its part-NNNNN.json); "
+            f"{store.dir}: no committed trainset shards (part-NNNNN.parquet with its _meta/export/part-NNNNN.json); "
             "run `morphset export` first"
         )
     paths, units, meta = [], [], None
