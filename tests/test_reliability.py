@@ -57,6 +57,13 @@ def export_rows(run: Path) -> list[tuple]:
     )
 
 
+def flip_byte(path: Path, offset: int, mask: int) -> None:
+    """Alter one byte in place: same size, other content."""
+    data = bytearray(path.read_bytes())
+    data[offset] ^= mask
+    path.write_bytes(bytes(data))
+
+
 def temporaries(run: Path) -> list[str]:
     return glob.glob(str(run / "**" / "_tmp-*"), recursive=True)
 
@@ -118,9 +125,7 @@ def test_a_truncated_export_shard_is_recomputed_not_reported_done(reference, tmp
 def test_a_flipped_byte_is_never_served_and_the_next_build_recomputes(reference, tmp_path, capsys):
     run = copy_run(reference, tmp_path)
     p = run / "landmarks" / "part-00000.parquet"
-    data = bytearray(p.read_bytes())
-    data[len(data) // 2] ^= 0x40
-    p.write_bytes(bytes(data))
+    flip_byte(p, len(p.read_bytes()) // 2, 0x40)
     # a fit parameter change makes the fit read the landmarks again
     rc = main(["build", str(run), *SYNC, "--set", "stages.fit.max_iterations=9"])
     err = capsys.readouterr().err
@@ -135,9 +140,7 @@ def test_a_flipped_byte_is_never_served_and_the_next_build_recomputes(reference,
 def test_verify_finds_a_corrupt_shard_and_the_next_build_repairs_it(reference, tmp_path, capsys):
     run = copy_run(reference, tmp_path)
     p = run / "detect" / "part-00002.parquet"
-    data = bytearray(p.read_bytes())
-    data[-40] ^= 0x01
-    p.write_bytes(bytes(data))
+    flip_byte(p, -40, 0x01)
     assert main(["verify", str(run), "--json"]) == 1
     result = json.loads(capsys.readouterr().out)
     assert [c["path"] for c in result["corrupt"]] == [str(p)]
@@ -226,9 +229,7 @@ def test_content_fingerprints_catch_an_edit_that_keeps_size_and_mtime(data, tmp_
         over = [f"stages.ingest.fingerprint={mode}"]
         api.ingest(run, dataset="d", root=str(root), shard_size=100, overrides=over)
         st = os.stat(a)
-        blob = bytearray(a.read_bytes())
-        blob[-3] ^= 0xFF  # same size, other content
-        a.write_bytes(bytes(blob))
+        flip_byte(a, -3, 0xFF)  # same size, other content
         os.utime(a, ns=(st.st_atime_ns, st.st_mtime_ns))
         again = api.ingest(run, dataset="d", root=str(root), shard_size=100, overrides=over)
         assert again.shards_written == ([] if mode == "stat" else [0])  # stat: the documented blind spot
@@ -374,9 +375,7 @@ def api_refuses_zero_workers(tmp_path: Path, data: Path) -> bool:
 def test_train_refuses_an_altered_export_shard_naming_it(reference, tmp_path, capsys):
     run = copy_run(reference, tmp_path)
     p = run / "export" / "part-00001.parquet"
-    data = bytearray(p.read_bytes())
-    data[len(data) // 3] ^= 0x10
-    p.write_bytes(bytes(data))
+    flip_byte(p, len(p.read_bytes()) // 3, 0x10)
     assert main(["train", str(run), "--tiny", "--epochs", "1,0,0"]) == 1
     err = capsys.readouterr().err
     assert str(p) in err and "sha256 differs" in err and "Traceback" not in err
