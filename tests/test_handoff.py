@@ -118,6 +118,11 @@ def test_the_bare_export_folder_opens_in_every_common_reader(tmp_path, monkeypat
         "datasets": load_dataset("parquet", data_dir=d, split="train")["image_id"],
     }
     assert {name: sorted(ids) for name, ids in got.items()} == {name: want for name in got}
+    # each column's meaning and unit travel with the data (schemas/trainset.yaml)
+    schema = pq.read_schema(sorted((run / "export").glob("*.parquet"))[0])
+    assert schema.field("yaw").metadata == {b"morphset.doc": b"degrees", b"morphset.unit": b"deg"}
+    assert schema.field("scale").metadata[b"morphset.unit"] == b"px/mm"
+    assert b"identity coefficients" in schema.field("alpha_id").metadata[b"morphset.doc"]
 
 
 def test_a_run_of_the_old_layout_is_migrated(tmp_path, capsys, caplog):

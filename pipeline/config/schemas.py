@@ -31,6 +31,8 @@ from pipeline.config.data import data_root
 SCHEMA_DIR = data_root() / "schemas"
 META_SCHEMA_NAME = b"morphset.schema"
 META_SCHEMA_VERSION = b"morphset.schema_version"
+FIELD_DOC = b"morphset.doc"  # Arrow field metadata: the column's meaning (from schemas/<name>.yaml)
+FIELD_UNIT = b"morphset.unit"  # and its unit, where it has one
 
 
 class SchemaError(ValueError):
@@ -118,9 +120,11 @@ def load_schema(name: str) -> StageSchema:
         where = f"{path}: columns[{i}]"
         if not isinstance(col, dict) or "name" not in col or "type" not in col:
             raise SchemaError(f"{where}: expected a mapping with 'name' and 'type'")
-        unknown = set(col) - {"name", "type", "nullable", "doc"}
+        unknown = set(col) - {"name", "type", "nullable", "doc", "unit"}
         if unknown:
-            raise SchemaError(f"{where}: unknown keys {sorted(unknown)} (allowed: name, type, nullable, doc)")
+            raise SchemaError(
+                f"{where}: unknown keys {sorted(unknown)} (allowed: name, type, nullable, doc, unit)"
+            )
         cname = col["name"]
         if cname in seen:
             raise SchemaError(f"{where}: column {cname!r} declared twice")
@@ -129,8 +133,12 @@ def load_schema(name: str) -> StageSchema:
             typ = parse_type(str(col["type"]))
         except SchemaError as exc:
             raise SchemaError(f"{where} ({cname}): {exc}") from None
-        fields.append(pa.field(cname, typ, nullable=bool(col.get("nullable", True))))
         docs[cname] = str(col.get("doc", ""))
+        # what a column means (and its unit) travels with the data: any Parquet reader shows it
+        field_md = {FIELD_DOC: docs[cname].encode()}
+        if col.get("unit"):
+            field_md[FIELD_UNIT] = str(col["unit"]).encode()
+        fields.append(pa.field(cname, typ, nullable=bool(col.get("nullable", True)), metadata=field_md))
     md = {META_SCHEMA_NAME: name.encode(), META_SCHEMA_VERSION: str(version).encode()}
     return StageSchema(name, version, str(raw.get("doc", "")), pa.schema(fields, metadata=md), docs)
 
