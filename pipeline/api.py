@@ -297,16 +297,15 @@ def verify(run: str | os.PathLike, storage_options: dict | None = None) -> dict[
             store = r.store(stage)
             verified, corrupt = 0, []
             for shard in store.shards_with_sidecar():
-                why = store.verify(shard)
-                if why is None:
+                bad = store.check(shard)
+                if bad is None:
                     verified += 1
                     continue
+                path, why = bad
                 if why == "not committed":  # a malformed sidecar: already not done
                     continue
                 corrupt.append(shard)
-                out["corrupt"].append(
-                    {"stage": stage, "shard": shard, "path": store.data_path(shard), "why": why}
-                )
+                out["corrupt"].append({"stage": stage, "shard": shard, "path": path, "why": why})
                 store.invalidate(shard)
             out["stages"][stage] = {"verified": verified, "corrupt": corrupt}
     return out

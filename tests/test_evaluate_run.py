@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from html.parser import HTMLParser
 from pathlib import Path
@@ -266,24 +267,33 @@ def test_scan_ground_truth_layout(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("suffix", [".obj", ".ply"])
-def test_export_mesh_round_trips(toy, tmp_path, suffix, capsys):
+def test_export_mesh_keeps_correspondence_in_trimesh_default_load(toy, tmp_path, suffix, capsys, monkeypatch):
     model, run, _ = toy
+    # a model with vertices no triangle uses (the default model has 1,218 of them)
+    keep = np.isin(model.triangles, [0, 5, 17], invert=True).all(axis=1)
+    model = dataclasses.replace(model, triangles=model.triangles[keep])
+    monkeypatch.setattr(evrun, "load_model", lambda manifest: (model, None))
+    used = np.unique(model.triangles)
+    assert len(used) < model.n_vertices
     out = tmp_path / f"ident{suffix}"
-    assert main(["export-mesh", str(run), "--subject", "person_02", "-o", str(out)]) == 0
-    v, f = read_mesh(out)
+    assert main(["export-mesh", str(run), "--subject", "person_02", "-o", str(out), "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["vertices"] == len(used) and doc["model_vertices"] == model.n_vertices
     from pipeline.evaluate.inputs import load_fits
 
     fits = load_fits(str(run))
     a_id = fits["alpha_id"][list(fits["subject"]).index("person_02")]
-    assert np.allclose(v, model.shape(a_id), atol=1e-4)
-    assert np.array_equal(f, model.triangles)
-    mesh = trimesh.load(out, force="mesh", process=False)
-    assert len(mesh.vertices) == model.n_vertices
+    ids = np.loadtxt(doc["vertex_ids"], dtype=np.int64)
+    np.testing.assert_array_equal(ids, used)
+    mesh = trimesh.load(out)  # trimesh's defaults: process=True merges and drops unused vertices
+    assert len(mesh.vertices) == len(used)
+    np.testing.assert_allclose(mesh.vertices, model.shape(a_id)[ids], atol=1e-4)
+    np.testing.assert_array_equal(ids[mesh.faces], model.triangles)
     out2 = tmp_path / f"full{suffix}"
     assert main(["export-mesh", str(run), "--image", "person_02/001.png", "-o", str(out2)]) == 0
     i = list(fits["image_id"]).index("person_02/001.png")
     v2, _ = read_mesh(out2)
-    assert np.allclose(v2, model.shape(fits["alpha_id"][i], fits["alpha_exp"][i]), atol=1e-4)
+    assert np.allclose(v2, model.shape(fits["alpha_id"][i], fits["alpha_exp"][i])[ids], atol=1e-4)
 
 
 def test_export_mesh_errors_are_clear(toy, tmp_path, capsys):

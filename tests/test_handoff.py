@@ -104,20 +104,26 @@ def test_the_bare_export_folder_opens_in_every_common_reader(tmp_path, monkeypat
 
     run = tmp_path / "run"
     write_synthetic_trainset(
-        str(run), toy_model(6, 3, 0, 7.0), n_subjects=6, images_per_subject=4, n_shards=3
+        str(run), toy_model(6, 3, 0, 7.0), n_subjects=6, images_per_subject=4, n_shards=3, val_subjects=2
     )
     Run(run).store("export").write_json("_labels.json", {"subjects": {}})  # stage-level files too
     d = str(run / "export")
-    want = sorted(Run(run).table("export", ["image_id"]).column("image_id").to_pylist())
+    rows = Run(run).table("export", ["image_id", "split"]).to_pylist()
+    want = sorted(r["image_id"] for r in rows)
     got = {
         "pyarrow.dataset": pads.dataset(d).to_table(columns=["image_id"]).column("image_id").to_pylist(),
         "pq.read_table": pq.read_table(d, columns=["image_id"]).column("image_id").to_pylist(),
         "pandas": pd.read_parquet(d, columns=["image_id"])["image_id"].tolist(),
         "polars": pl.read_parquet(d, columns=["image_id"])["image_id"].to_list(),
         "duckdb": [r[0] for r in duckdb.sql(f"select image_id from read_parquet('{d}')").fetchall()],
-        "datasets": load_dataset("parquet", data_dir=d, split="train")["image_id"],
     }
     assert {name: sorted(ids) for name, ids in got.items()} == {name: want for name in got}
+    # Hugging Face reads the split from the file names: train and validation, each row once
+    hf = load_dataset("parquet", data_dir=d)
+    assert sorted(hf) == ["train", "validation"]
+    for split, ours in (("train", "train"), ("validation", "val")):
+        assert sorted(hf[split]["image_id"]) == sorted(r["image_id"] for r in rows if r["split"] == ours)
+        assert set(hf[split]["split"]) == {ours}
     # each column's meaning and unit travel with the data (schemas/trainset.yaml)
     schema = pq.read_schema(sorted((run / "export").glob("*.parquet"))[0])
     assert schema.field("yaw").metadata == {b"morphset.doc": b"degrees", b"morphset.unit": b"deg"}
@@ -140,5 +146,8 @@ def test_a_run_of_the_old_layout_is_migrated(tmp_path, capsys, caplog):
     assert Run(run).store("export").shards_with_sidecar() == []  # unreadable as it stands
     assert main(["verify", str(run)]) == 0
     assert "moved 2 sidecar file(s)" in caplog.text
-    assert sorted(p.name for p in (run / "export").iterdir()) == ["part-00000.parquet", "part-00001.parquet"]
+    assert sorted(p.name for p in (run / "export").iterdir()) == [
+        "part-00000-train.parquet",
+        "part-00001-train.parquet",
+    ]
     assert Run(run).store("export").shards_with_sidecar() == [0, 1]

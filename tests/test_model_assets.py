@@ -52,6 +52,14 @@ def test_triangles_have_outward_normals_over_the_face(model):
     assert len(np.unique(model.triangles)) > 0.95 * model.n_vertices
 
 
+def test_triangles_are_wound_consistently(model):
+    # every shared edge is traversed in opposite directions by its two triangles
+    import trimesh
+
+    mesh = trimesh.Trimesh(model.shape().astype(np.float64), model.triangles, process=False)
+    assert mesh.is_winding_consistent
+
+
 def test_whitening_pickle_is_parsed_without_executing_it(tmp_path):
     marker = tmp_path / "pwned"
 

@@ -115,7 +115,7 @@ def test_a_truncated_committed_shard_is_not_done_and_is_recomputed(reference, tm
 def test_a_truncated_export_shard_is_recomputed_not_reported_done(reference, tmp_path, capsys):
     run = copy_run(reference, tmp_path)
     want = export_rows(reference)
-    p = run / "export" / "part-00000.parquet"
+    p = run / "export" / "part-00000-train.parquet"
     p.write_bytes(p.read_bytes()[:-50])
     assert main(["build", str(run), *SYNC, "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["stages"]["export"]["shards_computed"] == 1
@@ -374,7 +374,7 @@ def api_refuses_zero_workers(tmp_path: Path, data: Path) -> bool:
 
 def test_train_refuses_an_altered_export_shard_naming_it(reference, tmp_path, capsys):
     run = copy_run(reference, tmp_path)
-    p = run / "export" / "part-00001.parquet"
+    p = run / "export" / "part-00001-train.parquet"
     flip_byte(p, len(p.read_bytes()) // 3, 0x10)
     assert main(["train", str(run), "--tiny", "--epochs", "1,0,0"]) == 1
     err = capsys.readouterr().err

@@ -90,7 +90,7 @@ def test_reader_refuses_another_schema_version(tmp_path):
 
     sc = store.sidecar(0)
     data = Path(path).read_bytes()
-    sc.update(bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
+    sc["files"][0].update(bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
     Path(store.sidecar_path(0)).write_text(json.dumps(sc))
     with pytest.raises(SchemaError, match=r"written with schema index v99, this morphset reads index v1"):
         store.read(0, schema)

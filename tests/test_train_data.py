@@ -138,7 +138,7 @@ def test_missing_export_and_mixed_models_are_refused(tmp_path, model):
     schema = load_schema("trainset")
     table = from_rows(synthetic_rows(other, 1, 2, seed=1), schema)
     ShardStore(str(tmp_path), "export").write(1, table, schema, "f", "p", 0, model_metadata(other))
-    with pytest.raises(SchemaError, match="part-00001.parquet: morphable model metadata"):
+    with pytest.raises(SchemaError, match="part-00001-train.parquet: morphable model metadata"):
         scan_trainset(str(tmp_path))
 
 

@@ -10,7 +10,9 @@ DESCRIPTION = (
     "Export a mesh from a run's fit shards (RUN/fit): --subject NAME writes the subject's neutral identity "
     "shape (mean + identity basis @ alpha_id), --image IMAGE_ID the full shape fitted to one image "
     "(identity + that image's expression), both in model coordinates (mm, y up, z towards the camera) with "
-    "the morphable model's triangles. The format follows the output suffix (.obj or .ply)."
+    "the morphable model's triangles. The format follows the output suffix (.obj or .ply). Only vertices "
+    "some triangle uses are written (every reader then keeps them all, in order); OUT's "
+    "<stem>.vertex_ids.txt lists the model vertex index of each."
 )
 
 
@@ -28,7 +30,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from pipeline.config.resolve import resolve
     from pipeline.evaluate.inputs import load_fits
-    from pipeline.evaluate.meshes import MESH_SUFFIXES, image_full_shape, subject_identity_shape, write_mesh
+    from pipeline.evaluate.meshes import (
+        MESH_SUFFIXES,
+        image_full_shape,
+        subject_identity_shape,
+        write_model_mesh,
+    )
     from pipeline.evaluate.run import load_model
     from pipeline.storage.run import Run
 
@@ -46,15 +53,18 @@ def run(args: argparse.Namespace) -> int:
         verts = subject_identity_shape(fits, model, args.subject)
     else:
         verts = image_full_shape(fits, model, args.image)
-    path = write_mesh(verts, model.triangles, out)
+    path, ids, written = write_model_mesh(verts, model.triangles, out)
     if args.json:
         import json
 
-        print(
-            json.dumps(
-                {"path": str(path), "vertices": int(len(verts)), "triangles": int(len(model.triangles))}
-            )
-        )
+        doc = {
+            "path": str(path),
+            "vertex_ids": str(ids),
+            "vertices": written,
+            "model_vertices": int(len(verts)),
+            "triangles": int(len(model.triangles)),
+        }
+        print(json.dumps(doc))
     else:
         print(path)
     return 0

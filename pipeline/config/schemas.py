@@ -79,6 +79,9 @@ class StageSchema:
     doc: str
     arrow: pa.Schema  # with the name/version in its metadata
     docs: dict[str, str]
+    # one data file per value of this column in each shard (``files_by: {column, values}``)
+    files_by: str | None = None
+    file_values: tuple[str, ...] = ()
 
     @property
     def columns(self) -> list[str]:
@@ -140,7 +143,29 @@ def load_schema(name: str) -> StageSchema:
             field_md[FIELD_UNIT] = str(col["unit"]).encode()
         fields.append(pa.field(cname, typ, nullable=bool(col.get("nullable", True)), metadata=field_md))
     md = {META_SCHEMA_NAME: name.encode(), META_SCHEMA_VERSION: str(version).encode()}
-    return StageSchema(name, version, str(raw.get("doc", "")), pa.schema(fields, metadata=md), docs)
+    files_by, file_values = _files_by(raw.get("files_by"), path, fields)
+    return StageSchema(
+        name, version, str(raw.get("doc", "")), pa.schema(fields, metadata=md), docs, files_by, file_values
+    )
+
+
+def _files_by(raw: object, path: Path, fields: list[pa.Field]) -> tuple[str | None, tuple[str, ...]]:
+    if raw is None:
+        return None, ()
+    where = f"{path}: files_by"
+    if not isinstance(raw, dict) or set(raw) != {"column", "values"}:
+        raise SchemaError(f"{where}: expected a mapping with 'column' and 'values'")
+    column, values = raw["column"], raw["values"]
+    field = next((f for f in fields if f.name == column), None)
+    if field is None or not pa.types.is_string(field.type) or field.nullable:
+        raise SchemaError(f"{where}: {column!r} must be a declared non-nullable string column")
+    if (
+        not isinstance(values, list)
+        or not values
+        or not all(isinstance(v, str) and v.isidentifier() for v in values)
+    ):
+        raise SchemaError(f"{where}: 'values' must be a non-empty list of identifiers")
+    return column, tuple(values)
 
 
 def all_schema_names() -> list[str]:

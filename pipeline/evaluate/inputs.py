@@ -57,7 +57,7 @@ def fits_model_sha256(run_root: str, storage_options: dict | None = None) -> str
     """The morphable-model sha256 the fit shards record in their metadata (if any)."""
     store = ShardStore(run_root, "fit", storage_options)
     for s in store.shards_with_sidecar()[:1]:
-        with store.fs.open(store.data_path(s), "rb") as f:
+        with store.fs.open(store.data_paths(s)[0], "rb") as f:
             md = pq.ParquetFile(f).schema_arrow.metadata or {}
         for key in GT_MODEL_SHA_KEYS:
             if key in md:

@@ -25,6 +25,30 @@ def write_mesh(vertices: np.ndarray, triangles: np.ndarray, path: str | Path) ->
     return path
 
 
+def vertex_ids_path(mesh_path: str | Path) -> Path:
+    """Where :func:`write_model_mesh` writes the model vertex index of each file vertex."""
+    mesh_path = Path(mesh_path)
+    return mesh_path.with_name(mesh_path.stem + ".vertex_ids.txt")
+
+
+def write_model_mesh(vertices: np.ndarray, triangles: np.ndarray, path: str | Path) -> tuple[Path, Path, int]:
+    """A shape of the morphable model as .obj/.ply that every reader loads as written.
+
+    Only the vertices some triangle uses are written, in model order, so readers that drop unused
+    vertices (trimesh's and Open3D's defaults) keep them all and in order; ``<stem>.vertex_ids.txt``
+    beside the file holds, one per line, the model vertex index of each file vertex (the same list
+    for every mesh of one model: meshes correspond vertex to vertex, and to the model through it).
+    Returns (mesh path, vertex-ids path, vertices written)."""
+    vertices, triangles = np.asarray(vertices), np.asarray(triangles, np.int64)
+    used = np.unique(triangles)
+    remap = np.full(len(vertices), -1, np.int64)
+    remap[used] = np.arange(len(used))
+    path = write_mesh(vertices[used], remap[triangles], path)
+    ids = vertex_ids_path(path)
+    atomic_write(ids, ("\n".join(map(str, used.tolist())) + "\n").encode())
+    return path, ids, len(used)
+
+
 def read_mesh(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     """(vertices (n,3) float64, triangles (t,3) int64) of a .obj/.ply file, vertex order kept."""
     path = Path(path)

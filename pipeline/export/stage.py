@@ -2,7 +2,7 @@
 
 Only images whose detection, landmarks and fit all succeeded; subjects with fewer usable images
 than ``min_images_per_subject`` are dropped. Labels are dense over the surviving subjects and the
-train/validation split is by subject (a hash of the subject name), so both are decided once for
+train/validation split is by subject (a salted hash orders the names), so both are decided once for
 the whole run by :func:`prepare_global` (``_meta/export/_labels.json``) before any export shard runs.
 """
 
@@ -26,10 +26,19 @@ from pipeline.storage.run import Run
 LABELS_FILE = "_labels.json"
 
 
-def subject_split(subject: str, val_fraction: float, salt: str) -> str:
-    """Deterministic split by subject: the same subject lands in the same split on any machine."""
-    h = int.from_bytes(hashlib.sha256(f"{salt}:{subject}".encode()).digest()[:8], "big")
-    return "val" if (h / 2**64) < val_fraction else "train"
+def split_subjects(subjects: list[str], val_fraction: float, salt: str) -> dict[str, str]:
+    """Deterministic split by subject: ``round(val_fraction · K)`` of the K subjects (at least one
+    when K ≥ 10) go to ``val``, those first in an order given by a salted hash of their names, so
+    the same names split the same way on any machine and a set of ≥ 10 subjects always has a
+    validation split (below 10, one held-out subject would cost too much of the training set)."""
+    k = len(subjects)
+    n_val = int(np.floor(val_fraction * k + 0.5))
+    if val_fraction > 0 and k >= 10:
+        n_val = max(n_val, 1)
+    n_val = min(n_val, k - 1) if k > 1 else 0
+    order = sorted(subjects, key=lambda s: (hashlib.sha256(f"{salt}:{s}".encode()).digest(), s))
+    held_out = set(order[:n_val])
+    return {s: "val" if s in held_out else "train" for s in subjects}
 
 
 def label_map(
@@ -37,10 +46,8 @@ def label_map(
 ) -> dict[str, dict]:
     """Dense labels (sorted subject names) over subjects with enough usable images."""
     keep = sorted(s for s, n in usable_counts.items() if n >= min_images)
-    return {
-        s: {"label": i, "split": subject_split(s, val_fraction, salt), "images": usable_counts[s]}
-        for i, s in enumerate(keep)
-    }
+    split = split_subjects(keep, val_fraction, salt)
+    return {s: {"label": i, "split": split[s], "images": usable_counts[s]} for i, s in enumerate(keep)}
 
 
 class ExportStage(Stage):

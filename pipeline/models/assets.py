@@ -30,7 +30,14 @@ import numpy as np
 from pipeline.config.manifest import Manifest
 from pipeline.core.stage import Asset
 from pipeline.core.workercache import get_or_create
-from pipeline.models.morphable_model import ModelError, MorphableModel, load_npz, sha256_file
+from pipeline.models.morphable_model import (
+    NPZ_FORMAT_VERSION,
+    ModelError,
+    MorphableModel,
+    load_npz,
+    npz_format,
+    sha256_file,
+)
 from pipeline.models.triangulation import triangulate_face
 
 log = logging.getLogger(__name__)
@@ -180,7 +187,13 @@ def load_model_entry(entry: dict, cache_dir: Path) -> MorphableModel:
     if source.startswith("pypi:"):
         cached = cache_path(entry, cache_dir)
         want = entry.get("content_sha256")
-        if cached.is_file():
+        if cached.is_file() and npz_format(cached) != NPZ_FORMAT_VERSION:
+            log.info(
+                "%s: made by an older morphset (model format %s); converting again",
+                cached,
+                npz_format(cached),
+            )
+        elif cached.is_file():
             # The cache is trusted only as far as the manifest vouches for it: its source hash must
             # be the manifest's wheel sha256 and its content the manifest's content_sha256.
             try:

@@ -21,7 +21,10 @@ import numpy as np
 from pipeline.storage.atomic import atomic_write
 from pipeline.storage.hashing import sha256_file  # noqa: F401  (re-exported)
 
-NPZ_FORMAT_VERSION = 1
+# 2: the default model's triangles are consistently wound (format 1 files are still read; a cached
+# conversion of format 1 is converted again)
+NPZ_FORMAT_VERSION = 2
+READABLE_NPZ_FORMATS = (1, 2)
 N_LANDMARKS = 68
 
 
@@ -154,6 +157,15 @@ _REQUIRED_NPZ_KEYS = (
 )
 
 
+def npz_format(path: str | Path) -> int | None:
+    """The format version of a model ``.npz`` (None when it has none or cannot be read)."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return int(z["format_version"])
+    except Exception:  # unreadable: load_npz says why
+        return None
+
+
 def load_npz(path: str | Path) -> MorphableModel:
     """Load a model written by :meth:`MorphableModel.save_npz` (never unpickles)."""
     path = Path(path)
@@ -165,9 +177,9 @@ def load_npz(path: str | Path) -> MorphableModel:
             if missing:
                 raise ModelError(f"{path}: not a morphset model .npz, missing arrays {missing}")
             version = int(z["format_version"])
-            if version != NPZ_FORMAT_VERSION:
+            if version not in READABLE_NPZ_FORMATS:
                 raise ModelError(
-                    f"{path}: model format version {version}, this morphset reads {NPZ_FORMAT_VERSION}"
+                    f"{path}: model format version {version}, this morphset reads {READABLE_NPZ_FORMATS}"
                 )
             data = {k: z[k] for k in z.files}
     except ModelError:

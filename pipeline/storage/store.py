@@ -1,12 +1,17 @@
 """Shard store: stage outputs as ``<run>/<stage>/part-NNNNN.parquet`` plus a JSON sidecar
 ``<run>/_meta/<stage>/part-NNNNN.json``.
 
+A schema that declares ``files_by: COLUMN`` (the trainset's ``split``) has one file per value of
+that column in each shard, ``part-NNNNN-<value>.parquet``: Hugging Face ``datasets`` reads the
+value from the file name (``train``, ``val`` → its ``train`` / ``validation`` splits) while every
+other reader still sees one plain folder of Parquet files. The sidecar lists a shard's files.
+
 A stage folder holds Parquet files and nothing else, so every reader takes the bare folder
 (pyarrow, pandas, polars, duckdb, Hugging Face ``datasets``); sidecars, failure markers and
 stage-level files (export's ``_labels.json``, ingest's ``_summary.json``) live under ``_meta/``.
 
 Commit protocol (what makes resume and re-executed Dask tasks safe):
-1. the Parquet file is written under a hidden temporary name in the same directory, then renamed;
+1. the Parquet file(s) are written under a hidden temporary name in the same directory, then renamed;
 2. the sidecar ``_meta/<stage>/part-NNNNN.json`` is written the same way, last. It is the done-marker.
 A shard is *done* only if its sidecar exists and records the fingerprint of the current inputs and
 parameters. A writer killed between 1 and 2 leaves a shard that is not done; the rerun rewrites it.
@@ -85,8 +90,22 @@ class ShardStore:
         self.meta = f"{self.root}/{META_DIR}/{self.stage}"  # sidecars, markers, stage-level files
 
     # --- paths ---------------------------------------------------------------------------
-    def data_path(self, shard: int) -> str:
-        return f"{self.dir}/part-{shard:05d}.parquet"
+    def data_path(self, shard: int, value: str | None = None) -> str:
+        """The shard's data file (``value``: the ``files_by`` column's value of a split shard)."""
+        return f"{self.dir}/part-{shard:05d}{'' if value is None else '-' + value}.parquet"
+
+    def data_paths(self, shard: int, sidecar: dict | None = None) -> list[str]:
+        """Every data file of a committed shard, in the order its rows were written."""
+        sc = self.sidecar(shard) if sidecar is None else sidecar
+        if sc is not None and isinstance(sc.get("files"), list):
+            return [f"{self.dir}/{f['name']}" for f in sc["files"]]
+        return [self.data_path(shard)]
+
+    def _file_records(self, shard: int, sidecar: dict) -> list[tuple[str, dict]]:
+        """(path, what the sidecar recorded for it) per data file of the shard."""
+        if isinstance(sidecar.get("files"), list):
+            return [(f"{self.dir}/{f['name']}", f) for f in sidecar["files"]]
+        return [(self.data_path(shard), sidecar)]  # one file, recorded at the top level
 
     def sidecar_path(self, shard: int) -> str:
         return f"{self.meta}/part-{shard:05d}.json"
@@ -111,14 +130,27 @@ class ShardStore:
     ) -> dict:
         """Validate ``table`` against ``schema`` and commit the shard (data, then sidecar)."""
         table = conform(table, schema, extra_metadata)
-        buf = io.BytesIO()
-        pq.write_table(table, buf, row_group_size=ROW_GROUP_SIZE, compression="zstd")
-        data = buf.getvalue()
-        self._atomic_write(self.data_path(shard), data)
+        files = []
+        for value, part in _split_by(table, schema):
+            buf = io.BytesIO()
+            pq.write_table(part, buf, row_group_size=ROW_GROUP_SIZE, compression="zstd")
+            data = buf.getvalue()
+            path = self.data_path(shard, value)
+            self._atomic_write(path, data)
+            files.append(
+                {
+                    # what readers verify: a truncated or altered data file is never served
+                    "name": path.rsplit("/", 1)[-1],
+                    "bytes": len(data),
+                    "sha256": hashlib.sha256(data).hexdigest(),
+                    "rows": part.num_rows,
+                }
+            )
+        # files of this shard from an earlier commit that this one does not have (a split value gone)
+        for stale in set(self._shard_files(shard)) - {f"{self.dir}/{f['name']}" for f in files}:
+            self.fs.rm(stale)
         sidecar = {
-            # what readers verify: a truncated or altered data file is never served
-            "bytes": len(data),
-            "sha256": hashlib.sha256(data).hexdigest(),
+            "files": files,
             "stage": self.stage,
             "shard": shard,
             "rows": table.num_rows,
@@ -162,8 +194,15 @@ class ShardStore:
         }
         self._atomic_write(self.failed_path(shard), json.dumps(doc, indent=1).encode())
 
+    def _shard_files(self, shard: int) -> list[str]:
+        """Data files of ``shard`` present in the folder, committed or not."""
+        if not self.fs.exists(self.dir):
+            return []
+        pat = re.compile(rf"part-{shard:05d}(-[A-Za-z0-9_]+)?\.parquet$")
+        return [p for p in self.fs.ls(self.dir, detail=False) if pat.fullmatch(p.rsplit("/", 1)[-1])]
+
     def remove(self, shard: int) -> None:
-        for p in (self.sidecar_path(shard), self.data_path(shard), self.failed_path(shard)):
+        for p in (self.sidecar_path(shard), *self._shard_files(shard), self.failed_path(shard)):
             if self.fs.exists(p):
                 self.fs.rm(p)
 
@@ -220,28 +259,36 @@ class ShardStore:
         sc = self.sidecar(shard)
         if sc is None or (fingerprint is not None and sc.get("fingerprint") != fingerprint):
             return False
-        try:
-            size = self.fs.size(self.data_path(shard))
-        except FileNotFoundError:
-            return False
-        if "bytes" in sc and size != sc["bytes"]:
-            _warn_once(
-                self.data_path(shard), f"{size} bytes, its sidecar recorded {sc['bytes']}: recomputing"
-            )
-            return False
+        for path, rec in self._file_records(shard, sc):
+            try:
+                size = self.fs.size(path)
+            except FileNotFoundError:
+                return False
+            if "bytes" in rec and size != rec["bytes"]:
+                _warn_once(path, f"{size} bytes, its sidecar recorded {rec['bytes']}: recomputing")
+                return False
         return True
 
     def verify(self, shard: int) -> str | None:
-        """None if the committed shard's data file matches its sidecar, else why not."""
+        """None if the committed shard's data files match its sidecar, else why not."""
+        bad = self.check(shard)
+        return None if bad is None else bad[1]
+
+    def check(self, shard: int) -> tuple[str, str] | None:
+        """None if the committed shard's data files match its sidecar, else (the file, why not)."""
         sc = self.sidecar(shard)
         if sc is None:
-            return "not committed"
-        try:
-            with self.fs.open(self.data_path(shard), "rb") as f:
-                data = f.read()
-        except FileNotFoundError:
-            return "data file missing"
-        return _mismatch(sc, data)
+            return self.sidecar_path(shard), "not committed"
+        for path, rec in self._file_records(shard, sc):
+            try:
+                with self.fs.open(path, "rb") as f:
+                    data = f.read()
+            except FileNotFoundError:
+                return path, "data file missing"
+            why = _mismatch(rec, data)
+            if why:
+                return path, why
+        return None
 
     def invalidate(self, shard: int) -> None:
         """Make a committed shard not done (its sidecar goes; the data file is rewritten later)."""
@@ -259,37 +306,61 @@ class ShardStore:
         return sorted(out)
 
     def read(self, shard: int, schema: StageSchema, columns: list[str] | None = None) -> pa.Table:
-        """Read one committed shard, refusing a schema-version mismatch."""
-        path = self.data_path(shard)
+        """Read one committed shard (all its files, in order), refusing a schema-version mismatch."""
         sc = self.sidecar(shard)
         if sc is None:
-            raise FileNotFoundError(f"{path}: shard not committed (no sidecar)")
-        with self.fs.open(path, "rb") as f:
-            data = f.read()
-        why = _mismatch(sc, data)
-        if why:
-            raise CorruptShard(path, why)
-        try:
-            pf = pq.ParquetFile(io.BytesIO(data))
-        except pa.ArrowInvalid as exc:  # a shard written before checksums existed
-            raise CorruptShard(path, f"not a readable Parquet file ({exc})") from None
-        check_version(pf.schema_arrow.metadata, schema, path)
-        return pf.read(columns=columns)
+            raise FileNotFoundError(f"{self.data_path(shard)}: shard not committed (no sidecar)")
+        parts = []
+        for path, rec in self._file_records(shard, sc):
+            with self.fs.open(path, "rb") as f:
+                data = f.read()
+            why = _mismatch(rec, data)
+            if why:
+                raise CorruptShard(path, why)
+            try:
+                pf = pq.ParquetFile(io.BytesIO(data))
+            except pa.ArrowInvalid as exc:  # a shard written before checksums existed
+                raise CorruptShard(path, f"not a readable Parquet file ({exc})") from None
+            check_version(pf.schema_arrow.metadata, schema, path)
+            parts.append(pf.read(columns=columns))
+        return parts[0] if len(parts) == 1 else pa.concat_tables(parts)
 
     def dataset(self, schema: StageSchema, shards: list[int] | None = None) -> pads.Dataset:
         """A pyarrow dataset over committed shards (column selection reads only those columns)."""
         shards = self.shards_with_sidecar() if shards is None else shards
         paths = []
         for s in shards:
-            if self.sidecar(s) is None:
+            sc = self.sidecar(s)
+            if sc is None:
                 continue
             if not self.is_done(s):  # truncated since it was committed: say so, never serve it
-                raise CorruptShard(self.data_path(s), "size differs from its sidecar")
-            paths.append(self.data_path(s))
+                raise CorruptShard(self.data_paths(s, sc)[0], "size differs from its sidecar")
+            paths.extend(self.data_paths(s, sc))
         for p in paths[:1]:
             with self.fs.open(p, "rb") as f:
                 check_version(pq.ParquetFile(f).schema_arrow.metadata, schema, p)
         return pads.dataset(paths, schema=schema.arrow, format="parquet", filesystem=self.fs)
+
+
+def _split_by(table: pa.Table, schema: StageSchema) -> list[tuple[str | None, pa.Table]]:
+    """(value, rows) per data file of a shard: one file, or one per value of the schema's
+    ``files_by`` column present in the shard, in declared order (an empty shard writes one empty
+    file under the first value, so its schema stays readable)."""
+    if schema.files_by is None:
+        return [(None, table)]
+    values = table.column(schema.files_by).to_pylist()
+    undeclared = sorted(set(values) - set(schema.file_values))
+    if undeclared:
+        raise ValueError(
+            f"schema {schema.name!r}: {schema.files_by} values {undeclared} are not among the declared "
+            f"{list(schema.file_values)}"
+        )
+    out = []
+    for v in schema.file_values:
+        rows = [i for i, x in enumerate(values) if x == v]
+        if rows:
+            out.append((v, table.take(pa.array(rows, pa.int64()))))
+    return out or [(schema.file_values[0], table)]
 
 
 def _mismatch(sidecar: dict, data: bytes) -> str | None:

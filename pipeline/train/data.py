@@ -66,44 +66,43 @@ def scan_trainset(run_root: str, storage_options: dict | None = None) -> Trainse
     """List the committed shards, check schema version and model metadata agree, count rows."""
     store = ShardStore(run_root, "export", storage_options)
     schema = load_schema("trainset")
-    shards = [s for s in store.shards_with_sidecar() if store.fs.exists(store.data_path(s))]
+    shards = [s for s in store.shards_with_sidecar() if store.is_done(s)]
     if not shards:
         raise FileNotFoundError(
-            f"{store.dir}: no committed trainset shards (part-NNNNN.parquet with its _meta/export/part-NNNNN.json); "
-            "run `morphset export` first"
+            f"{store.dir}: no committed trainset shards (part-NNNNN-<split>.parquet with its "
+            "_meta/export/part-NNNNN.json); run `morphset export` first"
         )
     paths, units, meta = [], [], None
     max_label, n_train, n_val = -1, 0, 0
     for s in shards:
-        path = store.data_path(s)
-        why = store.verify(s)  # once per training run: row groups are streamed later, unhashed
-        if why is not None:
+        bad = store.check(s)  # once per training run: row groups are streamed later, unhashed
+        if bad is not None:
             store.invalidate(s)
-            raise CorruptShard(path, why)
-        with store.fs.open(path, "rb") as f:
-            pf = pq.ParquetFile(f)
-            md = pf.schema_arrow.metadata or {}
-            check_version(md, schema, path)
-            this = {k: md.get(k.encode(), b"").decode() for k in MODEL_META_KEYS}
-            missing = [k for k, v in this.items() if not v]
-            if missing:
-                raise SchemaError(f"{path}: trainset shard lacks key-value metadata {missing}")
-            if meta is None:
-                meta = this
-            elif this != meta:
-                raise SchemaError(
-                    f"{path}: morphable model metadata {this} differs from {paths[0]}'s {meta}; "
-                    "rebuild the export stage with one model"
-                )
-            t = pf.read(columns=["label", "split"])
-            for rg in range(pf.metadata.num_row_groups):
-                units.append(Unit(path, rg, pf.metadata.row_group(rg).num_rows))
-        paths.append(path)
-        if t.num_rows:
-            max_label = max(max_label, int(pc.max(t["label"]).as_py()))
-            n_tr = int(pc.sum(pc.equal(t["split"], "train")).as_py() or 0)
-            n_train += n_tr
-            n_val += int(pc.sum(pc.equal(t["split"], "val")).as_py() or 0)
+            raise CorruptShard(*bad)
+        for path in store.data_paths(s):
+            with store.fs.open(path, "rb") as f:
+                pf = pq.ParquetFile(f)
+                md = pf.schema_arrow.metadata or {}
+                check_version(md, schema, path)
+                this = {k: md.get(k.encode(), b"").decode() for k in MODEL_META_KEYS}
+                missing = [k for k, v in this.items() if not v]
+                if missing:
+                    raise SchemaError(f"{path}: trainset shard lacks key-value metadata {missing}")
+                if meta is None:
+                    meta = this
+                elif this != meta:
+                    raise SchemaError(
+                        f"{path}: morphable model metadata {this} differs from {paths[0]}'s {meta}; "
+                        "rebuild the export stage with one model"
+                    )
+                t = pf.read(columns=["label", "split"])
+                for rg in range(pf.metadata.num_row_groups):
+                    units.append(Unit(path, rg, pf.metadata.row_group(rg).num_rows))
+            paths.append(path)
+            if t.num_rows:
+                max_label = max(max_label, int(pc.max(t["label"]).as_py()))
+                n_train += int(pc.sum(pc.equal(t["split"], "train")).as_py() or 0)
+                n_val += int(pc.sum(pc.equal(t["split"], "val")).as_py() or 0)
     assert meta is not None
     try:
         k_id, k_exp = int(meta["morphset.model.k_id"]), int(meta["morphset.model.k_exp"])

@@ -437,6 +437,13 @@ def train(
     )
     coef_ds = TrainsetStream(info, "train", params["seed"], params["shuffle_buffer"], images=False)
     val_ds = TrainsetStream(info, "val", params["seed"], params["shuffle_buffer"]) if info.n_val else None
+    if val_ds is None and rank == 0:
+        log.warning(
+            "%s/export has no validation rows (%d training subjects): epoch metrics are on training "
+            "subjects only; stages.export.val_fraction decides the held-out share",
+            info.run_root,
+            info.num_classes,
+        )
     scaler = torch.amp.GradScaler("cuda") if use_amp else None
     opt = sched = None
     records: list[dict] = []
