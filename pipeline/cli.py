@@ -27,6 +27,7 @@ COMMANDS = [
     "status",
     "verify",
     "synth",
+    "calibrate",
     "train",
     "evaluate",
     "export_mesh",

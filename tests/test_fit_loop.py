@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from pipeline.fit.loop import FitOptions, fit_batch, fit_subjects, prepare_model
+from pipeline.fit.normalize import face_frame, to_face
 from pipeline.synthetic.toy import synthesize
 
 EXACT = FitOptions(
@@ -133,7 +134,9 @@ def test_rejection_excludes_bad_image_from_identity(model, lm):
     assert np.isfinite(out.result.rotation[0, 2]).all()  # kept, with a pose
     keep = m.copy()
     keep[0, 2] = False
-    without = fit_batch(lm, v_bad, w, m, keep, opt)
+    # the same fit in face units (fit_subjects converts its pixels) without the bad image
+    frame = face_frame(lm.mean, v_bad[..., lm.order], w[..., lm.order])
+    without = fit_batch(lm, to_face(v_bad, frame), w, m, keep, opt)
     assert np.allclose(out.result.alpha_id[0], without.alpha_id[0], atol=1e-9)
     clean = fit_subjects(lm, v, w, m, opt)
     assert not clean.rejected.any()

@@ -192,10 +192,10 @@ def test_a_failing_batched_solve_does_not_sink_the_shard(model, monkeypatch):
     poison = rows[1]["landmarks"][0]  # subject p1's first image, landmark 0 x
     real = fit_stage.fit_subjects
 
-    def flaky(lm, v, w, present, opt):
+    def flaky(lm, v, w, present, opt, noise=None):
         if v.shape[0] > 1 or float(v[0, 0, 0, 0]) == poison:
             raise np.linalg.LinAlgError("Singular matrix")
-        return real(lm, v, w, present, opt)
+        return real(lm, v, w, present, opt, noise)
 
     monkeypatch.setattr(fit_stage, "fit_subjects", flaky)
     out = fit_stage.fit_landmark_table(to_table(rows), model, FitOptions(), batch_images=100).to_pylist()

@@ -8,8 +8,13 @@ eliminated (Schur complement), then each image's expression given that identity
 (4) optionally one damped Gauss-Newton step on all parameters, kept only where it lowers the
 objective (removes the slow pose/shape coupling of plain alternation: ~4 instead of ~25 iterations).
 
-Inputs are stacked and padded: ``v`` (S, M, 2, L) observations in y-up pixels, ``w`` (S, M, L)
-landmark weights (0 for a missing landmark, a padded image slot or an image not fitted). A subject
+Inputs are stacked and padded: ``v`` (S, M, 2, L) observations, y up, ``w`` (S, M, L) landmark
+weights (0 for a missing landmark, a padded image slot or an image not fitted).
+:func:`fit_subjects` takes image pixels and fits in face units (millimetres on the face,
+:mod:`pipeline.fit.normalize`) with each landmark weighted by its inverse noise variance and its
+detector's bias subtracted at the current pose (:mod:`pipeline.fit.noise`): the objective is then
+dimensionless (squared residuals over the noise variance; priors on whitened coefficients), and
+nothing the user sets depends on the image size. A subject
 stops when its relative objective change falls to the tolerance; later iterations gather only the
 still-active subjects, so a subject's result does not depend on which others share its batch.
 
@@ -31,6 +36,8 @@ from pipeline.fit.expression import expression_prior, solve_expression
 from pipeline.fit.identity import identity_prior, shape_system, solve_identity, solve_identity_joint
 from pipeline.fit.joint import lm_step
 from pipeline.fit.linear import shape_points
+from pipeline.fit.noise import LandmarkNoise, bias_at
+from pipeline.fit.normalize import face_frame, to_face, to_image
 from pipeline.fit.objective import residuals, rmse_px, subject_objective
 from pipeline.fit.xp import namespace_of, to_numpy
 from pipeline.models.morphable_model import N_LANDMARKS, MorphableModel
@@ -49,7 +56,7 @@ class FitOptions:
     identity_prior_weight: float = 1.0
     expression_prior_weight: float = 1.0
     robust_loss: str = "none"
-    huber_delta_px: float = 3.0
+    huber_delta: float = 3.0  # in units of each landmark's noise sigma
     pose_refine_steps: int = 3
     contour: bool = False
     reject_nme: float | None = None
@@ -65,6 +72,8 @@ class FitOptions:
             raise ValueError(f"shape_step: expected one of {list(SHAPE_STEPS)}, got {self.shape_step!r}")
         if self.identity_prior_weight < 0 or self.expression_prior_weight < 0:
             raise ValueError("prior weights must be >= 0")
+        if not self.huber_delta > 0:
+            raise ValueError(f"huber_delta must be > 0, got {self.huber_delta}")
 
 
 @dataclass(frozen=True)
@@ -176,6 +185,7 @@ def _sweep(
     opt: FitOptions,
     id_prec: Array,
     exp_prec: Array,
+    delta: Array | float,
 ) -> tuple[dict[str, Array], Array, Array, Array]:
     """One iteration for a set of subjects: returns (new state, objective (S,), residuals, mu)."""
     xp = namespace_of(v, w)
@@ -210,9 +220,7 @@ def _sweep(
     def evaluate(f: Array, R: Array, t: Array, a_id: Array, a_exp: Array) -> tuple[Array, Array]:
         X = shape_points(mean_i, idb_i, a_id[:, None, :]) + (expb_i @ a_exp[..., None, :, None])[..., 0]
         res = residuals(v, X, f, R, t)
-        E = subject_objective(
-            res, w, in_id, a_id, a_exp, id_prec, exp_prec, opt.robust_loss, opt.huber_delta_px
-        )
+        E = subject_objective(res, w, in_id, a_id, a_exp, id_prec, exp_prec, opt.robust_loss, delta)
         return E, res
 
     E, res = evaluate(f, R, t, a_id, a_exp)
@@ -235,12 +243,21 @@ def _sweep(
 
 
 def fit_batch(
-    lm: LandmarkModel, v: Array, w: Array, fit_mask: Array, identity_mask: Array, opt: FitOptions
+    lm: LandmarkModel,
+    v: Array,
+    w: Array,
+    fit_mask: Array,
+    identity_mask: Array,
+    opt: FitOptions,
+    noise: LandmarkNoise | None = None,
 ) -> FitResult:
     """One alternating run over a padded batch (all arrays in one namespace, landmarks in 0..67 order).
 
-    v (S, M, 2, 68) y-up px; w (S, M, 68) weights; fit_mask (S, M) images to fit; identity_mask
-    (S, M) images whose landmarks enter the identity solve (subset of fit_mask).
+    v (S, M, 2, 68) y up, in the units of ``noise`` (face millimetres; :func:`fit_subjects`
+    converts pixels); w (S, M, 68) weights; fit_mask (S, M) images to fit; identity_mask (S, M)
+    images whose landmarks enter the identity solve (subset of fit_mask). ``noise``: landmark
+    weights 1/sigma^2, Huber thresholds ``huber_delta * sigma`` and the bias subtracted at each
+    iteration's pose; None = unit noise, no bias (the threshold in the units of ``v``).
 
     Each iteration works only on the subjects still active (gathered, solved, scattered back),
     so a batch costs what its subjects need, not max(iterations) for everyone, and a subject's
@@ -252,6 +269,10 @@ def fit_batch(
     order = xp.asarray(lm.order)
     v = xp.take(v, order, axis=-1)
     w = xp.take(w, order, axis=-1) * xp.astype(fit_mask, dt)[..., None]
+    delta: Array | float = opt.huber_delta
+    if noise is not None:
+        w = w * noise.inv_var
+        delta = opt.huber_delta * noise.sigma
     in_id = identity_mask & fit_mask
     id_prec = identity_prior(lm.id_std, opt.identity_prior_weight)
     exp_prec = expression_prior(lm.exp_std, opt.expression_prior_weight)
@@ -274,6 +295,11 @@ def fit_batch(
     converged = np.zeros(S, dtype=bool)
     E_prev = xp.zeros((S,), dtype=dt)
     E_last = xp.full((S,), xp.nan, dtype=dt)
+    v_obs = v
+    if noise is not None and noise.bias is not None:
+        # the detector's offset at each image's pose; the first pose comes from the mean shape
+        f0, R0, _ = estimate_camera(lm.mean, v, w, opt.pose_refine_steps)
+        v = v_obs - bias_at(noise, f0, R0)
 
     for it in range(T):
         idx_h = np.flatnonzero(active)
@@ -297,8 +323,9 @@ def fit_batch(
             opt,
             id_prec,
             exp_prec,
+            delta,
         )
-        iw = robust.weights(robust.residual_norm(res), opt.robust_loss, opt.huber_delta_px)
+        iw = robust.weights(robust.residual_norm(res), opt.robust_loss, delta)
         if full:
             state, mu, w_rob = new, mu_n, w * iw
         else:
@@ -308,6 +335,12 @@ def fit_batch(
             w_rob[idx] = sub(w) * iw
         history[idx, it] = E
         E_last[idx] = E
+        if v is not v_obs:  # the bias at the new pose for the next sweep
+            offset = bias_at(noise, new["f"], new["R"])
+            if full:
+                v = v_obs - offset
+            else:
+                v[idx] = sub(v_obs) - offset
         iterations[idx_h] += 1
         if it > 0:
             rel = xp.abs(sub(E_prev) - E) / xp.maximum(xp.abs(sub(E_prev)), xp.finfo(dt).tiny)
@@ -365,14 +398,26 @@ def frontal_nme(result: FitResult, iod_mm: float) -> np.ndarray:
         return result.rmse_px / (np.abs(result.scale) * iod_mm)
 
 
-def fit_subjects(lm: LandmarkModel, v: Array, w: Array, fit_mask: Array, opt: FitOptions) -> SubjectFits:
-    """Fit, then reject images whose NME exceeds ``opt.reject_nme`` and refit those subjects without them.
+def fit_subjects(
+    lm: LandmarkModel,
+    v: Array,
+    w: Array,
+    fit_mask: Array,
+    opt: FitOptions,
+    noise: LandmarkNoise | None = None,
+) -> SubjectFits:
+    """Fit landmarks in image pixels (y up) in face units, then reject images whose NME exceeds
+    ``opt.reject_nme`` and refit those subjects without them. Results are in pixels again.
 
     One rejection round. A subject whose images are all above the threshold keeps its first fit
     and has every image marked rejected.
     """
     xp = namespace_of(v, w, fit_mask)
-    first = _host(fit_batch(lm, v, w, fit_mask, fit_mask, opt))
+    frame = face_frame(
+        lm.mean, xp.take(v, xp.asarray(lm.order), axis=-1), xp.take(w, xp.asarray(lm.order), axis=-1)
+    )
+    v_face = to_face(v, frame)
+    first = _host(to_image(fit_batch(lm, v_face, w, fit_mask, fit_mask, opt, noise), frame))
     v_h, w_h, fit_h = to_numpy(v), to_numpy(w), to_numpy(fit_mask).astype(bool)
     iod = inter_ocular_px(v_h, w_h)
     nme = first.rmse_px / iod
@@ -384,16 +429,13 @@ def fit_subjects(lm: LandmarkModel, v: Array, w: Array, fit_mask: Array, opt: Fi
     redo = np.flatnonzero(rejected.any(axis=1) & keep.any(axis=1))
     if redo.size:
         idx = xp.asarray(redo)
-        second = _host(
-            fit_batch(
-                lm,
-                xp.take(v, idx, axis=0),
-                xp.take(w, idx, axis=0),
-                xp.take(fit_mask, idx, axis=0),
-                xp.asarray(keep[redo]),
-                opt,
-            )
-        )
+
+        def take(a: Array) -> Array:
+            return xp.take(a, idx, axis=0)
+
+        sub_frame = type(frame)(take(frame.centre), take(frame.scale))
+        second = fit_batch(lm, take(v_face), take(w), take(fit_mask), xp.asarray(keep[redo]), opt, noise)
+        second = _host(to_image(second, sub_frame))
         merged = {}
         for k in first.__dataclass_fields__:
             out = getattr(first, k).copy()

@@ -9,6 +9,7 @@ Per-image problems become a ``failure_reason``; nothing here raises for bad land
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
 
 import array_api_compat.numpy as anp
@@ -20,8 +21,19 @@ from pipeline.core import workercache
 from pipeline.core.stage import Asset, ConfigView, Stage, StageContext
 from pipeline.fit.camera import euler_deg
 from pipeline.fit.loop import FitOptions, FitResult, LandmarkModel, SubjectFits, fit_subjects, prepare_model
+from pipeline.fit.noise import (
+    MANIFEST_KEY,
+    ErrorModel,
+    ErrorModelError,
+    LandmarkNoise,
+    load_error_model,
+    prepare_noise,
+    resolve_error_model,
+    uniform,
+)
 from pipeline.fit.xp import get_namespace, resolve_backend
 from pipeline.models.morphable_model import N_LANDMARKS, MorphableModel
+from pipeline.storage.hashing import sha256_file
 
 TOO_FEW = "too_few_landmarks"
 DEGENERATE = "degenerate_geometry"
@@ -30,15 +42,19 @@ MISSING = "missing_landmarks"
 log = logging.getLogger(__name__)
 
 
-def options_from_params(params: dict) -> FitOptions:
-    """FitOptions from ``stages.fit`` (defaults already filled by the manifest)."""
+def options_from_params(params: dict, error_model: ErrorModel | None = None) -> FitOptions:
+    """FitOptions from ``stages.fit`` (defaults already filled by the manifest). An identity prior
+    weight of null takes the error model's calibrated one (else 1, the MAP weight)."""
+    id_weight = params["identity_prior_weight"]
+    if id_weight is None:
+        id_weight = error_model.identity_prior_weight if error_model is not None else None
     return FitOptions(
         max_iterations=int(params["max_iterations"]),
         tolerance=float(params["tolerance"]),
-        identity_prior_weight=float(params["identity_prior_weight"]),
+        identity_prior_weight=1.0 if id_weight is None else float(id_weight),
         expression_prior_weight=float(params["expression_prior_weight"]),
         robust_loss=str(params["robust_loss"]),
-        huber_delta_px=float(params["huber_delta_px"]),
+        huber_delta=float(params["huber_delta"]),
         pose_refine_steps=int(params["pose_refine_steps"]),
         contour=bool(params["contour"]),
         reject_nme=None if params["reject_nme"] is None else float(params["reject_nme"]),
@@ -145,11 +161,13 @@ def fit_landmark_table(
     min_spread_px: float = 2.0,
     batch_images: int = 512,
     precision: str = "float32",
+    noise: LandmarkNoise | None = None,
 ) -> pa.Table:
     """Fit every subject of a landmarks table; one conforming ``fits`` row per input row.
 
     ``lm`` (the prepared landmark model, e.g. from the worker cache) fixes namespace and dtype;
-    without it one is built for ``backend`` and ``precision``.
+    without it one is built for ``backend`` and ``precision``. ``noise``: the landmark error
+    model (:mod:`pipeline.fit.noise`); None = uniform, 1 mm.
     """
     xp = get_namespace(backend)
     if lm is None:
@@ -195,9 +213,11 @@ def fit_landmark_table(
         v = np.nan_to_num(v)  # missing points carry weight 0
         dt = lm.mean.dtype
         try:
-            res = fit_subjects(lm, xp.asarray(v, dtype=dt), xp.asarray(w, dtype=dt), xp.asarray(present), opt)
+            res = fit_subjects(
+                lm, xp.asarray(v, dtype=dt), xp.asarray(w, dtype=dt), xp.asarray(present), opt, noise
+            )
         except (ArithmeticError, ValueError, RuntimeError) as exc:  # LinAlgError is a ValueError
-            res = _fit_alone(lm, xp, v, w, present, opt, exc)
+            res = _fit_alone(lm, xp, v, w, present, opt, exc, noise)
         r = res.result
         sub["alpha_id"][sids] = r.alpha_id
         sub["iterations"][sids] = r.iterations
@@ -280,6 +300,7 @@ def _fit_alone(
     present: np.ndarray,
     opt: FitOptions,
     exc: Exception,
+    noise: LandmarkNoise | None = None,
 ) -> SubjectFits:
     """A batched solve raised (a numerically singular system somewhere in the batch): fit the
     subjects one by one so one bad subject cannot sink the others; a subject that still fails
@@ -292,7 +313,12 @@ def _fit_alone(
             dt = lm.mean.dtype
             parts.append(
                 fit_subjects(
-                    lm, xp.asarray(v[sl], dtype=dt), xp.asarray(w[sl], dtype=dt), xp.asarray(present[sl]), opt
+                    lm,
+                    xp.asarray(v[sl], dtype=dt),
+                    xp.asarray(w[sl], dtype=dt),
+                    xp.asarray(present[sl]),
+                    opt,
+                    noise,
                 )
             )
         except (ArithmeticError, ValueError, RuntimeError):
@@ -330,7 +356,7 @@ class FitStage(Stage):
     name = "fit"
     inputs = ("landmarks",)
     schema = "fits"
-    depends_on = ("models.morphable_model",)
+    depends_on = ("models.morphable_model", "models.landmark_error")
     # How, not what: NumPy and CuPy fits agree to float tolerance; the cache only holds the model.
     runtime = ("execution.array_backend", "cache_dir")
     doc = "alternating multi-image 3DMM fit per subject"
@@ -342,7 +368,13 @@ class FitStage(Stage):
     def resolve_assets(self, config: ConfigView) -> dict[str, Asset]:
         from pipeline.models.assets import morphable_model_asset
 
-        return {"morphable_model": morphable_model_asset(config)}
+        assets = {"morphable_model": morphable_model_asset(config)}
+        path, why = error_model_file(config)
+        if path is not None:
+            assets["landmark_error"] = Asset(str(path), sha256_file(path), why)
+        else:
+            log.warning("fit: %s; fitting with uniform landmark noise (stages.fit.landmark_sigma_mm)", why)
+        return assets
 
     def run(self, inputs: dict[str, pa.Table], ctx: StageContext) -> pa.Table:
         return run_shard(inputs, ctx)
@@ -351,8 +383,6 @@ class FitStage(Stage):
 def _load_model(ctx: StageContext) -> MorphableModel:
     """The driver's verified model file; resolved here only where that file is not visible (a worker
     on another machine without the shared cache)."""
-    from pathlib import Path
-
     from pipeline.models.assets import load_model_asset, resolve_morphable_model
 
     asset = ctx.assets.get("morphable_model")
@@ -361,10 +391,40 @@ def _load_model(ctx: StageContext) -> MorphableModel:
     return resolve_morphable_model(ctx.config)
 
 
+def error_model_file(config: ConfigView) -> tuple[Path | None, str]:
+    """The verified error model of this run's landmark backend, or (None, why not)."""
+    if not config.stage_params("fit")["error_model"]:
+        return None, "stages.fit.error_model is false"
+    backend = str(config.stage_params("landmarks")["backend"])
+    return resolve_error_model(config.get(f"{MANIFEST_KEY}.{backend}"), backend)
+
+
+def error_model_for(ctx: StageContext) -> ErrorModel:
+    """The task's error model: the driver's verified file (re-checked once per process), else
+    uniform ``landmark_sigma_mm``."""
+    asset = ctx.assets.get("landmark_error")
+    sigma = float(ctx.params.as_dict()["landmark_sigma_mm"])
+
+    def load() -> ErrorModel:
+        if asset is None:
+            return uniform(sigma)
+        sha = sha256_file(asset.path)
+        if sha != asset.sha256:
+            raise ErrorModelError(
+                f"{asset.path}: sha256 {sha} differs from the {asset.sha256} verified by the driver"
+            )
+        return load_error_model(asset.path)
+
+    return workercache.get_or_create(
+        ("fit.landmark_error", None if asset is None else asset.sha256, sigma), load
+    )
+
+
 def run_shard(inputs: dict[str, pa.Table], ctx: StageContext) -> pa.Table:
     """Stage function: ``inputs["landmarks"]`` -> fits table (see :func:`fit_landmark_table`)."""
     params = ctx.params.as_dict()
-    opt = options_from_params(params)
+    error_model = error_model_for(ctx)
+    opt = options_from_params(params, error_model)
     backend = resolve_backend(str(ctx.config.get("execution.array_backend", "auto") or "auto"))
     model = _load_model(ctx)
     precision = str(params["precision"])
@@ -382,4 +442,5 @@ def run_shard(inputs: dict[str, pa.Table], ctx: StageContext) -> pa.Table:
         min_landmarks=int(params["min_landmarks"]),
         min_spread_px=float(params["min_spread_px"]),
         batch_images=int(params["batch_images"]),
+        noise=prepare_noise(error_model, lm.order, xp, lm.mean.dtype),
     )

@@ -199,6 +199,7 @@ def render_sample(
         "scale": camera.scale,
         "translation": camera.translation.astype(np.float64).tolist(),
         "landmarks_2d": out.landmarks_2d.reshape(-1).tolist(),
+        "landmarks_2d_ibug": ibug_landmarks(model, vertices, camera, out.landmarks_2d).reshape(-1).tolist(),
         "visible": out.visible.tolist(),
         "landmarks_3d": lm3d.reshape(-1).tolist(),
         "width": p.size,
@@ -207,6 +208,27 @@ def render_sample(
         "model_sha256": model_sha256 or model.sha256,
     }
     return jpeg.tobytes(), row
+
+
+_CONTOUR_CANDIDATES: dict[int, Any] = {}
+
+
+def ibug_landmarks(model: MorphableModel, vertices: np.ndarray, camera: Camera, fixed: np.ndarray) -> np.ndarray:
+    """(68, 2) px, iBUG convention: the jaw points (0-6, 10-16) on the rendered face's outline —
+    of each jaw landmark's horizontal band of candidate vertices (:mod:`pipeline.fit.contour`, all
+    of them), the one outermost in the image — and every other point at its landmark vertex
+    (``fixed``, the projections of ``landmarks_2d``)."""
+    from pipeline.fit.contour import build_candidates
+
+    cand = _CONTOUR_CANDIDATES.get(id(model))
+    if cand is None:
+        cand = _CONTOUR_CANDIDATES[id(model)] = (model, build_candidates(model, max_candidates=None))
+    cand = cand[1]
+    uv = camera.project(vertices[cand.vertices.reshape(-1)]).reshape(*cand.vertices.shape, 2)
+    pick = np.argmax(cand.side[:, None] * uv[..., 0], axis=1)
+    out = np.array(fixed, dtype=np.float64, copy=True)
+    out[cand.landmark_ids] = uv[np.arange(len(pick)), pick]
+    return out
 
 
 # --- I/O and orchestration -----------------------------------------------------------------------

@@ -1,0 +1,68 @@
+"""``morphset calibrate``: measure a landmark backend's error model on rendered faces with truth."""
+
+from __future__ import annotations
+
+import argparse
+
+from pipeline.commands._common import print_json
+
+HELP = "measure a landmark backend's error model (bias by yaw, noise per landmark) on a morphset synth folder"
+DESCRIPTION = (
+    "Build a `morphset synth` folder up to the landmarks stage with --landmarks BACKEND (in a work run, "
+    "OUT with the suffix .run unless --work-run), compare the detector's points with the true landmark "
+    "projections and cameras in DIR/ground_truth.parquet, and write the error model the fit subtracts and "
+    "weights by (JSON, atomically) to --out. Name it in the manifest as models.landmark_error.BACKEND "
+    "with the sha256 this command prints. Calibrate on another seed than the faces you evaluate on."
+)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("synth_dir", help="a folder written by `morphset synth` (images + ground_truth.parquet)")
+    p.add_argument(
+        "--landmarks", required=True, choices=["dlib", "fan"], help="the landmark backend to calibrate"
+    )
+    p.add_argument("-o", "--out", required=True, help="the error model file to write (.json)")
+    p.add_argument("--work-run", default=None, help="run directory for the landmark build (default: OUT.run)")
+    p.add_argument(
+        "--ground-truth", default=None, help="ground truth file (default: SYNTH_DIR/ground_truth.parquet)"
+    )
+    p.add_argument(
+        "--scheduler", default=None, help="'sync' runs in this process; default starts a LocalCluster"
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument(
+        "--json", action="store_true", help="print one JSON document on stdout (logs go to stderr)"
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    from pipeline.fit.calibrate import calibrate
+
+    summary = calibrate(
+        args.synth_dir,
+        args.landmarks,
+        args.out,
+        work_run=args.work_run,
+        ground_truth=args.ground_truth,
+        manifest=args.manifest,
+        overrides=args.overrides,
+        scheduler=args.scheduler,
+        progress=not args.no_progress,
+    )
+    if args.json:
+        print_json(summary)
+        return 0
+    print(f"{summary['path']}  sha256 {summary['sha256']}")
+    print(
+        f"  {summary['images']} images; detector error / outer-eye distance by group: {summary['error_by_group_iod']}"
+    )
+    print(f"  noise sigma (mm) by group: {summary['sigma_mm_by_group']}")
+    print(
+        f"  identity prior weight {summary['identity_prior_weight']:g} "
+        f"(identity error mm by weight {summary['identity_error_mm_by_prior_weight']}, mean shape {summary['mean_shape_error_mm']})"
+    )
+    print(
+        f"manifest: models.landmark_error.{summary['backend']}: "
+        f"{{source: {summary['path']}, sha256: {summary['sha256']}}}"
+    )
+    return 0

@@ -1,0 +1,221 @@
+"""Face-relative units and the landmark error model: what a user sets means the same at any image
+size, a detector's systematic offsets are not fitted as identity, and landmarks that carry no
+information give the mean shape."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import array_api_compat.numpy as anp
+import numpy as np
+import pytest
+
+from pipeline.fit.calibration import MIRROR_68, face_residuals, fit_error_model
+from pipeline.fit.loop import FitOptions, fit_subjects, prepare_model
+from pipeline.fit.noise import (
+    ErrorModel,
+    ErrorModelError,
+    bias_at,
+    load_error_model,
+    prepare_noise,
+    resolve_error_model,
+    uniform,
+)
+from pipeline.models.morphable_model import N_LANDMARKS
+from pipeline.synthetic.toy import synthesize
+
+MODEL = {"k_id": 20, "k_exp": 8, "seed": 1}  # the model fixture (conftest.py)
+
+
+@pytest.fixture(scope="module")
+def lm(model):
+    return prepare_model(model, anp)
+
+
+def _inputs(landmarks: np.ndarray):
+    v = np.swapaxes(landmarks, -1, -2).copy()
+    v[..., 1, :] *= -1.0  # y up
+    S, M = v.shape[:2]
+    return v, np.ones((S, M, N_LANDMARKS)), np.ones((S, M), dtype=bool)
+
+
+def _shape_distance_mm(model, a: np.ndarray, b: np.ndarray) -> float:
+    d = (model.id_basis.astype(np.float64) @ (np.asarray(a) - np.asarray(b)).T).T
+    return float(np.max(np.sqrt(np.mean(d.reshape(len(d), -1, 3) ** 2 * 3, axis=(1, 2)))))
+
+
+def _identity_error(model, a_est: np.ndarray, a_true: np.ndarray) -> float:
+    d = (model.id_basis.astype(np.float64) @ (a_est - a_true).T).T.reshape(len(a_est), -1, 3)
+    return float(np.mean(np.sqrt(np.mean(np.sum(d**2, axis=-1), axis=-1))))
+
+
+def test_scaling_the_landmarks_changes_only_scale_and_translation(model, lm):
+    s = synthesize(model, 4, 3, noise_px=1.5, seed=3)
+    opt = FitOptions(robust_loss="huber", reject_nme=0.1)
+    noise = prepare_noise(uniform(2.0), lm.order, anp, np.float64)
+    pivot = np.array([37.0, -81.0])  # any point: the image corner, the face, far away
+    fits = {}
+    for k in (0.25, 1.0, 8.0):
+        v, w, m = _inputs((s.landmarks - pivot) * k + pivot)
+        fits[k] = fit_subjects(lm, v, w, m, opt, noise).result
+    for k in (0.25, 8.0):
+        assert _shape_distance_mm(model, fits[k].alpha_id, fits[1.0].alpha_id) <= 0.01
+        np.testing.assert_allclose(fits[k].alpha_exp, fits[1.0].alpha_exp, atol=1e-5)
+        np.testing.assert_allclose(fits[k].rotation, fits[1.0].rotation, atol=1e-7)
+        np.testing.assert_allclose(fits[k].scale, k * fits[1.0].scale, rtol=1e-6)
+        t1 = fits[1.0].translation * [1, -1]  # y down, as the landmarks
+        np.testing.assert_allclose(
+            fits[k].translation * [1, -1], (t1 - pivot) * k + pivot, rtol=1e-6, atol=1e-6
+        )
+        np.testing.assert_allclose(fits[k].rmse_px, k * fits[1.0].rmse_px, rtol=1e-5)
+
+
+def test_landmarks_without_information_give_the_mean_shape(model, lm):
+    """A detector whose points are the mean face plus noise says nothing about identity. Calibrated
+    as `morphset calibrate` does (noise measured against the truth, the identity prior weight chosen
+    on the calibration faces), the fit of other faces is not worse than the mean shape."""
+    from pipeline.fit.calibrate import PRIOR_WEIGHTS
+
+    flat = dataclasses.replace(model, id_basis=model.id_basis * 0)
+
+    def detector(seed: int):
+        s = synthesize(model, 12, 6, seed=seed, max_roll=0.0)
+        posed_mean = synthesize(flat, 12, 6, seed=seed, max_roll=0.0).landmarks  # same poses
+        rng = np.random.default_rng(seed + 1000)  # not synthesize's stream: no link to the identities
+        return s, posed_mean + rng.normal(size=posed_mean.shape) * 3.0 * s.scale[..., None, None]
+
+    cal, cal_points = detector(5)
+    res = face_residuals(
+        cal_points.reshape(-1, 68, 2),
+        cal.landmarks.reshape(-1, 68, 2),
+        cal.scale.ravel(),
+        np.zeros(cal.scale.size),
+    )
+    em = fit_error_model(res, cal.yaw.ravel(), "pure-noise")
+    noise = prepare_noise(em, lm.order, anp, np.float64)
+
+    def error(s, points, weight: float) -> float:
+        v, w, m = _inputs(points)
+        out = fit_subjects(lm, v, w, m, FitOptions(robust_loss="huber", identity_prior_weight=weight), noise)
+        return _identity_error(model, out.result.alpha_id, s.alpha_id)
+
+    weight = min(PRIOR_WEIGHTS, key=lambda wt: error(cal, cal_points, wt))
+    test, test_points = detector(6)
+    mean_shape = _identity_error(model, np.zeros_like(test.alpha_id), test.alpha_id)
+    fitted = error(test, test_points, weight)
+    assert fitted <= mean_shape
+
+
+def _biased(s, bias_mm: np.ndarray) -> np.ndarray:
+    """s's landmarks with a detector offset (68, 2 face mm, y up) that grows with |yaw|."""
+    off = bias_mm[None, None] * (1.0 + np.abs(s.yaw) / 40.0)[..., None, None]
+    return s.landmarks + off * np.array([1.0, -1.0]) * s.scale[..., None, None]
+
+
+def test_a_calibrated_bias_is_not_fitted_as_identity(model, lm):
+    rng = np.random.default_rng(2)
+    bias = rng.normal(0, 2.5, (N_LANDMARKS, 2))  # the same offsets on every face: not anyone's identity
+    s = synthesize(model, 10, 6, noise_px=0.5, seed=8, max_yaw=40, max_roll=0.0)
+    v, w, m = _inputs(_biased(s, bias))
+    # the error model as calibration would measure it: the offset at each yaw bin centre
+    centres = np.arange(-40.0, 41.0, 10.0)
+    em = ErrorModel(
+        "test",
+        "fixed_vertex",
+        centres,
+        bias[None] * (1.0 + np.abs(centres / 40.0))[:, None, None],
+        np.full(N_LANDMARKS, 1.0),
+        np.full(len(centres), 10),
+        {},
+    )
+    opt = FitOptions(robust_loss="huber")
+    calibrated = fit_subjects(lm, v, w, m, opt, prepare_noise(em, lm.order, anp, np.float64)).result
+    naive = fit_subjects(lm, v, w, m, opt, prepare_noise(uniform(1.0), lm.order, anp, np.float64)).result
+    v0, w0, m0 = _inputs(s.landmarks)
+    clean = fit_subjects(lm, v0, w0, m0, opt, prepare_noise(uniform(1.0), lm.order, anp, np.float64)).result
+    err = {
+        n: _identity_error(model, r.alpha_id, s.alpha_id)
+        for n, r in (("cal", calibrated), ("naive", naive), ("clean", clean))
+    }
+    assert err["cal"] < 1.1 * err["clean"] + 0.05
+    assert err["naive"] > 3 * err["cal"]
+
+
+def test_calibration_recovers_a_known_bias_and_noise():
+    rng = np.random.default_rng(0)
+    n = 400
+    yaw = rng.uniform(-45, 45, n)
+    true_bias = rng.normal(0, 2.0, (N_LANDMARKS, 2))
+    # a mirror-symmetric detector: the mirror landmark's offset, x negated, at the negated yaw
+    sym = 0.5 * (true_bias + true_bias[MIRROR_68] * [-1.0, 1.0])
+    slope = sym * 0.02  # per degree of yaw; its mirror partner turns the other way
+    offset = sym[None] + slope[None] * yaw[:, None, None]
+    scale, roll = rng.uniform(0.5, 3.0, n), rng.uniform(-20, 20, n)
+    truth = rng.uniform(50, 200, (n, N_LANDMARKS, 2))
+    face = offset + rng.normal(0, 0.7, offset.shape)
+    # into the image: rotate by roll, scale, y down
+    r = np.deg2rad(roll)[:, None]
+    img = np.stack(
+        [
+            np.cos(r) * face[..., 0] - np.sin(r) * face[..., 1],
+            np.sin(r) * face[..., 0] + np.cos(r) * face[..., 1],
+        ],
+        -1,
+    )
+    detected = truth + img * scale[:, None, None] * [1.0, -1.0]
+    res = face_residuals(detected, truth, scale, roll)
+    np.testing.assert_allclose(res, face, atol=1e-9)
+    em = fit_error_model(res, yaw, "test", mirror=False)
+    at = {c: i for i, c in enumerate(em.yaw_bins_deg)}
+    for c in (-30.0, 0.0, 20.0):
+        np.testing.assert_allclose(em.bias_mm[at[c]], sym + slope * c, atol=0.35)
+    np.testing.assert_allclose(em.sigma_mm, 0.7, rtol=0.25)
+    assert em.images_per_bin[at[80.0]] == 0  # no faces there: the nearest measured bin is held
+    np.testing.assert_allclose(em.bias_mm[at[80.0]], em.bias_mm[at[50.0]])
+
+
+def test_the_bias_follows_the_pose(model, lm):
+    centres = np.array([-20.0, 0.0, 20.0])
+    bias = np.zeros((3, N_LANDMARKS, 2))
+    bias[0, :, 0], bias[2, :, 0] = -2.0, 2.0  # x offset growing with yaw
+    noise = prepare_noise(
+        ErrorModel("t", "fixed_vertex", centres, bias, np.ones(68), np.ones(3), {}), lm.order, anp, np.float64
+    )
+    from pipeline.fit.camera import rotation_from_euler_deg
+
+    R = rotation_from_euler_deg(np.array([10.0, 10.0, 40.0]), np.zeros(3), np.array([0.0, 90.0, 0.0]))
+    f = np.array([2.0, 2.0, 1.0])
+    b = bias_at(noise, f, R)  # (3, 2, L)
+    np.testing.assert_allclose(b[0, 0], 2.0, atol=1e-9)  # half-way to 2 mm, x2 px/mm
+    np.testing.assert_allclose(b[0, 1], 0.0, atol=1e-9)
+    np.testing.assert_allclose(b[1, 1], 2.0, atol=1e-9)  # rolled 90 deg: the offset turns to +y
+    np.testing.assert_allclose(b[2, 0], 2.0, atol=1e-9)  # beyond the last centre: held
+
+
+def test_error_model_files_are_checked(tmp_path):
+    em = uniform(2.0, "dlib")
+    good = tmp_path / "em.json"
+    good.write_bytes(em.to_json())
+    assert load_error_model(good).sigma_mm.tolist() == [2.0] * 68
+    doc = json.loads(good.read_text())
+    doc["sigma_mm"] = doc["sigma_mm"][:60]
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(doc))
+    with pytest.raises(ErrorModelError, match=r"bad.json: sigma_mm must be finite numbers of shape \(68,\)"):
+        load_error_model(bad)
+    with pytest.raises(ErrorModelError, match="models.landmark_error.dlib.sha256"):
+        resolve_error_model({"source": str(good), "sha256": "0" * 64}, "dlib")
+    with pytest.raises(ErrorModelError, match="not found"):
+        resolve_error_model({"source": str(tmp_path / "nope.json")}, "dlib")
+    assert resolve_error_model(None, "fan") == (None, "models.landmark_error.fan is not set")
+
+
+def test_the_shipped_dlib_model_matches_the_manifest():
+    from pipeline.config.manifest import load_manifest
+
+    entry = load_manifest().get("models.landmark_error.dlib")
+    path, _ = resolve_error_model(entry, "dlib")  # sha256 checked against the manifest
+    em = load_error_model(path)
+    assert em.backend == "dlib" and em.convention == "fixed_vertex"
+    assert em.sigma_mm[:17].mean() > 2 * em.sigma_mm[36:48].mean()  # the jaw is the noisiest
