@@ -213,7 +213,9 @@ def render_sample(
 _CONTOUR_CANDIDATES: dict[int, Any] = {}
 
 
-def ibug_landmarks(model: MorphableModel, vertices: np.ndarray, camera: Camera, fixed: np.ndarray) -> np.ndarray:
+def ibug_landmarks(
+    model: MorphableModel, vertices: np.ndarray, camera: Camera, fixed: np.ndarray
+) -> np.ndarray:
     """(68, 2) px, iBUG convention: the jaw points (0-6, 10-16) on the rendered face's outline —
     of each jaw landmark's horizontal band of candidate vertices (:mod:`pipeline.fit.contour`, all
     of them), the one outermost in the image — and every other point at its landmark vertex
