@@ -219,3 +219,100 @@ def test_the_shipped_dlib_model_matches_the_manifest():
     em = load_error_model(path)
     assert em.backend == "dlib" and em.convention == "fixed_vertex"
     assert em.sigma_mm[:17].mean() > 2 * em.sigma_mm[36:48].mean()  # the jaw is the noisiest
+
+
+def test_contour_marching_on_ibug_landmarks_recovers_identity_like_fixed_vertices(default_model):
+    """Jaw points on the face outline (iBUG convention), fitted with contour marching, give the
+    identity as well (within 10 %) as fixed-vertex points fitted with fixed vertices."""
+    noise = uniform(1.0)
+    err = {}
+    for name, silhouette, contour in (("ibug", True, True), ("fixed", False, False)):
+        s = synthesize(default_model, 24, 4, noise_px=1.0, seed=12, silhouette=silhouette, max_yaw=50.0)
+        lm_c = prepare_model(default_model, anp, contour=contour)
+        v, w, m = _inputs(s.landmarks)
+        out = fit_subjects(
+            lm_c,
+            v,
+            w,
+            m,
+            FitOptions(robust_loss="huber", contour=contour),
+            prepare_noise(noise, lm_c.order, anp, np.float64),
+        )
+        err[name] = _identity_error(default_model, out.result.alpha_id, s.alpha_id)
+    assert err["ibug"] <= 1.1 * err["fixed"], err
+
+
+@pytest.mark.slow
+def test_calibrate_writes_a_model_the_fit_then_uses(tmp_path, capsys, caplog):
+    from pipeline.cli import main
+    from pipeline.fit.calibrate import calibrate
+
+    data, out = tmp_path / "faces", tmp_path / "dlib.json"
+    assert main(["synth", "--out", str(data), "--subjects", "4", "--images-per-subject", "3", "--seed", "2",
+                 "--yaw-range", "-30", "30", "--workers", "1", "--json"]) == 0  # fmt: skip
+    capsys.readouterr()
+    assert main(["calibrate", str(data), "--landmarks", "dlib", "-o", str(out), "--scheduler", "sync",
+                 "--no-progress", "--json"]) == 0  # fmt: skip
+    doc = json.loads(capsys.readouterr().out)
+    import hashlib
+
+    assert doc["sha256"] == hashlib.sha256(out.read_bytes()).hexdigest()
+    em = load_error_model(out)
+    assert em.convention == "fixed_vertex" and em.backend == "dlib" and em.identity_prior_weight is not None
+    assert doc["images"] == 12 and set(doc["error_by_group_iod"]) == {"jaw", "brows", "nose", "eyes", "mouth"}
+    run = doc["work_run"]
+    use = [
+        "--set",
+        f"models.landmark_error.dlib.source={out}",
+        "--set",
+        f"models.landmark_error.dlib.sha256={doc['sha256']}",
+    ]
+    assert main(["fit", run, "--scheduler", "sync", "--no-progress", *use]) == 0
+    from pipeline.storage.run import Run
+
+    fits = Run(run).table("fit", ["failure_reason", "alpha_id"]).to_pylist()
+    assert sum(r["alpha_id"] is not None for r in fits) >= 9
+    # the same faces as annotated photos: iBUG .pts files (1-based) from the iBUG-convention truth
+    import pyarrow.parquet as pq
+
+    from pipeline.fit.calibrate import calibrate_from_annotations
+
+    for r in pq.read_table(data / "ground_truth.parquet").to_pylist():
+        pts = np.asarray(r["landmarks_2d_ibug"]).reshape(68, 2) + 1.0
+        body = "\n".join(f"{x:.3f} {y:.3f}" for x, y in pts)
+        (data / r["image_id"]).with_suffix(".pts").write_text(f"version: 1\nn_points: 68\n{{\n{body}\n}}\n")
+    ann = calibrate_from_annotations(
+        data, "dlib", tmp_path / "ann.json", work_run=tmp_path / "ann.run", scheduler="sync"
+    )
+    from_ann = load_error_model(ann["path"])
+    assert from_ann.convention == "ibug" and ann["images"] == 12
+    summary = calibrate(data, "dlib", tmp_path / "ib.json", work_run=run, convention="ibug", scheduler="sync")
+    from_truth = load_error_model(summary["path"])
+    measured = from_truth.images_per_bin > 0
+    # poses fitted to the annotations stand in for the true ones: the same offsets, to a millimetre
+    assert np.median(np.abs(from_ann.bias_mm[measured] - from_truth.bias_mm[measured])) < 1.0
+    np.testing.assert_allclose(from_ann.sigma_mm[17:].mean(), from_truth.sigma_mm[17:].mean(), rtol=0.3)
+    # a model that is not the one the manifest vouches for is refused before any work
+    wrong = [
+        "--set",
+        f"models.landmark_error.dlib.source={out}",
+        "--set",
+        "models.landmark_error.dlib.sha256=" + "f" * 64,
+    ]
+    assert main(["fit", run, "--scheduler", "sync", "--no-progress", "--mode", "overwrite", *wrong]) != 0
+    assert "differs from models.landmark_error.dlib.sha256" in capsys.readouterr().err
+
+
+def test_a_backend_without_an_error_model_falls_back_to_uniform_noise_and_says_so(caplog):
+    from pipeline.config.manifest import load_manifest
+    from pipeline.core.registry import config_view
+    from pipeline.fit.stage import FitStage, error_model_file
+
+    fan = load_manifest().with_overrides({"stages.landmarks.backend": "fan"})
+    assert error_model_file(config_view(fan, "fit")) == (None, "models.landmark_error.fan is not set")
+    with caplog.at_level("WARNING"):
+        assets = FitStage().resolve_assets(config_view(fan, "fit"))
+    assert "landmark_error" not in assets
+    assert "models.landmark_error.fan is not set; fitting with uniform landmark noise" in caplog.text
+    dlib = load_manifest().with_overrides({"stages.landmarks.backend": "dlib"})
+    assert FitStage().resolve_assets(config_view(dlib, "fit"))["landmark_error"].path.endswith("dlib.json")

@@ -65,6 +65,12 @@ def test_ground_truth_is_consistent_with_the_camera(synth_dir):
 
         assert np.allclose(rotation_from_euler_deg(r["yaw"], r["pitch"], r["roll"]), R, atol=1e-5)
         assert -60 <= r["yaw"] <= 60
+        # iBUG convention: the jaw on the face outline, the rest at the landmark vertices
+        ibug = np.asarray(r["landmarks_2d_ibug"]).reshape(68, 2)
+        fixed = np.asarray(r["landmarks_2d"]).reshape(68, 2)
+        assert np.allclose(ibug[17:], fixed[17:]) and np.allclose(ibug[7:10], fixed[7:10])
+        side = np.sign(ibug[[0, 16], 0] - fixed[27, 0])  # image-left / image-right of the nose
+        assert np.all(side * (ibug[[0, 16], 0] - fixed[[0, 16], 0]) >= -1e-6)  # never inside the vertex
         # framed like a CASIA crop: landmarks in the central part of the image
         lm = uv
         assert lm.min() > 0.1 * 250 and lm.max() < 0.92 * 250

@@ -17,11 +17,30 @@ DESCRIPTION = (
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("synth_dir", help="a folder written by `morphset synth` (images + ground_truth.parquet)")
+    p.add_argument(
+        "synth_dir",
+        metavar="DIR",
+        help="a folder written by `morphset synth` (images + ground_truth.parquet), or with --annotations "
+        "photos with iBUG .pts files of the same name beside them",
+    )
+    p.add_argument(
+        "--annotations",
+        action="store_true",
+        help="DIR holds annotated photos (image + same-stem .pts, any layout): an ibug-convention model, pose "
+        "and scale from fitting each annotation (no identity prior weight: there is no 3D truth)",
+    )
     p.add_argument(
         "--landmarks", required=True, choices=["dlib", "fan"], help="the landmark backend to calibrate"
     )
     p.add_argument("-o", "--out", required=True, help="the error model file to write (.json)")
+    p.add_argument(
+        "--convention",
+        choices=["fixed_vertex", "ibug"],
+        default="fixed_vertex",
+        help="compare with the model's fixed landmark vertices (the jaw's offset from them by pose is then "
+        "part of the bias), or with iBUG-convention truth (jaw on the face outline; the fit then marches "
+        "the jaw along the outline: stages.fit.contour auto)",
+    )
     p.add_argument("--work-run", default=None, help="run directory for the landmark build (default: OUT.run)")
     p.add_argument(
         "--ground-truth", default=None, help="ground truth file (default: SYNTH_DIR/ground_truth.parquet)"
@@ -36,8 +55,27 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pipeline.fit.calibrate import calibrate
+    from pipeline.fit.calibrate import calibrate, calibrate_from_annotations
 
+    if args.annotations:
+        summary = calibrate_from_annotations(
+            args.synth_dir,
+            args.landmarks,
+            args.out,
+            work_run=args.work_run,
+            manifest=args.manifest,
+            overrides=args.overrides,
+            scheduler=args.scheduler,
+            progress=not args.no_progress,
+        )
+        if args.json:
+            print_json(summary)
+        else:
+            print(f"{summary['path']}  sha256 {summary['sha256']}")
+            print(
+                f"  {summary['images']} annotated images; noise sigma (mm) by group: {summary['sigma_mm_by_group']}"
+            )
+        return 0
     summary = calibrate(
         args.synth_dir,
         args.landmarks,
@@ -48,6 +86,7 @@ def run(args: argparse.Namespace) -> int:
         overrides=args.overrides,
         scheduler=args.scheduler,
         progress=not args.no_progress,
+        convention=args.convention,
     )
     if args.json:
         print_json(summary)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import hashlib
+import json
 import logging
 from dataclasses import replace
 from pathlib import Path
@@ -39,11 +40,23 @@ def read_truth(path: str | Path) -> dict[str, dict]:
             f"{path}: ground truth not found (morphset synth writes DIR/ground_truth.parquet)"
         )
     cols = ["image_id", "subject", "alpha_id", "yaw", "roll", "scale", "landmarks_2d"]
+    have = set(pq.read_schema(path).names)
+    cols += [c for c in ("landmarks_2d_ibug",) if c in have]
     return {r["image_id"]: r for r in pq.read_table(path, columns=cols).to_pylist()}
 
 
-def paired_landmarks(landmarks: pa.Table, truth: dict[str, dict]) -> dict[str, np.ndarray]:
-    """Detected and true points of the images where the detector found all 68."""
+TRUTH_COLUMN = {"fixed_vertex": "landmarks_2d", "ibug": "landmarks_2d_ibug"}
+
+
+def paired_landmarks(
+    landmarks: pa.Table, truth: dict[str, dict], convention: str = "fixed_vertex"
+) -> dict[str, np.ndarray]:
+    """Detected and true points (of ``convention``) of the images where the detector found all 68."""
+    column = TRUTH_COLUMN[convention]
+    if truth and column not in next(iter(truth.values())):
+        raise ValueError(
+            f"ground truth has no {column} column (written by morphset synth since ground_truth v2)"
+        )
     rows = [
         r
         for r in landmarks.select(["image_id", "landmarks", "failure_reason"]).to_pylist()
@@ -55,7 +68,7 @@ def paired_landmarks(landmarks: pa.Table, truth: dict[str, dict]) -> dict[str, n
     return {
         "image_id": np.array([r["image_id"] for r in rows]),
         "detected": np.array([r["landmarks"] for r in rows], np.float64).reshape(-1, 68, 2),
-        "true": np.array([x["landmarks_2d"] for x in g], np.float64).reshape(-1, 68, 2),
+        "true": np.array([x[column] for x in g], np.float64).reshape(-1, 68, 2),
         "scale": np.array([x["scale"] for x in g], np.float64),
         "yaw": np.array([x["yaw"] for x in g], np.float64),
         "roll": np.array([x["roll"] for x in g], np.float64),
@@ -119,8 +132,15 @@ def calibrate(
     overrides: list[str] | None = None,
     scheduler: str | None = None,
     progress: bool = False,
+    convention: str = "fixed_vertex",
 ) -> dict[str, Any]:
-    """Measure ``backend``'s error model on a synth folder; write it to ``out``; return a summary."""
+    """Measure ``backend``'s error model on a synth folder; write it to ``out``; return a summary.
+
+    ``convention``: the true landmarks the detector is compared with — ``ibug`` (jaw on the face
+    outline, what dlib and FAN are trained to mark; the fit then matches the jaw to the outline
+    by contour marching) or ``fixed_vertex`` (the model's landmark vertices)."""
+    if convention not in TRUTH_COLUMN:
+        raise ValueError(f"convention: expected one of {list(TRUTH_COLUMN)}, got {convention!r}")
     from pipeline import api
     from pipeline.config.resolve import resolve
     from pipeline.fit.loop import OUTER_EYE_CORNERS
@@ -129,7 +149,9 @@ def calibrate(
     from pipeline.storage.run import Run
 
     synth_dir = Path(synth_dir).resolve()
-    truth = read_truth(ground_truth or synth_dir / "ground_truth.parquet")
+    truth_path = Path(ground_truth or synth_dir / "ground_truth.parquet")
+    truth = read_truth(truth_path)
+    truth_md = pq.read_schema(truth_path).metadata or {}
     work = Path(work_run) if work_run is not None else Path(out).with_suffix(".run")
     api.build(
         work,
@@ -146,18 +168,22 @@ def calibrate(
     m = resolve(run, manifest, overrides).manifest
     model = resolve_morphable_model(m)
     landmarks = run.table("landmarks")
-    pairs = paired_landmarks(landmarks, truth)
+    pairs = paired_landmarks(landmarks, truth, convention)
     res = face_residuals(pairs["detected"], pairs["true"], pairs["scale"], pairs["roll"])
     meta = {
         "synth_dir": str(synth_dir),
+        # what made the faces: `morphset synth` records its parameters and seed in the ground truth
+        "synth_params": json.loads(truth_md.get(b"morphset.synth.params", b"null").decode()),
+        "convention": convention,
         "synth_images": len(truth),
         "images_with_landmarks": int(len(res)),
         "model": model.name,
         "model_sha256": model.sha256,
         "written_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
-    em = fit_error_model(res, pairs["yaw"], backend, made_by=meta)
-    weight, by_weight, mean_shape = choose_prior_weight(landmarks, truth, model, m.stage_params("fit"), em)
+    em = fit_error_model(res, pairs["yaw"], backend, convention=convention, made_by=meta)
+    fit_params = m.stage_params("fit") | {"contour": convention == "ibug"}
+    weight, by_weight, mean_shape = choose_prior_weight(landmarks, truth, model, fit_params, em)
     em = replace(
         em,
         identity_prior_weight=weight,
@@ -173,6 +199,7 @@ def calibrate(
         "path": str(Path(out).resolve()),
         "sha256": hashlib.sha256(data).hexdigest(),
         "backend": backend,
+        "convention": convention,
         "images": int(len(res)),
         "error_by_group_iod": group_summary(res, iod),
         "sigma_mm_by_group": {
@@ -181,5 +208,142 @@ def calibrate(
         "identity_prior_weight": weight,
         "identity_error_mm_by_prior_weight": by_weight,
         "mean_shape_error_mm": mean_shape,
+        "work_run": str(work),
+    }
+
+
+# --- from annotated photos: iBUG .pts files beside the images -----------------------------------
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
+
+
+def read_pts(path: str | Path) -> np.ndarray:
+    """The 68 points (pixels, x y) of an iBUG ``.pts`` file (``version: 1``, ``n_points: 68``,
+    ``{`` one ``x y`` per line ``}``). 300-W's files are 1-based (the first pixel's centre is 1.0);
+    the result is 0-based like every landmark in morphset."""
+    path = Path(path)
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    try:
+        start = next(i for i, ln in enumerate(lines) if ln.strip() == "{") + 1
+        end = next(i for i, ln in enumerate(lines) if ln.strip() == "}")
+    except StopIteration:
+        raise ValueError(f"{path}: not an iBUG .pts file (no '{{' ... '}}' block)") from None
+    pts = []
+    for n, ln in enumerate(lines[start:end], start + 1):
+        try:
+            x, y = (float(v) for v in ln.split())
+        except ValueError:
+            raise ValueError(f"{path}:{n}: expected 'x y', got {ln.strip()!r}") from None
+        pts.append((x - 1.0, y - 1.0))
+    if len(pts) != 68:
+        raise ValueError(f"{path}: {len(pts)} points, expected 68")
+    return np.asarray(pts, np.float64)
+
+
+def calibrate_from_annotations(
+    image_dir: str | Path,
+    backend: str,
+    out: str | Path,
+    work_run: str | Path | None = None,
+    manifest: str | None = None,
+    overrides: list[str] | None = None,
+    scheduler: str | None = None,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """An ``ibug``-convention error model from photos with hand-made 68-point annotations.
+
+    Every image under ``image_dir`` with a ``.pts`` file of the same stem is detected and
+    landmarked with ``backend``; its pose and scale come from fitting the model to the annotation
+    alone (no 3D truth here), and the detector's offsets from the annotation, in those face units,
+    make the model. Without true shapes the identity prior weight cannot be measured: the file has
+    none (the fit then uses ``stages.fit.identity_prior_weight``, or 1)."""
+    import array_api_compat.numpy as anp
+
+    from pipeline import api
+    from pipeline.config.resolve import resolve
+    from pipeline.fit.camera import euler_deg
+    from pipeline.fit.loop import prepare_model
+    from pipeline.fit.noise import prepare_noise, uniform
+    from pipeline.fit.stage import fit_landmark_table, options_from_params
+    from pipeline.models.assets import resolve_morphable_model
+    from pipeline.storage.atomic import atomic_write
+    from pipeline.storage.run import Run
+
+    root = Path(image_dir).resolve()
+    images = sorted(
+        p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.with_suffix(".pts").is_file()
+    )
+    if not images:
+        raise FileNotFoundError(f"{root}: no image with a .pts annotation beside it")
+    work = Path(work_run) if work_run is not None else Path(out).with_suffix(".run")
+    work.mkdir(parents=True, exist_ok=True)
+    list_file = work / "annotated.csv"
+    rel = [p.relative_to(root).as_posix() for p in images]
+    # every image is its own subject: the annotation fixes its pose, no identity is shared
+    atomic_write(list_file, "".join(f"{r},{r}\n" for r in rel).encode())
+    overrides = [*(overrides or []), "datasets.lfw.layout=list-file"]
+    api.build(work, dataset="lfw", root=str(root), list_file=str(list_file), landmarks=backend,
+              until="landmarks", overrides=overrides, scheduler=scheduler, progress=progress, manifest=manifest)  # fmt: skip
+    run = Run(work)
+    m = resolve(run, manifest, overrides).manifest
+    model = resolve_morphable_model(m)
+    detected = run.table("landmarks")
+    annotated = {r: read_pts(p.with_suffix(".pts")) for r, p in zip(rel, images, strict=True)}
+    # pose and scale from the annotations (contour marching: they are iBUG-convention)
+    truth_table = detected.set_column(
+        detected.schema.get_field_index("landmarks"),
+        "landmarks",
+        pa.array(
+            [
+                annotated[i].reshape(-1).astype(np.float32).tolist()
+                for i in detected.column("image_id").to_pylist()
+            ],
+            detected.schema.field("landmarks").type,
+        ),
+    ).set_column(
+        detected.schema.get_field_index("failure_reason"),
+        "failure_reason",
+        pa.nulls(detected.num_rows, pa.string()),
+    )
+    opt = options_from_params(m.stage_params("fit") | {"contour": True, "identity_prior_weight": 1.0})
+    lm = prepare_model(model, anp, contour=True, dtype=np.float64)
+    fits = fit_landmark_table(
+        truth_table, model, opt, lm=lm, noise=prepare_noise(uniform(2.0), lm.order, anp, np.float64)
+    )
+    fit_rows = {
+        r["image_id"]: r for r in fits.select(["image_id", "scale", "rotation", "failure_reason"]).to_pylist()
+    }
+    keep = [
+        r
+        for r in detected.select(["image_id", "landmarks", "failure_reason"]).to_pylist()
+        if r["landmarks"] is not None
+        and r["failure_reason"] is None
+        and fit_rows[r["image_id"]]["failure_reason"] is None
+    ]
+    if len(keep) < 2:
+        raise ValueError(
+            f"{root}: only {len(keep)} annotated image(s) were detected and fitted; calibration needs more"
+        )
+    R = np.array([fit_rows[r["image_id"]]["rotation"] for r in keep], np.float64).reshape(-1, 3, 3)
+    yaw, _, roll = (np.asarray(a) for a in euler_deg(anp.asarray(R)))
+    scale = np.array([fit_rows[r["image_id"]]["scale"] for r in keep], np.float64)
+    det = np.array([r["landmarks"] for r in keep], np.float64).reshape(-1, 68, 2)
+    ann = np.array([annotated[r["image_id"]] for r in keep])
+    res = face_residuals(det, ann, scale, roll)
+    meta = {"annotated_dir": str(root), "annotated_images": len(images), "images_with_landmarks": len(keep),
+            "model": model.name, "model_sha256": model.sha256, "pose_from": "the fit to each annotation alone",
+            "written_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}  # fmt: skip
+    em = fit_error_model(res, yaw, backend, convention="ibug", made_by=meta)
+    data = em.to_json()
+    atomic_write(Path(out), data)
+    return {
+        "path": str(Path(out).resolve()),
+        "sha256": hashlib.sha256(data).hexdigest(),
+        "backend": backend,
+        "convention": "ibug",
+        "images": len(keep),
+        "sigma_mm_by_group": {
+            g: round(float(np.mean(em.sigma_mm[list(ix)])), 3) for g, ix in LANDMARK_GROUPS.items()
+        },
+        "identity_prior_weight": None,
         "work_run": str(work),
     }

@@ -56,11 +56,18 @@ def options_from_params(params: dict, error_model: ErrorModel | None = None) -> 
         robust_loss=str(params["robust_loss"]),
         huber_delta=float(params["huber_delta"]),
         pose_refine_steps=int(params["pose_refine_steps"]),
-        contour=bool(params["contour"]),
+        contour=contour_on(params["contour"], error_model),
         reject_nme=None if params["reject_nme"] is None else float(params["reject_nme"]),
         shape_step=str(params["shape_step"]),
         gauss_newton=bool(params["gauss_newton"]),
     )
+
+
+def contour_on(setting: object, error_model: ErrorModel | None) -> bool:
+    """``stages.fit.contour``: true/false, or auto = the error model's convention decides."""
+    if setting == "auto":
+        return error_model is not None and error_model.convention == "ibug"
+    return bool(setting)
 
 
 # --- parsing and screening -------------------------------------------------------------------
