@@ -36,6 +36,14 @@ def _quiet_dask_logs() -> None:
     logging.getLogger("distributed.comm").setLevel(logging.ERROR)
 
 
+def _quiet_shutdown() -> None:
+    """An interrupted build closes its cluster mid-flight; distributed's own callbacks can then fail
+    inside tornado's loop and be logged with tracebacks. The command says in one line what happened
+    (committed shards are kept); those logs say nothing a user can act on."""
+    for name in ("tornado.application", "tornado.general", "asyncio", "distributed"):
+        logging.getLogger(name).setLevel(logging.CRITICAL)
+
+
 _JOBQUEUE = {"slurm": "SLURMCluster", "pbs": "PBSCluster", "sge": "SGECluster", "lsf": "LSFCluster"}
 
 
@@ -79,6 +87,7 @@ def open_client(manifest: Manifest, echo: bool = True) -> Iterator[object | None
                 f"cannot reach the Dask scheduler at {scheduler} ({type(exc).__name__}: {exc}); is it running "
                 "and reachable from here? (--scheduler / execution.scheduler)"
             ) from None
+        register_thread_budget(client)
         if echo:
             print(
                 f"joined Dask cluster {scheduler}; dashboard: {client.dashboard_link}",
@@ -87,6 +96,9 @@ def open_client(manifest: Manifest, echo: bool = True) -> Iterator[object | None
             )
         try:
             yield client
+        except KeyboardInterrupt:
+            _quiet_shutdown()
+            raise
         finally:
             client.close()
         return
@@ -123,12 +135,35 @@ def open_client(manifest: Manifest, echo: bool = True) -> Iterator[object | None
         yield client
 
 
+def thread_budget_plugin() -> object:
+    """A worker plugin that sizes every library's thread pool to the worker's threads at start
+    (:func:`pipeline.core.threads.limit_threads`): workers that do not fight over the cores."""
+    from distributed.diagnostics.plugin import WorkerPlugin
+
+    class ThreadBudget(WorkerPlugin):
+        name = "morphset-thread-budget"
+
+        def setup(self, worker: object) -> None:
+            from pipeline.core.threads import limit_threads
+
+            limit_threads(int(getattr(getattr(worker, "state", worker), "nthreads", 1) or 1))
+
+    return ThreadBudget()
+
+
+def register_thread_budget(client: object) -> None:
+    """Install the thread budget on every current and future worker of ``client``'s cluster."""
+    register = getattr(client, "register_plugin", None) or client.register_worker_plugin
+    register(thread_budget_plugin())
+
+
 @contextlib.contextmanager
 def _serve(cluster: object, description: str, echo: bool, dashboard: bool = True) -> Iterator[object]:
     """A client on a cluster this module started; both are closed on the way out."""
     from distributed import Client
 
     client = Client(cluster)
+    register_thread_budget(client)
     if echo:
         print(
             f"{description}; dashboard: {client.dashboard_link if dashboard else 'off'}",
@@ -137,6 +172,9 @@ def _serve(cluster: object, description: str, echo: bool, dashboard: bool = True
         )
     try:
         yield client
+    except KeyboardInterrupt:
+        _quiet_shutdown()
+        raise
     finally:
         client.close()
         cluster.close()

@@ -169,6 +169,7 @@ def test_a_worker_killed_mid_run_does_not_change_the_result(reference, dataset, 
     from distributed import Client, LocalCluster
 
     from dags.build import DaskExecutor
+    from dags.cluster import register_thread_budget
     from pipeline.config.manifest import load_manifest
     from pipeline.core.runner import run_stages
     from pipeline.ingest.stage import run_ingest
@@ -189,6 +190,7 @@ def test_a_worker_killed_mid_run_does_not_change_the_result(reference, dataset, 
         LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster,
         Client(cluster) as client,
     ):
+        register_thread_budget(client)  # as every cluster the commands open (dags/cluster.py)
 
         def killer():
             if _wait_for(str(run / "_meta" / "detect" / "part-00000.json")):

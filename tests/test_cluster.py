@@ -46,3 +46,29 @@ def test_kubernetes_without_the_package_is_a_clear_error():
             make_batch_cluster({"kind": "kubernetes", "options": {}})
     else:
         pytest.skip("dask-kubernetes installed; constructing a KubeCluster needs a Kubernetes API")
+
+
+def test_workers_size_every_thread_pool_to_their_threads():
+    """Two one-thread workers on two cores must not each start machine-sized pools."""
+    from dags.cluster import open_client
+    from pipeline.config.manifest import load_manifest
+    from pipeline.core.threads import thread_budget
+
+    def pools() -> dict:
+        import cv2
+        from threadpoolctl import threadpool_info
+
+        return {
+            "budget": thread_budget(),
+            "opencv": cv2.getNumThreads(),
+            "blas": sorted({p["num_threads"] for p in threadpool_info()}),
+        }
+
+    m = load_manifest().with_overrides(
+        {"execution.n_workers": 1, "execution.threads_per_worker": 2, "execution.dashboard": False}
+    )
+    with open_client(m, echo=False) as client:
+        seen = client.run(pools)
+    assert seen
+    for p in seen.values():
+        assert p["budget"] == 2 and p["opencv"] == 2 and set(p["blas"]) <= {2}, seen

@@ -33,6 +33,7 @@ import pyarrow as pa
 from pipeline.config.schemas import from_rows, load_schema
 from pipeline.core import workercache
 from pipeline.core.stage import Stage, StageContext
+from pipeline.core.threads import configure_tensorflow
 from pipeline.imaging.decode import dataset_root, max_pixels_from, read_image
 
 log = logging.getLogger(__name__)
@@ -77,6 +78,8 @@ def quiet_tensorflow() -> None:
 def create_detector() -> object:
     quiet_tensorflow()
     from mtcnn import MTCNN  # lazy: imports TensorFlow
+
+    configure_tensorflow()  # the worker's thread budget, before TensorFlow's runtime starts
 
     try:
         from absl import logging as absl_logging
