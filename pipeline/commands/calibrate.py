@@ -57,49 +57,37 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from pipeline.fit.calibrate import calibrate, calibrate_from_annotations
 
+    common = {
+        "work_run": args.work_run,
+        "manifest": args.manifest,
+        "overrides": args.overrides,
+        "scheduler": args.scheduler,
+        "progress": not args.no_progress,
+    }
     if args.annotations:
-        summary = calibrate_from_annotations(
+        summary = calibrate_from_annotations(args.synth_dir, args.landmarks, args.out, **common)
+    else:
+        summary = calibrate(
             args.synth_dir,
             args.landmarks,
             args.out,
-            work_run=args.work_run,
-            manifest=args.manifest,
-            overrides=args.overrides,
-            scheduler=args.scheduler,
-            progress=not args.no_progress,
+            ground_truth=args.ground_truth,
+            convention=args.convention,
+            **common,
         )
-        if args.json:
-            print_json(summary)
-        else:
-            print(f"{summary['path']}  sha256 {summary['sha256']}")
-            print(
-                f"  {summary['images']} annotated images; noise sigma (mm) by group: {summary['sigma_mm_by_group']}"
-            )
-        return 0
-    summary = calibrate(
-        args.synth_dir,
-        args.landmarks,
-        args.out,
-        work_run=args.work_run,
-        ground_truth=args.ground_truth,
-        manifest=args.manifest,
-        overrides=args.overrides,
-        scheduler=args.scheduler,
-        progress=not args.no_progress,
-        convention=args.convention,
-    )
     if args.json:
         print_json(summary)
         return 0
     print(f"{summary['path']}  sha256 {summary['sha256']}")
-    print(
-        f"  {summary['images']} images; detector error / outer-eye distance by group: {summary['error_by_group_iod']}"
-    )
+    print(f"  {summary['images']} images ({summary['convention']} convention)")
+    if "error_by_group_iod" in summary:
+        print(f"  detector error / outer-eye distance by group: {summary['error_by_group_iod']}")
     print(f"  noise sigma (mm) by group: {summary['sigma_mm_by_group']}")
-    print(
-        f"  identity prior weight {summary['identity_prior_weight']:g} "
-        f"(identity error mm by weight {summary['identity_error_mm_by_prior_weight']}, mean shape {summary['mean_shape_error_mm']})"
-    )
+    if summary["identity_prior_weight"] is not None:
+        print(
+            f"  identity prior weight {summary['identity_prior_weight']:g} (identity error mm by weight "
+            f"{summary['identity_error_mm_by_prior_weight']}, mean shape {summary['mean_shape_error_mm']})"
+        )
     print(
         f"manifest: models.landmark_error.{summary['backend']}: "
         f"{{source: {summary['path']}, sha256: {summary['sha256']}}}"

@@ -99,12 +99,12 @@ def choose_prior_weight(
     subjects = _by_subject(truth)
     base = {s: identity_error_mm(model, np.zeros(model.k_id), r["alpha_id"]) for s, r in subjects.items()}
     errors: dict[str, float] = {}
+    contour = bool(options_from_params(fit_params).contour)
+    lm = prepare_model(model, anp, contour=contour, dtype=np.float32)
+    noise = prepare_noise(error_model, lm.order, anp, np.float32)
     for weight in PRIOR_WEIGHTS:
         opt = options_from_params(fit_params | {"identity_prior_weight": weight})
-        lm = prepare_model(model, anp, contour=opt.contour, dtype=np.float32)
-        fits = fit_landmark_table(
-            landmarks, model, opt, lm=lm, noise=prepare_noise(error_model, lm.order, anp, np.float32)
-        )
+        fits = fit_landmark_table(landmarks, model, opt, lm=lm, noise=noise)
         per = {}
         for r in fits.select(["subject", "alpha_id"]).to_pylist():
             s = r["subject"]
@@ -120,6 +120,42 @@ def _by_subject(truth: dict[str, dict]) -> dict[str, dict]:
     for r in truth.values():
         out.setdefault(r["subject"], r)
     return out
+
+
+def _build_landmarks(
+    work: Path, backend: str, manifest: str | None, overrides: list[str] | None, **build: Any
+) -> tuple[Any, Any, pa.Table]:
+    """Build a work run up to the landmarks stage; (its manifest, the morphable model, landmarks)."""
+    from pipeline import api
+    from pipeline.config.resolve import resolve
+    from pipeline.models.assets import resolve_morphable_model
+    from pipeline.storage.run import Run
+
+    api.build(work, landmarks=backend, until="landmarks", overrides=overrides, manifest=manifest, **build)
+    run = Run(work)
+    m = resolve(run, manifest, overrides).manifest
+    return m, resolve_morphable_model(m), run.table("landmarks")
+
+
+def _write(em: ErrorModel, out: str | Path, work: Path, images: int, **extra: Any) -> dict[str, Any]:
+    """Write the model atomically; the summary every calibration returns."""
+    from pipeline.storage.atomic import atomic_write
+
+    data = em.to_json()
+    atomic_write(Path(out), data)
+    return {
+        "path": str(Path(out).resolve()),
+        "sha256": hashlib.sha256(data).hexdigest(),
+        "backend": em.backend,
+        "convention": em.convention,
+        "images": int(images),
+        **extra,
+        "sigma_mm_by_group": {
+            g: round(float(np.mean(em.sigma_mm[list(ix)])), 3) for g, ix in LANDMARK_GROUPS.items()
+        },
+        "identity_prior_weight": em.identity_prior_weight,
+        "work_run": str(work),
+    }
 
 
 def calibrate(
@@ -141,33 +177,23 @@ def calibrate(
     by contour marching) or ``fixed_vertex`` (the model's landmark vertices)."""
     if convention not in TRUTH_COLUMN:
         raise ValueError(f"convention: expected one of {list(TRUTH_COLUMN)}, got {convention!r}")
-    from pipeline import api
-    from pipeline.config.resolve import resolve
     from pipeline.fit.loop import OUTER_EYE_CORNERS
-    from pipeline.models.assets import resolve_morphable_model
-    from pipeline.storage.atomic import atomic_write
-    from pipeline.storage.run import Run
 
     synth_dir = Path(synth_dir).resolve()
     truth_path = Path(ground_truth or synth_dir / "ground_truth.parquet")
     truth = read_truth(truth_path)
     truth_md = pq.read_schema(truth_path).metadata or {}
     work = Path(work_run) if work_run is not None else Path(out).with_suffix(".run")
-    api.build(
+    m, model, landmarks = _build_landmarks(
         work,
+        backend,
+        manifest,
+        overrides,
         dataset="synthetic",
         root=str(synth_dir),
-        landmarks=backend,
-        until="landmarks",
-        overrides=overrides,
         scheduler=scheduler,
         progress=progress,
-        manifest=manifest,
     )
-    run = Run(work)
-    m = resolve(run, manifest, overrides).manifest
-    model = resolve_morphable_model(m)
-    landmarks = run.table("landmarks")
     pairs = paired_landmarks(landmarks, truth, convention)
     res = face_residuals(pairs["detected"], pairs["true"], pairs["scale"], pairs["roll"])
     meta = {
@@ -190,26 +216,18 @@ def calibrate(
         made_by=em.made_by
         | {"identity_error_mm_by_prior_weight": by_weight, "mean_shape_error_mm": mean_shape},
     )
-    data = em.to_json()
-    atomic_write(Path(out), data)
     a, b = OUTER_EYE_CORNERS
     lm3 = model.mean.reshape(-1, 3)[model.landmarks]
     iod = float(np.linalg.norm(lm3[a] - lm3[b]))
-    return {
-        "path": str(Path(out).resolve()),
-        "sha256": hashlib.sha256(data).hexdigest(),
-        "backend": backend,
-        "convention": convention,
-        "images": int(len(res)),
-        "error_by_group_iod": group_summary(res, iod),
-        "sigma_mm_by_group": {
-            g: round(float(np.mean(em.sigma_mm[list(ix)])), 3) for g, ix in LANDMARK_GROUPS.items()
-        },
-        "identity_prior_weight": weight,
-        "identity_error_mm_by_prior_weight": by_weight,
-        "mean_shape_error_mm": mean_shape,
-        "work_run": str(work),
-    }
+    return _write(
+        em,
+        out,
+        work,
+        len(res),
+        error_by_group_iod=group_summary(res, iod),
+        identity_error_mm_by_prior_weight=by_weight,
+        mean_shape_error_mm=mean_shape,
+    )
 
 
 # --- from annotated photos: iBUG .pts files beside the images -----------------------------------
@@ -258,15 +276,11 @@ def calibrate_from_annotations(
     none (the fit then uses ``stages.fit.identity_prior_weight``, or 1)."""
     import array_api_compat.numpy as anp
 
-    from pipeline import api
-    from pipeline.config.resolve import resolve
     from pipeline.fit.camera import euler_deg
     from pipeline.fit.loop import prepare_model
     from pipeline.fit.noise import prepare_noise, uniform
     from pipeline.fit.stage import fit_landmark_table, options_from_params
-    from pipeline.models.assets import resolve_morphable_model
     from pipeline.storage.atomic import atomic_write
-    from pipeline.storage.run import Run
 
     root = Path(image_dir).resolve()
     images = sorted(
@@ -281,12 +295,10 @@ def calibrate_from_annotations(
     # every image is its own subject: the annotation fixes its pose, no identity is shared
     atomic_write(list_file, "".join(f"{r},{r}\n" for r in rel).encode())
     overrides = [*(overrides or []), "datasets.lfw.layout=list-file"]
-    api.build(work, dataset="lfw", root=str(root), list_file=str(list_file), landmarks=backend,
-              until="landmarks", overrides=overrides, scheduler=scheduler, progress=progress, manifest=manifest)  # fmt: skip
-    run = Run(work)
-    m = resolve(run, manifest, overrides).manifest
-    model = resolve_morphable_model(m)
-    detected = run.table("landmarks")
+    m, model, detected = _build_landmarks(
+        work, backend, manifest, overrides, dataset="lfw", root=str(root), list_file=str(list_file),
+        scheduler=scheduler, progress=progress,
+    )  # fmt: skip
     annotated = {r: read_pts(p.with_suffix(".pts")) for r, p in zip(rel, images, strict=True)}
     # pose and scale from the annotations (contour marching: they are iBUG-convention)
     truth_table = detected.set_column(
@@ -333,17 +345,4 @@ def calibrate_from_annotations(
             "model": model.name, "model_sha256": model.sha256, "pose_from": "the fit to each annotation alone",
             "written_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}  # fmt: skip
     em = fit_error_model(res, yaw, backend, convention="ibug", made_by=meta)
-    data = em.to_json()
-    atomic_write(Path(out), data)
-    return {
-        "path": str(Path(out).resolve()),
-        "sha256": hashlib.sha256(data).hexdigest(),
-        "backend": backend,
-        "convention": "ibug",
-        "images": len(keep),
-        "sigma_mm_by_group": {
-            g: round(float(np.mean(em.sigma_mm[list(ix)])), 3) for g, ix in LANDMARK_GROUPS.items()
-        },
-        "identity_prior_weight": None,
-        "work_run": str(work),
-    }
+    return _write(em, out, work, len(keep))

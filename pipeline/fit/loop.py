@@ -304,8 +304,9 @@ def fit_batch(
     converged = np.zeros(S, dtype=bool)
     E_prev = xp.zeros((S,), dtype=dt)
     E_last = xp.full((S,), xp.nan, dtype=dt)
-    v_obs = v
-    if noise is not None and noise.bias is not None:
+    v_obs = v  # the detector's points; v: what the sweeps fit (less the detector's expected offset)
+    biased = noise is not None and noise.bias is not None
+    if biased:
         # the detector's offset at each image's pose; the first pose comes from the mean shape
         f0, R0, _ = estimate_camera(lm.mean, v, w, opt.pose_refine_steps)
         v = v_obs - bias_at(noise, f0, R0)
@@ -345,7 +346,7 @@ def fit_batch(
             w_rob[idx] = sub(w) * iw
         history[idx, it] = E
         E_last[idx] = E
-        if v is not v_obs and it < BIAS_UPDATES:  # the bias at the new pose for the next sweep
+        if biased and it < BIAS_UPDATES:  # the bias at the new pose for the next sweep
             offset = bias_at(noise, new["f"], new["R"])
             if full:
                 v = v_obs - offset

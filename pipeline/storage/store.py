@@ -35,6 +35,7 @@ from typing import Any
 
 import fsspec
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
@@ -348,19 +349,16 @@ def _split_by(table: pa.Table, schema: StageSchema) -> list[tuple[str | None, pa
     file under the first value, so its schema stays readable)."""
     if schema.files_by is None:
         return [(None, table)]
-    values = table.column(schema.files_by).to_pylist()
-    undeclared = sorted(set(values) - set(schema.file_values))
+    values = set(table.column(schema.files_by).to_pylist())
+    undeclared = sorted(values - set(schema.file_values))
     if undeclared:
         raise ValueError(
             f"schema {schema.name!r}: {schema.files_by} values {undeclared} are not among the declared "
             f"{list(schema.file_values)}"
         )
-    out = []
-    for v in schema.file_values:
-        rows = [i for i, x in enumerate(values) if x == v]
-        if rows:
-            out.append((v, table.take(pa.array(rows, pa.int64()))))
-    return out or [(schema.file_values[0], table)]
+    column = table.column(schema.files_by)
+    parts = [(v, table.filter(pc.equal(column, v))) for v in schema.file_values if v in values]
+    return parts or [(schema.file_values[0], table)]
 
 
 def _mismatch(sidecar: dict, data: bytes) -> str | None:
