@@ -98,9 +98,7 @@ class ShardStore:
     def data_paths(self, shard: int, sidecar: dict | None = None) -> list[str]:
         """Every data file of a committed shard, in the order its rows were written."""
         sc = self.sidecar(shard) if sidecar is None else sidecar
-        if sc is not None and isinstance(sc.get("files"), list):
-            return [f"{self.dir}/{f['name']}" for f in sc["files"]]
-        return [self.data_path(shard)]
+        return [path for path, _ in self._file_records(shard, sc or {})]
 
     def _file_records(self, shard: int, sidecar: dict) -> list[tuple[str, dict]]:
         """(path, what the sidecar recorded for it) per data file of the shard."""
