@@ -217,7 +217,7 @@ def build(
     manifest: str | None = None,
     storage_options: dict | None = None,
 ) -> BuildReport:
-    """ingest -> detect -> landmarks -> fit -> export over a run (resumable); writes ``RUN/report.json``.
+    """ingest -> detect -> landmarks -> embed -> fit -> export over a run (resumable); writes ``RUN/report.json``.
 
     A later ``build(run)`` uses what the run remembers (``run.json``); another dataset, root or
     list file is refused (:class:`pipeline.storage.run.RunError`) unless ``mode="overwrite"``."""
@@ -280,6 +280,32 @@ def status(
     if not r.exists():
         raise FileNotFoundError(f"{r.url}: no such run")
     return run_status(r, resolve(r, manifest, overrides).manifest)
+
+
+def overlap(
+    train_run: str | os.PathLike,
+    eval_run: str | os.PathLike,
+    threshold: float = 0.5,
+    out: str | os.PathLike | None = None,
+    storage_options: dict | None = None,
+) -> Any:
+    """Training subjects whose face-embedding centre lies within ``threshold`` of an evaluation
+    subject's (:mod:`pipeline.embed.overlap`); with ``out``, the list is written there as CSV
+    (``morphset export --exclude-subjects`` takes it). Returns an ``Overlap``."""
+    from pipeline.embed.overlap import find_overlap, subject_centres, write_csv
+    from pipeline.fit.stage import screening_from_params
+
+    centres = []
+    for where in (train_run, eval_run):
+        r = Run(where, storage_options)
+        if not r.exists():
+            raise FileNotFoundError(f"{r.url}: no such run")
+        params = resolve(r).manifest.stage_params("fit")
+        centres.append(subject_centres(r, screening_from_params(params)))
+    result = find_overlap(centres[0], centres[1], float(threshold))
+    if out is not None:
+        write_csv(result, str(out))
+    return result
 
 
 def verify(run: str | os.PathLike, storage_options: dict | None = None) -> dict[str, Any]:

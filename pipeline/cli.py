@@ -21,6 +21,7 @@ COMMANDS = [
     "ingest",
     "detect",
     "landmarks",
+    "embed",
     "fit",
     "export",
     "build",
@@ -30,6 +31,7 @@ COMMANDS = [
     "calibrate",
     "train",
     "evaluate",
+    "overlap",
     "export_mesh",
     "demo",
 ]

@@ -171,6 +171,7 @@ def test_a_worker_killed_mid_run_does_not_change_the_result(reference, dataset, 
     from dags.build import DaskExecutor
     from dags.cluster import register_thread_budget
     from pipeline.config.manifest import load_manifest
+    from pipeline.core.registry import STAGES
     from pipeline.core.runner import run_stages
     from pipeline.ingest.stage import run_ingest
     from pipeline.storage.run import Run
@@ -201,9 +202,7 @@ def test_a_worker_killed_mid_run_does_not_change_the_result(reference, dataset, 
 
         t = threading.Thread(target=killer, daemon=True)
         t.start()
-        report = run_stages(
-            Run(run), m, ["detect", "landmarks", "fit", "export"], DaskExecutor(client), progress=False
-        )
+        report = run_stages(Run(run), m, list(STAGES), DaskExecutor(client), progress=False)
         t.join(timeout=5)
     assert killed, "no worker was killed"
     assert report["failed_shards"] == []

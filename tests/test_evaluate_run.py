@@ -59,9 +59,15 @@ def toy_model(n: int = 24, seed: int = 0) -> MorphableModel:
 
 
 def make_run(
-    tmp_path: Path, model: MorphableModel, n_subjects: int = 12, per_subject: int = 4, noise: float = 0.3
+    tmp_path: Path,
+    model: MorphableModel,
+    n_subjects: int = 12,
+    per_subject: int = 4,
+    noise: float = 0.3,
+    per_image_identity: bool = False,
 ):
-    """Fit shards (2 shards) with fitted = truth + noise, and the matching ground_truth.parquet."""
+    """Fit shards (2 shards) with fitted = truth + noise, and the matching ground_truth.parquet.
+    ``per_image_identity``: every image its own noisy α_id (as ``stages.fit.identity: image``)."""
     rng = np.random.default_rng(1)
     run = tmp_path / "run"
     fit_rows, gt_rows = [], []
@@ -70,6 +76,8 @@ def make_run(
         a_id = rng.normal(size=K_ID) * 3.0
         fit_id = a_id + noise * rng.normal(size=K_ID)
         for i in range(per_subject):
+            if per_image_identity:
+                fit_id = a_id + noise * rng.normal(size=K_ID)
             image_id = f"{subject}/{i:03d}.png"
             a_exp = rng.normal(size=K_EXP) * 2.0
             yaw = float(rng.uniform(-85, 85))
@@ -197,8 +205,10 @@ def test_evaluate_writes_report_with_all_sections(toy, capsys):
     ver = doc["verification"]
     assert ver["pairs"]["n_folds"] == 10 and (run / "eval" / "pairs.csv").is_file()
     res = ver["results"]["fit α_id"]
-    assert res["identical_feature_same_pairs"] == 1.0  # flagged: multi-image fit shares α_id
-    assert any("identical features" in n for n in doc["notes"])
+    # the multi-image fit shares α_id within a subject: not presented as a verification result
+    assert res["identical_feature_same_pairs"] == 1.0 and res["withheld"] == "identical by construction"
+    assert "summary" not in res and any("identical features" in n for n in doc["notes"])
+    assert "Not shown, identical by construction: fit α_id" in page.read_text(encoding="utf-8")
     assert any("no trained encoder" in n for n in doc["notes"])
 
     samples = pq.read_table(run / "eval" / "samples.parquet")
@@ -402,9 +412,11 @@ def test_evaluate_with_encoder(toy, tmp_path):
     assert "identity_consistency_encoder" in doc["fit_quality"]
 
 
-def test_directory_items_average_their_images(toy, tmp_path):
+def test_directory_items_average_their_images(tmp_path, monkeypatch):
     """YouTube-Faces-style items (a directory of frames) use the mean feature of their images."""
-    model, run, _ = toy
+    model = toy_model()
+    monkeypatch.setattr(evrun, "load_model", lambda manifest: (model, None))
+    run, _ = make_run(tmp_path, model, per_image_identity=True)
     rows = ["a,b,same,fold"]
     for k in range(4):
         rows.append(f"person_{k + 1:02d},person_{k + 1:02d}/000.png,1,{k % 2}")
@@ -420,4 +432,5 @@ def test_directory_items_average_their_images(toy, tmp_path):
     evrun.evaluate_run(str(run), load_manifest(), params)
     res = json.loads((run / "eval" / "report.json").read_text())["verification"]["results"]["fit α_id"]
     assert res["pairs_used"] == 8 and res["pairs_missing_features"] == 1
-    assert res["summary"]["auc"]["mean"] == 1.0  # a subject's mean α_id equals its shared α_id
+    assert res["identical_feature_same_pairs"] == 0.0  # per-image α_id: shown as a result
+    assert res["summary"]["auc"]["mean"] == 1.0  # noise 0.3 against subjects 3.0 apart

@@ -8,7 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.config.manifest import ManifestError, load_manifest
-from pipeline.config.schemas import load_schema
+from pipeline.config.schemas import from_rows, load_schema
 from pipeline.core.runner import process_shard
 from pipeline.fit import stage as fit_stage
 from pipeline.fit.loop import FitOptions
@@ -164,6 +164,10 @@ def test_run_shard_through_the_store(tmp_path, model, monkeypatch):
     rows, _ = landmarks_table(model, n_subjects=2, n_images=2)
     root = str(tmp_path / "run")
     ShardStore(root, "landmarks").write(0, to_table(rows), load_schema("landmarks"), "fp-landmarks", "p", 0.1)
+    emb = from_rows(
+        [{k: r[k] for k in ("image_id", "subject", "label")} for r in rows], load_schema("embeddings")
+    )
+    ShardStore(root, "embed").write(0, emb, load_schema("embeddings"), "fp-embed", "p", 0.1)
     manifest = load_manifest(overrides=["execution.array_backend=numpy", "stages.fit.max_iterations=15"])
     sidecar = process_shard(Run(root), manifest, "fit", 0, assets={})
     assert sidecar["rows"] == 4 and sidecar["failures"] == {}

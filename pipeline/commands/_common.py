@@ -82,6 +82,9 @@ def print_report(report: dict) -> None:
             + (f", blocked {st['shards_blocked']}" if st["shards_blocked"] else "")
             + (f"; {st['images']} images, {ips} images/s per worker" if ips else "")
         )
+        fails = report.get("status", {}).get(s, {}).get("failures", {})
+        if fails:  # by reason, over the run's committed shards (identity_outlier, no_face, ...)
+            print("           images by reason: " + ", ".join(f"{k}={v}" for k, v in fails.items()))
         for e in st["errors"]:
             print(f"           {e}", file=sys.stderr)
     if report.get("images_per_second"):

@@ -17,8 +17,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=None,
         help="drop subjects with fewer usable images (stages.export.min_images_per_subject)",
     )
+    p.add_argument(
+        "--exclude-subjects",
+        default=None,
+        metavar="FILE",
+        help="leave these subjects out (morphset overlap's CSV, or one name per line; stages.export.exclude_subjects)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
-    extra = {"stages.export.min_images_per_subject": args.min_images} if args.min_images else None
-    return run_stage_command(args, ["export"], extra)
+    extra: dict = {}
+    if args.min_images:
+        extra["stages.export.min_images_per_subject"] = args.min_images
+    if args.exclude_subjects:
+        from pipeline.storage.run import absolute_location
+
+        extra["stages.export.exclude_subjects"] = absolute_location(args.exclude_subjects)
+    return run_stage_command(args, ["export"], extra or None)

@@ -23,6 +23,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--contour", action="store_true", default=None, help="jaw contour correspondence (stages.fit.contour)"
     )
     p.add_argument("--max-iterations", type=int, default=None, help="stages.fit.max_iterations")
+    p.add_argument(
+        "--identity",
+        choices=["subject", "image"],
+        default=None,
+        help="one identity per subject, or per image for evaluation sets (stages.fit.identity)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -35,4 +41,6 @@ def run(args: argparse.Namespace) -> int:
         extra["stages.fit.contour"] = True
     if args.max_iterations:
         extra["stages.fit.max_iterations"] = args.max_iterations
+    if args.identity:
+        extra["stages.fit.identity"] = args.identity
     return run_stage_command(args, ["fit"], extra or None)

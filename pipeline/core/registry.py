@@ -10,6 +10,7 @@ from pipeline.config.manifest import Manifest
 from pipeline.config.schemas import StageSchema, load_schema
 from pipeline.core.stage import ConfigView, Stage
 from pipeline.detect.stage import DetectStage
+from pipeline.embed.stage import EmbedStage
 from pipeline.export.stage import ExportStage
 from pipeline.fit.stage import FitStage
 from pipeline.landmarks.stage import LandmarksStage
@@ -19,6 +20,7 @@ STAGES: dict[str, Stage] = {
     for s in (
         DetectStage(),
         LandmarksStage(),
+        EmbedStage(),
         FitStage(),
         ExportStage(),
     )

@@ -70,8 +70,13 @@ def process_shard(
     out = run.store(stage)
     fp = run.shard_fingerprint(manifest, stage, shard)
     if fp is None:
+        from pipeline.core.registry import stage_dir
+
+        missing = [i for i in spec.inputs if run.store(i).sidecar(shard) is None]
+        commands = " and ".join(f"`morphset {stage_dir(i)}`" for i in missing) or "the upstream stages"
         raise RuntimeError(
-            f"{stage} shard {shard}: an input ({', '.join(spec.inputs)}) is not done in {run.url}"
+            f"{stage} shard {shard}: its input {', '.join(missing) or ', '.join(spec.inputs)} is not done "
+            f"in {run.url}; run {commands} on it first (or `morphset build`, which runs every stage)"
         )
     if not force and out.is_done(shard, fp):
         return {**out.sidecar(shard), "skipped": True}

@@ -158,6 +158,11 @@ def fit_quality_section(ctx: Context) -> dict:
 
 
 # --- verification ----------------------------------------------------------------------------------
+# above this fraction of same-subject pairs with identical features, a source's verification
+# figures are decided by how features were assigned, not by recognition: withheld
+IDENTICAL_BY_CONSTRUCTION = 0.5
+
+
 class NoPairsInRun(MorphsetError):
     """A pairs file none of whose images is in the run (another dataset, other naming)."""
 
@@ -218,17 +223,37 @@ def verification_section(ctx: Context, pairs: PairList, generated: bool, sources
         ),
     )
     scores_by: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    withheld: dict[str, float] = {}
     for name, (ids, feats) in sources.items():
         fa, ok_a = item_features(pairs.a, ids, feats)
         fb, ok_b = item_features(pairs.b, ids, feats)
         valid = ok_a & ok_b
         s = np.full(len(pairs), np.nan)
         s[valid] = cosine_scores(fa[valid], fb[valid])
+        same_v = pairs.same[valid]
+        identical = float(np.mean(s[valid][same_v] > 1 - 1e-9)) if same_v.any() else 0.0
+        if identical > IDENTICAL_BY_CONSTRUCTION:
+            # a feature shared by all images of a subject (the multi-image fit's α_id) makes same
+            # pairs identical: its scores measure the labels, not recognition
+            withheld[name] = identical
+            out["results"][name] = {
+                "withheld": "identical by construction",
+                "identical_feature_same_pairs": identical,
+                "pairs_used": int(valid.sum()),
+                "pairs_missing_features": int((~valid).sum()),
+            }
+            ctx.notes.append(
+                f"verification with {name} not shown: {100 * identical:.0f}% of same-subject pairs have "
+                "identical features (the multi-image fit shares α_id within a subject), so its scores are "
+                "not a measure of recognition; build with --set stages.fit.identity=image for per-image "
+                "α_id, or use the encoder's c_id."
+            )
+            continue
         scores_by[name] = (s, valid)
     fusion = list(ctx.params["fusion"])
     missing = [n for n in fusion if n not in scores_by]
     if missing and len(missing) < len(fusion):  # all missing = no encoder, already noted
-        ctx.notes.append(f"score fusion of {fusion} skipped: no features for {missing}")
+        ctx.notes.append(f"score fusion of {fusion} skipped: no usable features for {missing}")
     if len(fusion) == 2 and not missing:
         valid = scores_by[fusion[0]][1] & scores_by[fusion[1]][1]
         fused = np.full(len(pairs), np.nan)
@@ -260,20 +285,17 @@ def verification_section(ctx: Context, pairs: PairList, generated: bool, sources
                 "AUC": sm["auc"],
                 "TAR@FAR=10% (%)": sm["tar_at_far_0.1_pct"],
                 "TAR@FAR=1% (%)": sm["tar_at_far_0.01_pct"],
-                # a feature shared by all images of a subject makes same pairs trivially identical
-                "same pairs with identical features %": (
-                    100 * res["identical_feature_same_pairs"]
-                    if "identical_feature_same_pairs" in res
-                    else None
-                ),
             }
         )
-        if res.get("identical_feature_same_pairs", 0) > 0.5:
-            ctx.notes.append(
-                f"verification with {name}: {100 * res['identical_feature_same_pairs']:.0f}% of same-subject pairs "
-                "have identical features (the multi-image fit shares α_id within a subject), so its scores "
-                "are not a measure of recognition; use the encoder's c_id."
-            )
+    if withheld:
+        ctx.add(
+            sec,
+            rp.Paragraph(
+                "Not shown, identical by construction: "
+                + "; ".join(f"{n} ({100 * v:.0f}% of same pairs identical)" for n, v in withheld.items())
+                + ". The multi-image fit gives every image of a subject the same α_id."
+            ),
+        )
     ctx.add(sec, rp.Table(rows))
     if curves:
         ctx.figure(sec, "roc", rp.Roc(curves))
@@ -538,6 +560,14 @@ def summary_section(ctx: Context, doc: dict) -> None:
         {"": "run", "value": doc["run"]},
         {"": "images fitted", "value": f"{doc['fit_quality']['fitted']} / {doc['fit_quality']['images']}"},
     ]
+    reasons = doc["fit_quality"].get("rejected_by_reason", {})
+    if any(k.startswith("identity_") for k in reasons):
+        rows.append(
+            {
+                "": "identity screening: outliers / ambiguous images",
+                "value": f"{reasons.get('identity_outlier', 0)} / {reasons.get('identity_ambiguous', 0)}",
+            }
+        )
     for name, res in doc.get("verification", {}).get("results", {}).items():
         sm = res.get("summary")
         if sm:

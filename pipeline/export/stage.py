@@ -24,6 +24,44 @@ from pipeline.imaging.decode import TRANSIENT_REASONS, dataset_root, max_pixels_
 from pipeline.storage.run import Run
 
 LABELS_FILE = "_labels.json"
+EXCLUDED = "excluded_subject"
+
+
+class SubjectListError(ValueError):
+    """A subject list file (stages.export.exclude_subjects) is missing or malformed."""
+
+
+def read_subject_list(path: str) -> list[str]:
+    """Subject names from ``morphset overlap``'s CSV (``train_subject``), a CSV with a ``subject``
+    column, or a plain list (one name per line; blank lines and ``#`` comments skipped)."""
+    import csv
+    import io
+
+    import fsspec
+
+    try:
+        with fsspec.open(path, "rb") as f:
+            text = f.read().decode("utf-8-sig")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SubjectListError(f"stages.export.exclude_subjects: cannot read {path}: {exc}") from None
+    lines = text.splitlines()
+    header = next((ln for ln in lines if ln.strip() and not ln.startswith("#")), "")
+    fields = [h.strip() for h in next(csv.reader([header]), [])] if header else []
+    column = next((c for c in ("train_subject", "subject") if c in fields), None)
+    if column is None:
+        if len(fields) > 1:
+            raise SubjectListError(
+                f"{path}: line 1 has columns {fields}; expected a train_subject or subject column "
+                "(morphset overlap's CSV), or one subject name per line"
+            )
+        return sorted({ln.strip() for ln in lines if ln.strip() and not ln.startswith("#")})
+    names = []
+    for i, row in enumerate(csv.DictReader(io.StringIO(text)), start=2):
+        name = (row.get(column) or "").strip()
+        if not name:
+            raise SubjectListError(f"{path}: line {i}: empty {column}")
+        names.append(name)
+    return sorted(set(names))
 
 
 def split_subjects(subjects: list[str], val_fraction: float, salt: str) -> dict[str, str]:
@@ -68,6 +106,7 @@ class ExportStage(Stage):
 def prepare_global(run: Run, config: ConfigView) -> dict:
     """Count usable images per subject over all committed fit shards; write ``_meta/export/_labels.json``."""
     params = config.stage_params("export")
+    excluded = set(read_subject_list(params["exclude_subjects"])) if params["exclude_subjects"] else set()
     fits = run.store("fit")
     counts: dict[str, int] = {}
     for shard in fits.shards_with_sidecar():
@@ -75,13 +114,16 @@ def prepare_global(run: Run, config: ConfigView) -> dict:
         ok = t.filter(pc.is_null(t.column("failure_reason")))
         for s in ok.column("subject").to_pylist():
             counts[s] = counts.get(s, 0) + 1
-    labels = label_map(counts, params["min_images_per_subject"], params["val_fraction"], params["split_salt"])
+    kept = {s: n for s, n in counts.items() if s not in excluded}
+    labels = label_map(kept, params["min_images_per_subject"], params["val_fraction"], params["split_salt"])
     doc = {
         "min_images_per_subject": params["min_images_per_subject"],
         "val_fraction": params["val_fraction"],
         "split_salt": params["split_salt"],
         "subjects": labels,
-        "dropped_subjects": sorted(s for s in counts if s not in labels),
+        "dropped_subjects": sorted(s for s in kept if s not in labels),
+        # named in the list and present in the run (the list's other names match nothing here)
+        "excluded_subjects": sorted(excluded & set(counts)),
     }
     run.store("export").write_json(LABELS_FILE, doc)
     return doc
@@ -118,6 +160,7 @@ def run_shard(inputs: dict[str, pa.Table], ctx: StageContext) -> pa.Table:
             f"{ctx.run_root}/export/{LABELS_FILE}: subject-label map missing (run the export stage, which writes it first)"
         )
     subjects = labels["subjects"]
+    excluded = set(labels.get("excluded_subjects", []))
     max_pixels = max_pixels_from(ctx.config)
     quality = ctx.params.jpeg_quality
     det_by_id = {r["image_id"]: r for r in det.select(["image_id", "primary_score"]).to_pylist()}
@@ -127,6 +170,9 @@ def run_shard(inputs: dict[str, pa.Table], ctx: StageContext) -> pa.Table:
     rows = []
     dropped: dict[str, str] = {}  # image_id -> why a fitted image is not in the trainset
     for f in fit.to_pylist():
+        if f["failure_reason"] is None and f["subject"] in excluded:
+            dropped[f["image_id"]] = EXCLUDED  # usable, but its subject is on the exclusion list
+            continue
         if f["failure_reason"] is not None or f["subject"] not in subjects:
             continue
         image_id = f["image_id"]

@@ -131,7 +131,8 @@ def _build_landmarks(
     from pipeline.models.assets import resolve_morphable_model
     from pipeline.storage.run import Run
 
-    api.build(work, landmarks=backend, until="landmarks", overrides=overrides, manifest=manifest, **build)
+    # until embed (off for renders, so free): the work run is then ready for `morphset fit`
+    api.build(work, landmarks=backend, until="embed", overrides=overrides, manifest=manifest, **build)
     run = Run(work)
     m = resolve(run, manifest, overrides).manifest
     return m, resolve_morphable_model(m), run.table("landmarks")

@@ -19,6 +19,7 @@ import pyarrow as pa
 from pipeline.config.schemas import conform, load_schema
 from pipeline.core import workercache
 from pipeline.core.stage import Asset, ConfigView, Stage, StageContext
+from pipeline.embed.identity import ScreenParams, embedding_matrix, screen_identities
 from pipeline.fit.camera import euler_deg
 from pipeline.fit.loop import FitOptions, FitResult, LandmarkModel, SubjectFits, fit_subjects, prepare_model
 from pipeline.fit.noise import (
@@ -39,6 +40,7 @@ TOO_FEW = "too_few_landmarks"
 DEGENERATE = "degenerate_geometry"
 REJECTED = "rejected_reprojection"
 MISSING = "missing_landmarks"
+IDENTITY_MODES = ("subject", "image")
 log = logging.getLogger(__name__)
 
 
@@ -169,23 +171,38 @@ def fit_landmark_table(
     batch_images: int = 512,
     precision: str = "float32",
     noise: LandmarkNoise | None = None,
+    identity: str = "subject",
+    embeddings: np.ndarray | None = None,
+    screening: ScreenParams | None = None,
 ) -> pa.Table:
     """Fit every subject of a landmarks table; one conforming ``fits`` row per input row.
 
     ``lm`` (the prepared landmark model, e.g. from the worker cache) fixes namespace and dtype;
     without it one is built for ``backend`` and ``precision``. ``noise``: the landmark error
-    model (:mod:`pipeline.fit.noise`); None = uniform, 1 mm.
+    model (:mod:`pipeline.fit.noise`); None = uniform, 1 mm. ``identity``: ``subject`` (one
+    shared identity per subject) or ``image`` (every image fitted alone). ``embeddings`` (N, dim),
+    NaN rows where missing, with ``screening``: images that are not the subject's person are
+    kept out of its identity (:mod:`pipeline.embed.identity`; subject mode only).
     """
+    if identity not in IDENTITY_MODES:
+        raise ValueError(f"identity: expected one of {list(IDENTITY_MODES)}, got {identity!r}")
     xp = get_namespace(backend)
     if lm is None:
         lm = prepare_model(model, xp, contour=opt.contour, dtype=getattr(xp, precision))
     n = table.num_rows
     pts, upstream = parse_landmarks(table)
     reasons, w_all = screen(pts, upstream, min_landmarks, min_spread_px)
+    subjects = np.asarray(table.column("subject").to_pylist(), dtype=object)
+    if identity == "subject" and screening is not None and embeddings is not None and embeddings.shape[1]:
+        fresh = np.array([r is None for r in reasons], dtype=bool)
+        judged = np.where(fresh[:, None], embeddings, np.nan)
+        verdicts, _ = screen_identities(subjects, judged, screening)
+        reasons = [r or v for r, v in zip(reasons, verdicts, strict=True)]
     ok = np.array([r is None for r in reasons], dtype=bool)
-    subj_names, codes_all = np.unique(
-        np.asarray(table.column("subject").to_pylist(), dtype=object), return_inverse=True
-    )
+    if identity == "image":  # every image its own identity problem
+        subj_names, codes_all = np.arange(n), np.arange(n)
+    else:
+        subj_names, codes_all = np.unique(subjects, return_inverse=True)
     n_subj = len(subj_names)
     codes = np.where(ok, codes_all, -1)
     counts = np.bincount(codes[ok], minlength=n_subj)
@@ -295,6 +312,7 @@ def fit_landmark_table(
         "morphset.model.k_id": str(model.k_id),
         "morphset.model.k_exp": str(model.k_exp),
         "morphset.fit.array_backend": backend,
+        "morphset.fit.identity": identity,
     }
     return conform(out, load_schema("fits"), meta)
 
@@ -361,7 +379,7 @@ def _concat_fits(parts: list[SubjectFits]) -> SubjectFits:
 # --- the stage entry point -------------------------------------------------------------------
 class FitStage(Stage):
     name = "fit"
-    inputs = ("landmarks",)
+    inputs = ("landmarks", "embed")
     schema = "fits"
     depends_on = ("models.morphable_model", "models.landmark_error")
     # How, not what: NumPy and CuPy fits agree to float tolerance; the cache only holds the model.
@@ -427,8 +445,30 @@ def error_model_for(ctx: StageContext) -> ErrorModel:
     )
 
 
+def screening_from_params(params: dict) -> ScreenParams:
+    return ScreenParams(
+        outlier_distance=float(params["identity_outlier_distance"]),
+        cluster_distance=float(params["identity_cluster_distance"]),
+        ambiguous_ratio=float(params["identity_ambiguous_ratio"]),
+    )
+
+
+def _embeddings(inputs: dict[str, pa.Table], ctx: StageContext) -> np.ndarray | None:
+    emb = inputs.get("embed")
+    if emb is None:
+        return None
+    lms = inputs["landmarks"]
+    if emb.column("image_id").to_pylist() != lms.column("image_id").to_pylist():
+        raise ValueError(
+            f"fit shard {ctx.shard}: landmarks and embed tables do not match row for row "
+            f"({lms.num_rows} vs {emb.num_rows} rows); rebuild embed for this shard"
+        )
+    return embedding_matrix(emb.column("embedding"), emb.num_rows)
+
+
 def run_shard(inputs: dict[str, pa.Table], ctx: StageContext) -> pa.Table:
-    """Stage function: ``inputs["landmarks"]`` -> fits table (see :func:`fit_landmark_table`)."""
+    """Stage function: ``inputs["landmarks"]`` (and ``inputs["embed"]`` for the identity
+    screening) -> fits table (see :func:`fit_landmark_table`)."""
     params = ctx.params.as_dict()
     error_model = error_model_for(ctx)
     opt = options_from_params(params, error_model)
@@ -450,4 +490,7 @@ def run_shard(inputs: dict[str, pa.Table], ctx: StageContext) -> pa.Table:
         min_spread_px=float(params["min_spread_px"]),
         batch_images=int(params["batch_images"]),
         noise=prepare_noise(error_model, lm.order, xp, lm.mean.dtype),
+        identity=str(params["identity"]),
+        embeddings=_embeddings(inputs, ctx),
+        screening=screening_from_params(params),
     )

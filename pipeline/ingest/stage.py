@@ -219,6 +219,23 @@ class IngestResult:
     warnings: list[str]
 
 
+# what `morphset synth` writes at the root of its output (pipeline.synthetic.synth.GROUND_TRUTH_FILE)
+SYNTH_MARKER = "ground_truth.parquet"
+
+
+def is_synthetic(ds: dict, storage_options: dict | None = None) -> bool:
+    """A dataset rendered from a model: flagged ``synthetic`` in the manifest, or a root that
+    ``morphset synth`` wrote. Recorded in the index metadata (``morphset.dataset_synthetic``) so
+    that stages whose default differs for renders (embed) can tell."""
+    if ds.get("synthetic"):
+        return True
+    fs, rpath = fsspec.core.url_to_fs(ds["root"], **(storage_options or {}))
+    try:
+        return bool(fs.exists(rpath.rstrip("/") + "/" + SYNTH_MARKER))
+    except OSError:
+        return False
+
+
 def ingest_params_hash(params: dict, dataset: dict) -> str:
     keys = {k: dataset.get(k) for k in ("root", "layout", "list_file")}
     # fingerprint=stat is what ingest always did: left out, so existing runs keep their shards
@@ -246,6 +263,7 @@ def run_ingest(
                 f"{manifest.path}: datasets.{dataset_name}.list_file is required for layout list-file"
             )
         scan = scan_list_file(ds["root"], ds["list_file"], exts, storage_options)
+    synthetic = is_synthetic(ds, storage_options)
     usable = [e for e in scan.entries if e.reason is None]
     if not usable:
         where = ds.get("list_file") if ds["layout"] == "list-file" else ds["root"]
@@ -336,7 +354,11 @@ def run_ingest(
             fp,
             phash,
             time.perf_counter() - t0,
-            extra_metadata={"morphset.dataset": dataset_name, "morphset.dataset_root": ds["root"]},
+            extra_metadata={
+                "morphset.dataset": dataset_name,
+                "morphset.dataset_root": ds["root"],
+                "morphset.dataset_synthetic": "true" if synthetic else "false",
+            },
             extra_sidecar={"images": len(rows), "subjects": len(subjects), "dataset": dataset_name},
         )
         written.append(shard)
