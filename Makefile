@@ -2,10 +2,13 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha256sum | cut -c1-12)
+HASH := $(shell cat pyproject.toml | sha256sum | cut -c1-12)
+STAMP := $(VENV)/.installed-base-$(HASH)
+# the development extras on top: test tools and TensorFlow for the detector's reference path
+DEV_STAMP := $(VENV)/.installed-dev-$(HASH)
 DEMO_OUT ?= runs/demo
 
-.PHONY: demo test lint format env bench clean wheel wheel-check calibration
+.PHONY: demo test lint format env dev-env bench clean wheel wheel-check calibration
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -15,17 +18,24 @@ $(BIN)/python:
 # requirement would pull a multi-GB CUDA build.
 $(STAMP): $(BIN)/python pyproject.toml
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install --quiet "torch==2.13.0"
-	$(BIN)/pip install --quiet -e ".[dev]"
-	rm -f $(VENV)/.installed-*
+	$(BIN)/pip install --quiet -e ".[dlib]"
+	rm -f $(VENV)/.installed-base-*
 	touch $(STAMP)
+
+$(DEV_STAMP): $(STAMP)
+	$(BIN)/pip install --quiet -e ".[dlib,dev,tensorflow]"
+	rm -f $(VENV)/.installed-dev-*
+	touch $(DEV_STAMP)
 
 env: $(STAMP)
 
-lint: env
+dev-env: $(DEV_STAMP)
+
+lint: dev-env
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-format: env
+format: dev-env
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
@@ -37,7 +47,7 @@ calibration: env
 	$(BIN)/morphset synth --out $(CAL_OUT)/synthetic --subjects 30 --images-per-subject 8 --seed 1 --yaw-range -40 40
 	$(BIN)/morphset calibrate $(CAL_OUT)/synthetic --landmarks dlib --work-run $(CAL_OUT)/run -o pipeline/fit/error_models/dlib.json
 
-test: env lint
+test: dev-env lint
 	$(BIN)/python -m pytest -q -ra
 
 demo: env
@@ -63,7 +73,7 @@ wheel-check: wheel
 	cd $(WHEEL_CHECK) && $(PYTHON) -c "import json; s = json.load(open('status.json')); \
 		assert all(s[k]['done'] == s[k]['shards'] >= 1 for k in ('detect', 'fit', 'export')), s; print('wheel check: ok')"
 
-bench: env
+bench: dev-env
 	for b in benchmarks/*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
 
 clean:

@@ -31,6 +31,13 @@ def main() -> None:
     ap.add_argument("--images-per-subject", type=int, default=8)
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--shard-size", type=int, default=200)
+    ap.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        help="manifest override (repeatable), e.g. stages.embed.enabled=true",
+    )
     args = ap.parse_args()
     from pipeline import api
 
@@ -41,6 +48,7 @@ def main() -> None:
     synth_seconds = time.perf_counter() - t0
     run = HERE / ".cache" / "build-run"
     shutil.rmtree(run, ignore_errors=True)
+    load_before = round(os.getloadavg()[0], 2)
     t0 = time.perf_counter()
     result = api.build(
         run,
@@ -50,6 +58,7 @@ def main() -> None:
         shard_size=args.shard_size,
         workers=args.workers,
         progress=False,
+        overrides=args.overrides,
     )
     wall = time.perf_counter() - t0
     if not result.ok:
@@ -63,7 +72,9 @@ def main() -> None:
             "images": st["images"],
             "task_seconds": st["task_seconds"],
             "images_per_second_per_worker": st["images_per_second_per_worker"],
-            "cpu_ms_per_image": round(1000 * per_image_cpu_s, 2) if per_image_cpu_s else None,
+            "task_ms_per_image": round(1000 * per_image_cpu_s, 2) if per_image_cpu_s else None,
+            # user + system CPU of the worker process while it ran the stage's tasks
+            "cpu_ms_per_image": st.get("cpu_ms_per_image"),
             "casia_cpu_core_hours": round(per_image_cpu_s * CASIA_IMAGES / 3600, 1)
             if per_image_cpu_s
             else None,
@@ -80,7 +91,9 @@ def main() -> None:
                 "workers": args.workers,
                 "synth_seconds": round(synth_seconds, 1),
                 "build_wall_seconds": round(wall, 1),
-                "build_images_per_second": round(images / wall, 2),
+                "overrides": args.overrides,
+                "load_1min_before": load_before,
+                "images_per_s": round(images / wall, 2),
                 "stages": stages,
                 "casia_projection": {
                     "images": CASIA_IMAGES,

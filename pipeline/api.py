@@ -50,6 +50,7 @@ class StageReport:
     wall_seconds: float
     images_per_second_per_worker: float | None
     errors: list[str]
+    cpu_ms_per_image: float | None = None  # user + system CPU of the workers per computed image
 
     @classmethod
     def from_dict(cls, d: dict) -> StageReport:
@@ -64,6 +65,7 @@ class StageReport:
             d["wall_seconds"],
             d["images_per_second_per_worker"],
             list(d["errors"]),
+            d.get("cpu_ms_per_image"),
         )
 
 

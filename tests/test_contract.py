@@ -276,8 +276,16 @@ def test_declared_resources_become_annotations_only_where_workers_have_them(decl
 
 
 def test_stages_declare_gpu_only_when_their_configuration_uses_one():
-    m = load_manifest(overrides={"stages.landmarks.backend": "dlib", "execution.array_backend": "numpy"})
+    cpu = {
+        "stages.landmarks.backend": "dlib",
+        "execution.array_backend": "numpy",
+        "stages.detect.device": "cpu",
+    }
+    m = load_manifest(overrides=cpu)
     assert all(STAGES[s].resources_for(config_view(m, s)) == {} for s in STAGES)
+    m = load_manifest(overrides={**cpu, "stages.detect.backend": "mtcnn-tf", "stages.detect.device": "auto"})
+    assert STAGES["detect"].resources_for(config_view(m, "detect")) == {}  # TensorFlow: CPU only
     m = load_manifest(overrides={"stages.landmarks.backend": "fan", "execution.array_backend": "auto"})
+    assert STAGES["detect"].resources_for(config_view(m, "detect")) == {"GPU": 1}  # torch, device auto
     assert STAGES["landmarks"].resources_for(config_view(m, "landmarks")) == {"GPU": 1}
     assert STAGES["fit"].resources_for(config_view(m, "fit")) == {"GPU": 1}

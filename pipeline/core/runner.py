@@ -81,6 +81,7 @@ def process_shard(
     if not force and out.is_done(shard, fp):
         return {**out.sidecar(shard), "skipped": True}
     t0 = time.perf_counter()
+    cpu0 = time.process_time()  # user + system CPU of this process (all its threads)
     inputs = {}
     for inp in spec.inputs:
         try:
@@ -106,7 +107,7 @@ def process_shard(
             if k.startswith(b"morphset.") and not k.startswith(b"morphset.schema")
         }
     )
-    extra_sidecar: dict = {"images": images}
+    extra_sidecar: dict = {"images": images, "cpu_seconds": round(time.process_time() - cpu0, 4)}
     if dropped:
         failures = Counter(failure_counts(table))
         failures.update(dropped.values())
@@ -185,6 +186,8 @@ class StageStats:
     blocked: int = 0  # not run because an upstream shard failed
     images: int = 0
     task_seconds: float = 0.0
+    cpu_seconds: float = 0.0  # user + system CPU of the worker processes while they ran the tasks
+    computed_images: int = 0  # images of the shards computed (not skipped) in this build
     first_start: float | None = None
     last_end: float | None = None
     errors: list[str] = field(default_factory=list)
@@ -199,6 +202,10 @@ class StageStats:
             "shards_blocked": self.blocked,
             "images": self.images,
             "task_seconds": round(self.task_seconds, 3),
+            "cpu_seconds": round(self.cpu_seconds, 3),
+            "cpu_ms_per_image": round(1000 * self.cpu_seconds / self.computed_images, 2)
+            if self.computed_images
+            else None,
             "wall_seconds": round(wall, 3),
             "images_per_second_per_worker": round(self.images / self.task_seconds, 2)
             if self.task_seconds
@@ -346,5 +353,7 @@ def _record(stats: StageStats, result: dict, bar: Any) -> None:
     else:
         stats.computed += 1
         stats.task_seconds += float(result.get("seconds", 0.0))
+        stats.cpu_seconds += float(result.get("cpu_seconds", 0.0))
+        stats.computed_images += int(result.get("images", result.get("rows", 0)))
     bar.update(1)
     bar.set_postfix(images=stats.images, refresh=False)

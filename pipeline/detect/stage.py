@@ -1,22 +1,28 @@
-"""Stage ``detect``: MTCNN (mtcnn 1.0.0, TensorFlow) on every usable index row.
+"""Stage ``detect``: MTCNN on every usable index row.
 
 Output rows follow the index rows one-to-one (schema ``schemas/detections.yaml``). Per-image
 problems become a ``failure_reason`` (index reason carried forward, decode reasons from
 :mod:`pipeline.imaging.decode`, ``no_face``, ``no_central_face``, ``detector_error``); nothing raises out
 of :func:`run_shard` for a bad image.
 
+Two backends give the same faces (``stages.detect.backend``): ``torch`` (the default,
+:mod:`pipeline.detect.mtcnn_torch`, on the mtcnn 1.0.0 weights read by
+:mod:`pipeline.detect.weights`; CPU or CUDA) and ``mtcnn-tf``, the ``mtcnn`` package itself on
+TensorFlow (an extra; the reference). Both take lists of images and return the package's rows.
+
 Why the detector is driven the way it is:
-- ``detect_faces`` on *lists* is several times faster per image than single calls; lists are
-  padded to the largest height/width, so :func:`plan_batches` groups images of similar size.
-- the library's post-processing maps padded coordinates back with a per-position loop that
+- lists are several times faster per image than single calls; lists are padded to the largest
+  height/width, so :func:`plan_batches` groups images of similar size.
+- the package's post-processing maps padded coordinates back with a per-position loop that
   misassigns offsets when an image in the list has no face; we pad at the bottom/right only
   (``batch_stack_justification="topleft"``: zero offsets) and clip boxes ourselves
-  (``postprocess=False``).
+  (``postprocess=False``); the torch backend pads the same way.
 - MTCNN misses faces that fill the whole frame (tight crops); images without a face are tried
   once more inside a black border (``retry_pad``), which costs only for those images.
-- ``min_face_size`` other than 20 makes mtcnn 1.0.0 find nothing, so it stays 20 and small boxes
-  are dropped afterwards (``min_face_px``).
-- TensorFlow is imported lazily (seconds) and the detector is created once per process through
+- ``min_face_size`` other than 20 makes mtcnn 1.0.0 find nothing, so that backend refuses other
+  values; the torch backend builds its pyramid from any value. Small boxes are dropped afterwards
+  (``min_face_px``).
+- TensorFlow is imported lazily (seconds) and each detector is created once per process through
   :mod:`pipeline.core.workercache`.
 """
 
@@ -32,9 +38,10 @@ import pyarrow as pa
 
 from pipeline.config.schemas import from_rows, load_schema
 from pipeline.core import workercache
-from pipeline.core.stage import Stage, StageContext
+from pipeline.core.stage import Asset, ConfigView, Stage, StageContext
 from pipeline.core.threads import configure_tensorflow
 from pipeline.imaging.decode import dataset_root, max_pixels_from, read_image
+from pipeline.storage.hashing import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -75,9 +82,15 @@ def quiet_tensorflow() -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
-def create_detector() -> object:
+def create_tf_detector() -> object:
     quiet_tensorflow()
-    from mtcnn import MTCNN  # lazy: imports TensorFlow
+    try:
+        from mtcnn import MTCNN  # lazy: imports TensorFlow
+    except ImportError as exc:
+        raise ImportError(
+            "stages.detect.backend mtcnn-tf needs TensorFlow, which is an extra: "
+            "pip install 'morphset[tensorflow]' (or use the default backend torch)"
+        ) from exc
 
     configure_tensorflow()  # the worker's thread budget, before TensorFlow's runtime starts
 
@@ -90,15 +103,46 @@ def create_detector() -> object:
     return MTCNN(stages="face_and_landmarks_detection", device="CPU:0")
 
 
-def detector_key() -> tuple:
+def torch_device(setting: str) -> str:
+    """``stages.detect.device``: auto = CUDA when this process sees a GPU, else CPU."""
+    if setting != "auto":
+        return setting
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def get_detector(params: dict | None = None, weights: Asset | None = None) -> object:
+    """The per-process detector for these parameters (created on first use, then reused by every
+    task): the torch MTCNN on the driver's verified weights, or the ``mtcnn`` package's.
+    Without ``params``, the default manifest's; without ``weights``, resolved here."""
     from importlib.metadata import version
 
-    return ("mtcnn", version("mtcnn"), "CPU:0")
+    if params is None or (weights is None and params["backend"] == "torch"):
+        from pipeline.config.manifest import load_manifest
+        from pipeline.core.registry import config_view
 
+        config = config_view(load_manifest(), "detect")
+        params = {**config.stage_params("detect"), **(params or {})}
+        if params["backend"] == "torch":
+            weights = DetectStage().resolve_assets(config)["weights"]
+    if params["backend"] == "mtcnn-tf":
+        return workercache.get_or_create(("mtcnn", version("mtcnn"), "CPU:0"), create_tf_detector)
+    assert weights is not None
+    device = torch_device(str(params["device"]))
 
-def get_detector() -> object:
-    """The per-process MTCNN instance (created on first use, then reused by every task)."""
-    return workercache.get_or_create(detector_key(), create_detector)
+    def create() -> object:
+        from pipeline.detect.mtcnn_torch import TorchMTCNN
+        from pipeline.detect.weights import load_npz
+
+        got = sha256_file(weights.path)
+        if got != weights.sha256:
+            raise ValueError(
+                f"{weights.path}: sha256 {got} differs from the {weights.sha256} verified by the driver"
+            )
+        return TorchMTCNN(load_npz(weights.path), device)
+
+    return workercache.get_or_create(("mtcnn-torch", weights.sha256, device), create)
 
 
 # --- pure helpers -----------------------------------------------------------------------------
@@ -237,6 +281,10 @@ def choose_primary(
 # --- running the detector ---------------------------------------------------------------------
 def _mtcnn_call(detector: object, images: list[np.ndarray], params: dict) -> np.ndarray:
     t_p, t_r, t_o = params["thresholds"]
+    if not hasattr(detector, "detect_faces"):  # the torch MTCNN
+        return detector.detect(  # type: ignore[attr-defined]
+            images, float(params["min_face_size"]), float(params["scale_factor"]), (t_p, t_r, t_o)
+        )
     # float32 input: from uint8 the library normalises to float64 and converts that to a tensor
     # once per pyramid scale, which measured ~2x slower for lists of 32 (identical boxes).
     return detector.detect_faces(  # type: ignore[attr-defined]
@@ -373,7 +421,26 @@ class DetectStage(Stage):
     inputs = ("index",)
     schema = "detections"
     depends_on = ("stages.decode", "models.mtcnn")
+    runtime = ("cache_dir",)  # where the converted weights are kept
     doc = "MTCNN face detection"
+
+    def resources_for(self, config: ConfigView) -> dict[str, float]:
+        p = config.stage_params("detect")
+        return {"GPU": 1} if p["backend"] == "torch" and p["device"] != "cpu" else {}
+
+    def resolve_assets(self, config: ConfigView) -> dict[str, Asset]:
+        p = config.stage_params("detect")
+        if p["backend"] == "mtcnn-tf":
+            if float(p["min_face_size"]) != MTCNN_MIN_FACE_SIZE:
+                raise ValueError(
+                    f"{config.path}: stages.detect.min_face_size: the mtcnn-tf backend finds nothing at "
+                    f"{p['min_face_size']} (mtcnn 1.0.0 works only at {MTCNN_MIN_FACE_SIZE}); use backend torch"
+                )
+            return {}
+        from pipeline.detect.weights import weights_npz
+
+        path, sha = weights_npz(config.model("mtcnn"), config.cache_dir)
+        return {"weights": Asset(str(path), sha, f"MTCNN (torch) weights from mtcnn 1.0.0: {path}")}
 
     def run(self, inputs: dict[str, pa.Table], ctx: StageContext) -> pa.Table:
         return run_shard(inputs, ctx)
@@ -382,6 +449,7 @@ class DetectStage(Stage):
 def run_shard(inputs: dict[str, pa.Table], ctx: StageContext) -> pa.Table:
     """``inputs["index"]`` -> detections table (one row per index row, same order)."""
     params = ctx.params.as_dict()
+    detector = get_detector(params, ctx.assets.get("weights"))
     max_pixels = max_pixels_from(ctx.config)
     storage_options = ctx.storage_options
     root = dataset_root(inputs["index"])
@@ -394,7 +462,7 @@ def run_shard(inputs: dict[str, pa.Table], ctx: StageContext) -> pa.Table:
         nonlocal pending, pending_px
         if not pending:
             return
-        found = detect_prepared(get_detector(), [p[1] for p in pending], [p[2] for p in pending], params)
+        found = detect_prepared(detector, [p[1] for p in pending], [p[2] for p in pending], params)
         for (r, _, _, w, h), faces in zip(pending, found, strict=True):
             if isinstance(faces, str):
                 log.warning("%s: MTCNN failed: %s", rows[r]["image_id"], faces)
