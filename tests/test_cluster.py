@@ -55,10 +55,13 @@ def test_workers_size_every_thread_pool_to_their_threads():
     from pipeline.core.threads import thread_budget
 
     def pools() -> dict:
+        import os
+
         import cv2
         from threadpoolctl import threadpool_info
 
         return {
+            "malloc_trim": os.environ.get("MALLOC_TRIM_THRESHOLD_"),
             "budget": thread_budget(),
             "opencv": cv2.getNumThreads(),
             "blas": sorted({p["num_threads"] for p in threadpool_info()}),
@@ -72,3 +75,5 @@ def test_workers_size_every_thread_pool_to_their_threads():
     assert seen
     for p in seen.values():
         assert p["budget"] == 2 and p["opencv"] == 2 and set(p["blas"]) <= {2}, seen
+        # Dask's malloc trim setting makes every large array page-fault (dags/cluster.py): not set
+        assert p["malloc_trim"] is None, seen

