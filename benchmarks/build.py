@@ -25,6 +25,28 @@ CASIA_SUBJECTS = 10_575
 HERE = Path(__file__).resolve().parent
 
 
+def warm_detect_ms(data: Path, result_overrides: list[str], n: int = 64) -> float:
+    """CPU ms per image of the configured detector on ``n`` of the set's images: one thread, the
+    model loaded and warmed first, lists of the stage's batch size (the build's reference)."""
+    from pipeline.config.manifest import load_manifest
+    from pipeline.config.resolve import parse_sets
+    from pipeline.core.threads import limit_threads
+    from pipeline.detect.stage import detect_images, get_detector
+    from pipeline.imaging.decode import read_image
+
+    limit_threads(1)
+    m = load_manifest().with_overrides(parse_sets(result_overrides))
+    params = m.stage_params("detect")
+    files = sorted(p for p in data.rglob("*") if p.suffix.lower() in (".jpg", ".png"))[:n]
+    images = [read_image(str(p)).unwrap() for p in files]
+    det = get_detector(params)
+    detect_images(det, images[:8], params)
+    t0 = time.process_time()
+    for i in range(0, len(images), params["batch_size"]):
+        detect_images(det, images[i : i + params["batch_size"]], params)
+    return round(1000 * (time.process_time() - t0) / len(images), 2)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--subjects", type=int, default=250)
@@ -80,6 +102,8 @@ def main() -> None:
             else None,
         }
     total_cpu = sum(s["casia_cpu_core_hours"] or 0 for s in stages.values())
+    warm_ms = warm_detect_ms(data, result_overrides=args.overrides)
+    detect_cpu = stages.get("detect", {}).get("cpu_ms_per_image")
     print(
         json.dumps(
             {
@@ -95,6 +119,11 @@ def main() -> None:
                 "load_1min_before": load_before,
                 "images_per_s": round(images / wall, 2),
                 "stages": stages,
+                # the same detector on 64 of the same images, warm, one thread, in this process
+                "detect_warm_single_thread_ms_per_image": warm_ms,
+                "detect_in_build_over_warm": round(detect_cpu / warm_ms, 2)
+                if detect_cpu and warm_ms
+                else None,
                 "casia_projection": {
                     "images": CASIA_IMAGES,
                     "subjects": CASIA_SUBJECTS,
