@@ -72,7 +72,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"   {data}/ground_truth.parquet exists; reusing it")
     print(f"   {time.perf_counter() - t:.0f} s")
 
-    t = _step("2/4 build: ingest -> detect (MTCNN) -> landmarks (dlib) -> fit -> export, on a LocalCluster")
+    t = _step(
+        "2/4 build: ingest -> detect (MTCNN, torch) -> landmarks (dlib) -> embed (off for renders) -> fit -> "
+        "export, on a LocalCluster"
+    )
     report = api.build(
         out,
         dataset="synthetic",
