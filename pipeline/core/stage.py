@@ -98,6 +98,16 @@ class Asset:
     sha256: str
     description: str = ""
 
+    def recheck(self, error: type[Exception] = ValueError) -> str:
+        """The file's path after checking it still has the sha256 the driver verified (a worker
+        calls this once per process before loading it); ``error`` otherwise."""
+        from pipeline.storage.hashing import sha256_file
+
+        got = sha256_file(self.path)
+        if got != self.sha256:
+            raise error(f"{self.path}: sha256 {got} differs from the {self.sha256} verified by the driver")
+        return self.path
+
 
 _JSON_TYPES = {"integer": int, "number": float, "boolean": bool, "string": str, "array": list, "object": dict}
 

@@ -41,7 +41,6 @@ from pipeline.core import workercache
 from pipeline.core.stage import Asset, ConfigView, Stage, StageContext
 from pipeline.core.threads import configure_tensorflow
 from pipeline.imaging.decode import dataset_root, max_pixels_from, read_image
-from pipeline.storage.hashing import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -135,12 +134,7 @@ def get_detector(params: dict | None = None, weights: Asset | None = None) -> ob
         from pipeline.detect.mtcnn_torch import TorchMTCNN
         from pipeline.detect.weights import load_npz
 
-        got = sha256_file(weights.path)
-        if got != weights.sha256:
-            raise ValueError(
-                f"{weights.path}: sha256 {got} differs from the {weights.sha256} verified by the driver"
-            )
-        return TorchMTCNN(load_npz(weights.path), device)
+        return TorchMTCNN(load_npz(weights.recheck()), device)
 
     return workercache.get_or_create(("mtcnn-torch", weights.sha256, device), create)
 
@@ -449,7 +443,9 @@ class DetectStage(Stage):
 def run_shard(inputs: dict[str, pa.Table], ctx: StageContext) -> pa.Table:
     """``inputs["index"]`` -> detections table (one row per index row, same order)."""
     params = ctx.params.as_dict()
-    detector = get_detector(params, ctx.assets.get("weights"))
+    # without the driver's assets (a tool, a test), resolved and checked here from this task's manifest
+    weights = ctx.assets.get("weights") or DetectStage().resolve_assets(ctx.config).get("weights")
+    detector = get_detector(params, weights)
     max_pixels = max_pixels_from(ctx.config)
     storage_options = ctx.storage_options
     root = dataset_root(inputs["index"])

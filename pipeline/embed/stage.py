@@ -24,7 +24,6 @@ from pipeline.core import workercache
 from pipeline.core.stage import Asset, ConfigView, Stage, StageContext
 from pipeline.embed.base import EmbeddingBackend, EmbeddingResult
 from pipeline.imaging.decode import dataset_root, max_pixels_from, read_image
-from pipeline.storage.hashing import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -63,12 +62,7 @@ def get_backend(params: dict, weights: Asset) -> EmbeddingBackend:
     """The per-process backend for the driver's verified weights (sha256 re-checked once here)."""
 
     def load() -> EmbeddingBackend:
-        got = sha256_file(weights.path)
-        if got != weights.sha256:
-            raise ValueError(
-                f"{weights.path}: sha256 {got} differs from the {weights.sha256} verified by the driver"
-            )
-        return backend_module(params["backend"]).Backend(Path(weights.path), weights.sha256)
+        return backend_module(params["backend"]).Backend(Path(weights.recheck()), weights.sha256)
 
     return workercache.get_or_create(("embed", params["backend"], weights.path, weights.sha256), load)
 

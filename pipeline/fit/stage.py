@@ -433,12 +433,7 @@ def error_model_for(ctx: StageContext) -> ErrorModel:
     def load() -> ErrorModel:
         if asset is None:
             return uniform(sigma)
-        sha = sha256_file(asset.path)
-        if sha != asset.sha256:
-            raise ErrorModelError(
-                f"{asset.path}: sha256 {sha} differs from the {asset.sha256} verified by the driver"
-            )
-        return load_error_model(asset.path)
+        return load_error_model(asset.recheck(ErrorModelError))
 
     return workercache.get_or_create(
         ("fit.landmark_error", None if asset is None else asset.sha256, sigma), load

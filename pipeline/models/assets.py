@@ -273,11 +273,6 @@ def load_model_asset(asset: Asset) -> MorphableModel:
     """The model of a verified asset, loaded once per process after re-checking the file's sha256."""
 
     def load() -> MorphableModel:
-        sha = sha256_file(asset.path)
-        if sha != asset.sha256:
-            raise ModelError(
-                f"{asset.path}: sha256 {sha} differs from the {asset.sha256} verified by the driver"
-            )
-        return load_npz(asset.path)
+        return load_npz(asset.recheck(ModelError))
 
     return get_or_create(("morphable_model_file", asset.path, asset.sha256), load)
