@@ -172,8 +172,17 @@ def test_evaluate_writes_report_with_all_sections(toy, capsys):
     assert page == run / "eval" / "report.html"
     p = Sections()
     p.feed(page.read_text(encoding="utf-8"))
-    assert p.ids == ["summary", "verification", "reconstruction", "fit-quality", "picture-sheet", "notes"]
+    assert p.ids == [
+        "identity-curve",
+        "summary",
+        "verification",
+        "reconstruction",
+        "fit-quality",
+        "picture-sheet",
+        "notes",
+    ]
     assert p.h2 == [
+        "What multi-image fitting buys",
         "Summary",
         "Face verification",
         "3D reconstruction accuracy",

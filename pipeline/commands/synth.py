@@ -19,7 +19,7 @@ def _default(key: str) -> str:
 HELP = "render faces from the morphable model (CASIA layout JPEGs + ground_truth.parquet); no download"
 DESCRIPTION = (
     "Render SUBJECTS x IMAGES-PER-SUBJECT face images from the manifest's morphable model: per subject a "
-    "random identity (alpha_id ~ N(0, id_std^2)) and skin/brow/lip/iris/hair colours; per image a random "
+    "random identity (alpha_id ~ N(0, id_std^2)) and a face texture from a real photo (or painted colours); per image a random "
     "expression, yaw (uniform in --yaw-range), small pitch/roll, two point lights with a random colour "
     "temperature and a background, framed like CASIA-WebFace crops. Writes OUT/s0000/000.jpg ... and "
     "OUT/ground_truth.parquet (schemas/ground_truth.yaml: coefficients, pose, camera, projected 2D and "
@@ -78,6 +78,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="rendering processes (stages.synth.workers; default one per core; output does not depend on it)",
     )
     p.add_argument(
+        "--textures",
+        default=None,
+        metavar="builtin|painted|DIR",
+        help="face textures: 'builtin' (the real photos inside the scikit-image and matplotlib wheels), a "
+        "folder of face photos (any layout; each is fitted alone and its pixels, hair and neck reused), or "
+        f"'painted' albedo (stages.synth.textures; default {_default('textures')}; docs/synth.md)",
+    )
+    p.add_argument(
         "--preview",
         action="store_true",
         default=None,
@@ -98,6 +106,8 @@ def run(args: argparse.Namespace) -> int:
         value = getattr(args, flag)
         if value is not None:
             params[flag] = value
+    if args.textures is not None:
+        params["textures"] = args.textures
     if args.yaw_range is not None:
         params["yaw_range"] = list(args.yaw_range)
     if args.preview:

@@ -184,16 +184,23 @@ def load_truth(path: str | Path) -> SyntheticTruth | ScanTruth:
 
 
 def load_export_crops(
-    run_root: str, image_ids: set[str] | None = None, storage_options: dict | None = None
+    run_root: str,
+    image_ids: set[str] | None = None,
+    storage_options: dict | None = None,
+    splits: set[str] | None = None,
 ) -> tuple[list[str], list[str], np.ndarray]:
     """(image ids, subjects, crops (N,112,96,3) uint8) of the run's training set, optionally only
-    the given images (only those are decoded: a full CASIA export does not fit in memory)."""
+    the given images (only those are decoded: a full CASIA export does not fit in memory) and only
+    rows of the given ``splits`` (``{"val"}``: the subjects the encoder was not trained on)."""
     store = ShardStore(run_root, "export", storage_options)
     shards = store.shards_with_sidecar()
     if not shards:
         return [], [], np.zeros((0, 112, 96, 3), np.uint8)
     ds = store.dataset(load_schema("trainset"), shards)
     flt = pc.field("image_id").isin(sorted(image_ids)) if image_ids is not None else None
+    if splits is not None:
+        in_split = pc.field("split").isin(sorted(splits))
+        flt = in_split if flt is None else flt & in_split
     t = ds.to_table(columns=["image_id", "subject", "crop_jpeg"], filter=flt)
     crops = []
     for image_id, data in zip(

@@ -27,6 +27,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 SECTIONS = (
+    ("identity-curve", "What multi-image fitting buys"),
     ("summary", "Summary"),
     ("verification", "Face verification"),
     ("reconstruction", "3D reconstruction accuracy"),
@@ -45,19 +46,91 @@ img{max-width:100%}nav a{margin-right:1em}code{background:#f4f4f4;padding:0 .2em
 
 
 # --- figures ----------------------------------------------------------------------------------
-def figure_png(fig: plt.Figure) -> bytes:
+# one colour per method in every figure (matplotlib's tab10 and its light partners), by meaning,
+# not by plotting order: a method's identity shape or second feature is its lighter shade
+METHOD_COLOURS = {
+    "fit": "#1f77b4",
+    "mean shape": "#7f7f7f",
+    "encoder": "#ff7f0e",
+    "fusion": "#2ca02c",
+}
+SERIES_COLOURS = {
+    "fit/identity": "#aec7e8",
+    "encoder/identity": "#ffbb78",
+    "encoder α_id": "#ffbb78",
+}
+
+
+def colour_for(name: str) -> str | None:
+    """The colour of a series: its own (``fit/identity``), else its method's (the name's start)."""
+    name = name.replace(", identity shape", "/identity").replace(", full shape", "/full")
+    low = name.lower()
+    if name in SERIES_COLOURS:
+        return SERIES_COLOURS[name]
+    if "(fused)" in low:
+        return METHOD_COLOURS["fusion"]
+    for method in METHOD_COLOURS:
+        if low.startswith(method):
+            return METHOD_COLOURS[method]
+    return None
+
+
+def readable(name: str) -> str:
+    """``fit/full`` -> ``fit, full shape`` (a prediction source and its target, for people)."""
+    source, _, target = name.partition("/")
+    return f"{source}, {target} shape" if target in ("full", "identity") else name
+
+
+def _style(name: str) -> dict:
+    """Colour by method; a second metric or target of the same method is dashed."""
+    style: dict = {}
+    c = colour_for(name)
+    if c is not None:
+        style["color"] = c
+    if "liu" in name.lower():
+        style["linestyle"] = "--"
+    return style
+
+
+def figure_png(fig: plt.Figure, fmt: str = "png") -> bytes:
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+    fig.savefig(
+        buf, format=fmt, dpi=100, bbox_inches="tight", metadata={"Date": None} if fmt == "svg" else None
+    )
     plt.close(fig)
     return buf.getvalue()
 
 
-def roc_figure(curves: dict[str, tuple[list[float], list[float]]]) -> bytes:
+def lines_figure(
+    x: list[float],
+    series: dict[str, list[float]],
+    title: str,
+    xlabel: str,
+    ylabel: str,
+    reference: float | None = None,
+    fmt: str = "png",
+) -> bytes:
+    fig, ax = plt.subplots(figsize=(5.2, 3.6))
+    for name, ys in series.items():
+        ax.plot(x, [np.nan if v is None else v for v in ys], marker="o", lw=1.8, label=name, **_style(name))
+    if reference is not None:
+        ax.axhline(reference, color=METHOD_COLOURS["mean shape"], lw=1.0, ls=":", label="mean shape")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(x, [str(v) for v in x])
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return figure_png(fig, fmt)
+
+
+def roc_figure(curves: dict[str, tuple[list[float], list[float]]], fmt: str = "png") -> bytes:
     """ROC curves (log-scaled false-accept axis, as face-verification papers plot them)."""
     fig, ax = plt.subplots(figsize=(5.2, 4.2))
     for name, (fpr, tpr) in curves.items():
         f = np.clip(np.asarray(fpr, float), 1e-4, 1.0)
-        ax.plot(f, tpr, label=name, lw=1.6)
+        ax.plot(f, tpr, label=name, lw=1.6, **_style(name))
     ax.set_xscale("log")
     ax.set_xlim(1e-3, 1.0)
     ax.set_ylim(0, 1.01)
@@ -68,42 +141,52 @@ def roc_figure(curves: dict[str, tuple[list[float], list[float]]]) -> bytes:
     ax.set_title("ROC")
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right", fontsize=8)
-    return figure_png(fig)
+    return figure_png(fig, fmt)
 
 
-def histogram_figure(series: dict[str, np.ndarray], title: str, xlabel: str, bins: int = 30) -> bytes:
+def histogram_figure(
+    series: dict[str, np.ndarray], title: str, xlabel: str, bins: int = 30, fmt: str = "png"
+) -> bytes:
     fig, ax = plt.subplots(figsize=(5.2, 3.4))
     finite = [np.asarray(v, float)[np.isfinite(np.asarray(v, float))] for v in series.values()]
     allv = np.concatenate(finite) if finite else np.array([])
     edges = np.histogram_bin_edges(allv, bins=bins) if len(allv) else bins
     for (name, _), v in zip(series.items(), finite, strict=True):
-        ax.hist(v, bins=edges, alpha=0.6, label=f"{name} (n={len(v)})")
+        ax.hist(v, bins=edges, alpha=0.6, label=f"{readable(name)} (n={len(v)})", color=colour_for(name))
     ax.set_title(title)
     ax.set_xlabel(xlabel)
     ax.set_ylabel("count")
     ax.grid(alpha=0.3)
     if len(series) > 1 or series:
         ax.legend(fontsize=8)
-    return figure_png(fig)
+    return figure_png(fig, fmt)
 
 
-def bar_figure(labels: list[str], series: dict[str, list[float]], title: str, ylabel: str) -> bytes:
+def bar_figure(
+    labels: list[str], series: dict[str, list[float]], title: str, ylabel: str, fmt: str = "png"
+) -> bytes:
     fig, ax = plt.subplots(figsize=(6.4, 3.4))
     width = 0.8 / max(1, len(series))
     x = np.arange(len(labels))
     for k, (name, vals) in enumerate(series.items()):
         ax.bar(
-            x + k * width - 0.4 + width / 2, [v if v is not None else np.nan for v in vals], width, label=name
+            x + k * width - 0.4 + width / 2,
+            [v if v is not None else np.nan for v in vals],
+            width,
+            label=readable(name),
+            color=colour_for(name),
         )
     ax.set_xticks(x, labels)
     ax.set_title(title)
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3, axis="y")
     ax.legend(fontsize=8)
-    return figure_png(fig)
+    return figure_png(fig, fmt)
 
 
-def sheet_figure(rows: list[tuple[str, list[np.ndarray | None]]], columns: list[str]) -> bytes:
+def sheet_figure(
+    rows: list[tuple[str, list[np.ndarray | None]]], columns: list[str], fmt: str = "png"
+) -> bytes:
     """A grid: one row per image, columns = input beside its renders (the papers' Fig. 5/8 layout)."""
     nr, nc = len(rows), len(columns)
     fig, axes = plt.subplots(nr, nc, figsize=(1.9 * nc, 1.9 * nr), squeeze=False)
@@ -124,7 +207,7 @@ def sheet_figure(rows: list[tuple[str, list[np.ndarray | None]]], columns: list[
             if c == 0:
                 ax.set_ylabel(label, fontsize=7, rotation=0, ha="right", va="center")
     fig.tight_layout()
-    return figure_png(fig)
+    return figure_png(fig, fmt)
 
 
 # --- what the evaluation hands over (data, no markup) ------------------------------------------------
@@ -175,27 +258,39 @@ class Bars:
 
 
 @dataclass(frozen=True)
+class Lines:
+    x: list[float]
+    series: dict[str, list[float]]
+    title: str
+    xlabel: str
+    ylabel: str
+    reference: float | None = None  # a horizontal reference line (the baseline)
+
+
+@dataclass(frozen=True)
 class Sheet:
     rows: list[tuple[str, list[np.ndarray | None]]] = field(default_factory=list)
     columns: list[str] = field(default_factory=list)
 
 
 Block = Table | Heading | Paragraph | Figure | str  # str: ready HTML (callers of render_html)
-FigureData = Histogram | Roc | Bars | Sheet | bytes  # bytes: a ready PNG
+FigureData = Histogram | Roc | Bars | Lines | Sheet | bytes  # bytes: a ready PNG
 
 
-def figure_bytes(spec: FigureData) -> bytes:
-    """Render a figure's data to PNG."""
+def figure_bytes(spec: FigureData, fmt: str = "png") -> bytes | None:
+    """Render a figure's data as ``png`` or ``svg`` (None: a ready PNG has no SVG)."""
     if isinstance(spec, bytes):
-        return spec
+        return spec if fmt == "png" else None
     if isinstance(spec, Histogram):
-        return histogram_figure(spec.series, spec.title, spec.xlabel, spec.bins)
+        return histogram_figure(spec.series, spec.title, spec.xlabel, spec.bins, fmt)
     if isinstance(spec, Roc):
-        return roc_figure(spec.curves)
+        return roc_figure(spec.curves, fmt)
     if isinstance(spec, Bars):
-        return bar_figure(spec.labels, spec.series, spec.title, spec.ylabel)
+        return bar_figure(spec.labels, spec.series, spec.title, spec.ylabel, fmt)
+    if isinstance(spec, Lines):
+        return lines_figure(spec.x, spec.series, spec.title, spec.xlabel, spec.ylabel, spec.reference, fmt)
     if isinstance(spec, Sheet):
-        return sheet_figure(spec.rows, spec.columns)
+        return sheet_figure(spec.rows, spec.columns, fmt)
     raise TypeError(f"not a figure: {type(spec).__name__}")
 
 
@@ -303,9 +398,13 @@ def _finite(o: Any) -> Any:
 def write_report(
     out_dir: str | Path, doc: dict, figures: dict[str, FigureData], blocks: dict[str, list[Block]]
 ) -> Path:
-    """Write report.json and report.html (and the figures as PNG files beside them); returns the HTML path."""
+    """Write report.json and report.html (and the figures as PNG and SVG files beside them; the
+    picture sheet, a grid of photos, as PNG only); returns the HTML path."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    for name, spec in figures.items():
+        if not isinstance(spec, Sheet | bytes):
+            atomic_write(out / f"{name}.svg", figure_bytes(spec, "svg"))
     figures = {name: figure_bytes(spec) for name, spec in figures.items()}
     for name, png in figures.items():
         atomic_write(out / f"{name}.png", png)

@@ -373,7 +373,7 @@ def reconstruction_section(
         rp.Table(
             [
                 {
-                    "prediction": name,
+                    "prediction": rp.readable(name),
                     "samples": e["samples"],
                     "measured": e["measured"],
                     "Liu mean (mm)": _ms(e["overall"].get("liu_mean_mm")),
@@ -386,25 +386,34 @@ def reconstruction_section(
         ),
     )
     yaw_rows = []
+    counts: list[dict] = []
     for name, e in summary.items():
         if "per_yaw" in e:
             yaw_rows.append(
-                {"prediction": name, **{r["yaw"]: r["liu_mean_mm"]["mean"] for r in e["per_yaw"]}}
+                {
+                    "prediction": rp.readable(name),
+                    **{r["yaw"]: r["liu_mean_mm"]["mean"] for r in e["per_yaw"]},
+                }
             )
     if yaw_rows:
         counts = next(e for e in summary.values() if "per_yaw" in e)["per_yaw"]
+        # no empty bins: a yaw bin no sample fell in is left out
+        counts = [r for r in counts if r["liu_mean_mm"]["n"]]
+        labels = [r["yaw"] for r in counts]
         count_row = {"prediction": "samples (first row)", **{r["yaw"]: r["liu_mean_mm"]["n"] for r in counts}}
         ctx.add(
             sec,
             rp.Heading("Liu et al. error (mm) per yaw (Table 1 layout)"),
-            rp.Table([*yaw_rows, count_row]),
+            rp.Table([*yaw_rows, count_row], ["prediction", *labels]),
         )
     expr_rows = []
     for name, e in summary.items():
         for r in e.get("per_expression", []):
+            if not r["liu_mean_mm"]["n"]:
+                continue  # no empty bins
             expr_rows.append(
                 {
-                    "prediction": name,
+                    "prediction": rp.readable(name),
                     "expression level": r["expression"],
                     "n": r["liu_mean_mm"]["n"],
                     "Liu mean (mm)": _ms(r["liu_mean_mm"]),
@@ -554,6 +563,113 @@ def needed_images(ctx: Context, pairs: PairList | None, truth: SyntheticTruth | 
     return need
 
 
+# --- identity error against images per subject ----------------------------------------------------------
+def _run_fit(run_root: str, manifest: Manifest) -> Callable:
+    """The run's own fit (its parameters and landmark error model) as a function of a landmarks table."""
+    import array_api_compat.numpy as anp
+
+    from pipeline.fit.loop import prepare_model
+    from pipeline.fit.noise import load_error_model, prepare_noise, uniform
+    from pipeline.fit.stage import error_model_file, fit_landmark_table, options_from_params
+
+    params = manifest.stage_params("fit")
+    path, why = error_model_file(manifest)
+    em = load_error_model(path) if path is not None else uniform(float(params["landmark_sigma_mm"]))
+    model, _ = load_model(manifest)
+    opt = options_from_params(params, em)
+    lm = prepare_model(model, anp, contour=opt.contour, dtype=np.float32)
+    noise = prepare_noise(em, lm.order, anp, np.float32)
+    return lambda table: fit_landmark_table(table, model, opt, lm=lm, noise=noise)
+
+
+def identity_curve_section(ctx: Context, truth: SyntheticTruth, manifest: Manifest) -> dict:
+    """The report's first table: refits on random M-subsets of each subject's images against the
+    mean shape (:mod:`.identity_curve`)."""
+    from pipeline.evaluate.identity_curve import identity_curve, verdict
+    from pipeline.storage.run import Run
+
+    sec = "identity-curve"
+    try:
+        landmarks = Run(ctx.run_root, ctx.storage_options).table("landmarks")
+    except (FileNotFoundError, ValueError) as exc:
+        ctx.add(sec, rp.Paragraph(f"not measured: the run's landmarks cannot be read ({exc})"))
+        return {"verdict": None, "points": [], "split": "all subjects"}
+    gt = truth.table
+    true_alpha = {}
+    for s, a in zip(gt["subject"], gt["alpha_id"], strict=True):
+        true_alpha.setdefault(str(s), np.asarray(a, np.float64))
+    points = identity_curve(
+        landmarks,
+        true_alpha,
+        ctx.model,
+        _run_fit(ctx.run_root, manifest),
+        tuple(int(m) for m in ctx.params["curve_images"]),
+        int(ctx.params["curve_repeats"]),
+        int(ctx.params["seed"]),
+        float(ctx.params["crop_radius_mm"]),
+    )
+    text = verdict(points)
+    ctx.add(
+        sec,
+        rp.Paragraph(text),
+        rp.Table(
+            [
+                {
+                    "m": p.m,
+                    "subjects": p.subjects,
+                    "fits": p.draws,
+                    "ratio_all": p.ratio_all,
+                    "ratio_liu": p.ratio_liu,
+                    "fit_all": p.fit_all_mm,
+                    "mean_all": p.mean_all_mm,
+                    "fit_liu": p.fit_liu_mm,
+                    "mean_liu": p.mean_liu_mm,
+                }
+                for p in points
+            ],
+            ["m", "subjects", "fits", "ratio_all", "ratio_liu", "fit_all", "mean_all", "fit_liu", "mean_liu"],
+            [
+                "images per subject (M)",
+                "subjects",
+                "fits",
+                "fit ÷ mean shape, all vertices",
+                "fit ÷ mean shape, Liu 95 mm",
+                "fit, all vertices (mm)",
+                "mean shape, all vertices (mm)",
+                "fit, Liu 95 mm (mm)",
+                "mean shape, Liu 95 mm (mm)",
+            ],
+        ),
+        rp.Paragraph(
+            "Measured on every subject of the run (the fit has no training split): each subject with at "
+            f"least M usable landmark sets is refitted {ctx.params['curve_repeats']} times on random M of "
+            "its images (once when M is all of them) with the run's fit parameters and landmark error "
+            "model, and its identity shape compared with the true one: RMS over all vertices after a "
+            "similarity alignment, and Liu et al.'s mean distance within "
+            f"{ctx.params['crop_radius_mm']:g} mm of the nose tip after the 68-landmark alignment. Below 1 "
+            "the fit beats the model's mean shape on the same subjects.",
+            muted=True,
+        ),
+    )
+    if points:
+        ctx.figure(
+            sec,
+            "identity_error_vs_m",
+            rp.Lines(
+                [p.m for p in points],
+                {
+                    "fit, all vertices": [p.ratio_all for p in points],
+                    "fit, Liu 95 mm": [p.ratio_liu for p in points],
+                },
+                "Fitted identity error over the mean shape's",
+                "images per subject (M)",
+                "fit ÷ mean shape",
+                reference=1.0,
+            ),
+        )
+    return {"verdict": text, "points": [p.as_dict() for p in points], "split": "all subjects"}
+
+
 # --- the whole evaluation ------------------------------------------------------------------------------
 def summary_section(ctx: Context, doc: dict) -> None:
     rows = [
@@ -566,6 +682,22 @@ def summary_section(ctx: Context, doc: dict) -> None:
             {
                 "": "identity screening: outliers / ambiguous images",
                 "value": f"{reasons.get('identity_outlier', 0)} / {reasons.get('identity_ambiguous', 0)}",
+            }
+        )
+    if doc.get("identity_curve", {}).get("points"):
+        last = doc["identity_curve"]["points"][-1]
+        rows.append(
+            {
+                "": f"fit identity ÷ mean shape at M = {last['m']} (all vertices / Liu 95 mm)",
+                "value": f"{last['ratio_all_vertices']:.3g} / {last['ratio_liu']:.3g}",
+            }
+        )
+    if "encoder_split" in doc:
+        es = doc["encoder_split"]
+        rows.append(
+            {
+                "": "encoder measured on",
+                "value": f"{es['split']} split: {es['images']} images of {es['subjects']} subjects",
             }
         )
     for name, res in doc.get("verification", {}).get("results", {}).items():
@@ -670,7 +802,34 @@ def compute_evaluation(
         encoder.batch_size = params["batch_size"]
         ctx.encoder = encoder
         progress("encoder: decoding crops")
-        ids, _, crops = load_export_crops(run_root, needed_images(ctx, pairs, truth), storage_options)
+        needed = needed_images(ctx, pairs, truth)
+        split = ctx.params.get("encoder_split", "val")
+        ids, subj, crops = load_export_crops(
+            run_root, needed, storage_options, {"val"} if split == "val" else None
+        )
+        if split == "val" and not ids:
+            ctx.notes.append(
+                "the export has no validation split: the encoder is evaluated on the subjects it was trained on"
+            )
+            split = "all"
+            ids, subj, crops = load_export_crops(run_root, needed, storage_options)
+        doc["encoder_split"] = {
+            "split": split,
+            "images": len(ids),
+            "subjects": len(set(subj)),
+            "note": "encoder figures: "
+            + (
+                "validation subjects only (held out of training)"
+                if split == "val"
+                else "every exported image"
+            )
+            + "; fit figures: every subject of the run",
+        }
+        ctx.notes.append(
+            f"encoder figures are measured on {len(ids)} images of {len(set(subj))} subjects "
+            f"({'the validation split, subjects the encoder was not trained on' if split == 'val' else 'all exported images'}); "
+            "fit figures on every subject of the run"
+        )
         if not ids:
             ctx.notes.append(f"{run_root}/export has no committed shards: encoder predictions skipped")
             ctx.encoder = None
@@ -703,6 +862,9 @@ def compute_evaluation(
                 f"{truth.path}: rendered from morphable model {truth.model_sha256[:12]}…, this run uses "
                 f"{model.name} ({model.sha256[:12]}…)"
             )
+        if isinstance(truth, SyntheticTruth):
+            progress("identity error against images per subject")
+            doc["identity_curve"] = identity_curve_section(ctx, truth, manifest)
         progress("reconstruction accuracy")
         doc["reconstruction"], samples = reconstruction_section(ctx, truth, progress)
     else:

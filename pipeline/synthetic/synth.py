@@ -40,6 +40,8 @@ from pipeline.synthetic.render import (
     Appearance,
     Camera,
     HeadStyle,
+    Lighting,
+    RenderResult,
     face_regions,
     head_proxy,
     luminance,
@@ -51,6 +53,7 @@ from pipeline.synthetic.render import (
     sample_lighting,
     trim_face_triangles,
 )
+from pipeline.synthetic.texture import FaceTexture, head_fill, load_textures
 
 GROUND_TRUTH_FILE = "ground_truth.parquet"
 PREVIEW_FILE = "preview.png"
@@ -70,6 +73,8 @@ class SynthParams:
     face_fraction: tuple[float, float]
     jpeg_quality: int
     supersample: int
+    textures: str = "painted"
+    texture_landmarks: str = "dlib"
 
     @classmethod
     def from_stage(cls, params: dict) -> SynthParams:
@@ -95,6 +100,8 @@ class SynthParams:
             face_fraction=(f0, f1),
             jpeg_quality=int(params["jpeg_quality"]),
             supersample=int(params["supersample"]),
+            textures=str(params.get("textures") or "painted"),
+            texture_landmarks=str(params.get("texture_landmarks") or "dlib"),
         )
 
 
@@ -107,11 +114,24 @@ def image_name(i: int) -> str:
 
 
 # --- sampling (pure) ------------------------------------------------------------------------------
-def sample_subject(model: MorphableModel, p: SynthParams, s: int) -> tuple[np.ndarray, Appearance, HeadStyle]:
+@dataclass(frozen=True)
+class SubjectDraw:
+    alpha_id: np.ndarray  # (k_id,) float32
+    appearance: Appearance
+    style: HeadStyle
+    texture: int | None  # index into the texture list, or None (painted)
+    brightness: float  # the texture's albedo gain for this subject
+
+
+def sample_subject(model: MorphableModel, p: SynthParams, s: int, n_textures: int = 0) -> SubjectDraw:
     rng = np.random.default_rng([p.seed, s])
     alpha_id = rng.standard_normal(model.k_id) * model.id_std.astype(np.float64) * p.identity_scale
     appearance = sample_appearance(rng)
-    return alpha_id.astype(np.float32), appearance, sample_head_style(rng, appearance.skin)
+    style = sample_head_style(rng, appearance.skin)
+    # drawn after the painted subject's values, so painted output is the same with or without
+    texture = int(rng.integers(n_textures)) if n_textures else None
+    brightness = float(rng.uniform(0.85, 1.15)) if n_textures else 1.0
+    return SubjectDraw(alpha_id.astype(np.float32), appearance, style, texture, brightness)
 
 
 def frame_camera(
@@ -136,10 +156,14 @@ def render_sample(
     s: int,
     i: int,
     model_sha256: str | None = None,
+    textures: list[FaceTexture] | None = None,
 ) -> tuple[bytes, dict[str, Any]]:
     """(JPEG bytes, ground-truth row) of image ``i`` of subject ``s``. ``model_sha256``: the
-    model's hash if already known (hashing the model costs more than a render)."""
-    alpha_id, appearance, style = sample_subject(model, p, s)
+    model's hash if already known (hashing the model costs more than a render). ``textures``:
+    face textures from photos (:mod:`pipeline.synthetic.texture`); None or empty = painted."""
+    draw = sample_subject(model, p, s, len(textures or ()))
+    alpha_id, appearance = draw.alpha_id, draw.appearance
+    texture = textures[draw.texture] if textures and draw.texture is not None else None
     rng = np.random.default_rng([p.seed, s, i])
     alpha_exp = (rng.standard_normal(model.k_exp) * model.exp_std * p.expression_scale).astype(np.float32)
     yaw = float(rng.uniform(*p.yaw_range))
@@ -159,26 +183,15 @@ def render_sample(
     camera = Camera(rotation, float(np.float32(camera.scale)), camera.translation.astype(np.float32))
     lighting = sample_lighting(rng)
     # a camera's auto-exposure brightens dark skin: aim the skin at a mid-tone
-    gain = float(np.clip(0.3 / luminance(appearance.skin), 1.0, 2.5))
+    skin = appearance.skin if texture is None else texture.skin * draw.brightness
+    gain = float(np.clip(0.3 / luminance(skin), 1.0, 2.5))
     lighting = dataclasses.replace(lighting, exposure=lighting.exposure * gain)
     background = sample_background(rng, p.size, p.size)
-    # face vertices first, so the model's landmark indices stay valid in the combined mesh
     face_t = model_face_triangles(model)
-    head_v, head_t, head_a = head_proxy(vertices, model.landmarks, style, appearance.skin)
-    # hair (the darker-than-skin part of the proxy) is matte; the neck is skin
-    head_gloss = np.where(np.all(head_a == style.hair, axis=1), 0.3, 1.0)
-    out = render_face(
-        np.vstack([vertices, head_v]),
-        np.vstack([face_t, head_t + len(vertices)]),
-        np.vstack([paint_albedo(regions, appearance), head_a]),
-        model.landmarks,
-        camera,
-        lighting,
-        background,
-        supersample=p.supersample,
-        closed_from=len(face_t),
-        gloss=np.r_[np.ones(len(vertices)), head_gloss],
-    )
+    if texture is not None:
+        out = _render_textured(model, vertices, face_t, camera, lighting, background, texture, draw, p)
+    else:
+        out = _render_painted(model, regions, vertices, face_t, camera, lighting, background, draw, p)
     # mild sensor noise so JPEG and detectors see camera-like texture, not flat CG colour
     noisy = out.image.astype(np.float32) + rng.normal(0.0, 2.0, out.image.shape).astype(np.float32)
     image = np.clip(np.round(noisy), 0, 255).astype(np.uint8)
@@ -206,8 +219,69 @@ def render_sample(
         "height": p.size,
         "model_name": model.name,
         "model_sha256": model_sha256 or model.sha256,
+        "texture": None if texture is None else texture.name,
     }
     return jpeg.tobytes(), row
+
+
+def _render_painted(
+    model: MorphableModel,
+    regions: dict[str, np.ndarray],
+    vertices: np.ndarray,
+    face_t: np.ndarray,
+    camera: Camera,
+    lighting: Lighting,
+    background: np.ndarray,
+    draw: SubjectDraw,
+    p: SynthParams,
+) -> RenderResult:
+    """Painted albedo on the face, a hair cap and a neck around it."""
+    # face vertices first, so the model's landmark indices stay valid in the combined mesh
+    head_v, head_t, head_a = head_proxy(vertices, model.landmarks, draw.style, draw.appearance.skin)
+    # hair (the darker-than-skin part of the proxy) is matte; the neck is skin
+    head_gloss = np.where(np.all(head_a == draw.style.hair, axis=1), 0.3, 1.0)
+    return render_face(
+        np.vstack([vertices, head_v]),
+        np.vstack([face_t, head_t + len(vertices)]),
+        np.vstack([paint_albedo(regions, draw.appearance), head_a]),
+        model.landmarks,
+        camera,
+        lighting,
+        background,
+        supersample=p.supersample,
+        closed_from=len(face_t),
+        gloss=np.r_[np.ones(len(vertices)), head_gloss],
+    )
+
+
+def _render_textured(
+    model: MorphableModel,
+    vertices: np.ndarray,
+    face_t: np.ndarray,
+    camera: Camera,
+    lighting: Lighting,
+    background: np.ndarray,
+    texture: FaceTexture,
+    draw: SubjectDraw,
+    p: SynthParams,
+) -> RenderResult:
+    """A photo's texture on the face, over that photo's head moved with the face; the face's
+    outline fades into the head over a pixel or two, like a photographed edge."""
+    plate = head_fill(texture, camera, vertices[model.landmarks], background)
+    out = render_face(
+        vertices,
+        face_t,
+        np.clip(texture.albedo * draw.brightness, 0.0, 1.0),
+        model.landmarks,
+        camera,
+        lighting,
+        plate,
+        supersample=p.supersample,
+    )
+    soft = cv2.GaussianBlur(out.mask.astype(np.float32), (0, 0), max(0.6, 0.004 * p.size))
+    alpha = np.minimum(soft, out.mask.astype(np.float32))[..., None]
+    image = alpha * out.image.astype(np.float32) + (1.0 - alpha) * plate.astype(np.float32)
+    return dataclasses.replace(out, image=np.clip(np.round(image), 0, 255).astype(np.uint8))
 
 
 _CONTOUR_CANDIDATES: dict[int, Any] = {}
@@ -249,12 +323,14 @@ def model_regions(model: MorphableModel) -> dict[str, np.ndarray]:
     )
 
 
-def _render_subject(model: MorphableModel, p: SynthParams, s: int, out_dir: Path) -> list[dict]:
+def _render_subject(
+    model: MorphableModel, p: SynthParams, s: int, out_dir: Path, textures: list[FaceTexture] | None = None
+) -> list[dict]:
     regions = model_regions(model)
     sha = model.sha256
     rows = []
     for i in range(p.images_per_subject):
-        jpeg, row = render_sample(model, regions, p, s, i, sha)
+        jpeg, row = render_sample(model, regions, p, s, i, sha, textures)
         atomic_write(out_dir / row["image_id"], jpeg)
         rows.append(row)
     return rows
@@ -263,12 +339,13 @@ def _render_subject(model: MorphableModel, p: SynthParams, s: int, out_dir: Path
 _WORKER: dict[str, Any] = {}
 
 
-def _worker_init(manifest: Manifest) -> None:
+def _worker_init(manifest: Manifest, textures: list[FaceTexture] | None) -> None:
     _WORKER["model"] = resolve_morphable_model(manifest)
+    _WORKER["textures"] = textures
 
 
 def _worker_subject(p: SynthParams, s: int, out_dir: str) -> list[dict]:
-    return _render_subject(_WORKER["model"], p, s, Path(out_dir))
+    return _render_subject(_WORKER["model"], p, s, Path(out_dir), _WORKER["textures"])
 
 
 def contact_sheet(images: list[np.ndarray], columns: int = 8, thumb: int = 125) -> np.ndarray:
@@ -367,15 +444,25 @@ def synthesize(
     prepare_output(out, p)
     t0 = time.perf_counter()
     model = resolve_morphable_model(manifest)
+    textures, texture_failures = None, {}
+    if p.textures != "painted":
+        textures, texture_failures = load_textures(
+            p.textures,
+            model,
+            manifest,
+            model_face_triangles(model),
+            landmarks=p.texture_landmarks,
+            cache_dir=manifest.cache_dir,
+        )
     n_workers = min(int(stage["workers"] or os.cpu_count() or 1), p.subjects)
     if n_workers <= 1:
-        per_subject = [_render_subject(model, p, s, out) for s in range(p.subjects)]
+        per_subject = [_render_subject(model, p, s, out, textures) for s in range(p.subjects)]
     else:
         # spawn: safe even when the caller has threads (Dask, TensorFlow); each worker loads the
         # cached model once
         ctx = multiprocessing.get_context("spawn")
         with cf.ProcessPoolExecutor(
-            n_workers, mp_context=ctx, initializer=_worker_init, initargs=(manifest,)
+            n_workers, mp_context=ctx, initializer=_worker_init, initargs=(manifest, textures)
         ) as ex:
             per_subject = list(
                 ex.map(_worker_subject, [p] * p.subjects, range(p.subjects), [str(out)] * p.subjects)
@@ -406,7 +493,11 @@ def synthesize(
         "model_sha256": model.sha256,
         "seed": p.seed,
         "workers": n_workers,
+        "textures": p.textures,
     }
+    if textures is not None:
+        summary["texture_photos"] = [t.name for t in textures]
+        summary["texture_failures"] = texture_failures
     if stage["preview"]:
         summary["preview"] = str(write_preview(out, [r["image_id"] for r in rows]))
     summary["seconds"] = round(time.perf_counter() - t0, 2)
