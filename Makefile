@@ -23,7 +23,7 @@ $(STAMP): $(BIN)/python pyproject.toml
 	touch $(STAMP)
 
 $(DEV_STAMP): $(STAMP)
-	$(BIN)/pip install --quiet -e ".[dlib,dev,tensorflow]"
+	$(BIN)/pip install --quiet -e ".[dlib,onnx,dev,tensorflow]"
 	rm -f $(VENV)/.installed-dev-*
 	touch $(DEV_STAMP)
 

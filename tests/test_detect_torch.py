@@ -157,3 +157,33 @@ def test_min_face_size_works_at_any_value(renders, manifest):
         ]
         assert len(both) >= 0.95 * len(renders)
         assert np.median([_iou(a[0], b[0]) for a, b in both]) >= 0.85
+
+
+@pytest.mark.skipif(
+    not __import__("pipeline.detect.onnx_pnet").detect.onnx_pnet.available(), reason="no onnx extra"
+)
+def test_pnet_in_onnxruntime_gives_the_same_faces(renders, faces_dir, manifest):
+    """stages.detect.pnet_runtime: the ONNX Runtime P-Net changes where P-Net runs, not what it finds."""
+    from pipeline.detect.weights import load_npz, weights_npz
+
+    path, _ = weights_npz(manifest.model("mtcnn"), manifest.cache_dir)
+    weights = load_npz(path)
+    torch_net = TorchMTCNN(weights, "cpu", "torch")
+    onnx_net = TorchMTCNN(weights, "cpu", "onnxruntime")
+    assert onnx_net.pnet_runtime == "onnxruntime"
+    import torch
+
+    x = torch.from_numpy((renders[0][None].astype(np.float32) - 127.5) / 128.0).permute(0, 3, 1, 2)
+    with torch.inference_mode():
+        want = [t.numpy() for t in torch_net.pnet(x)]
+    got = [t.numpy() for t in onnx_net._pnet_forward(x)]
+    for a, b in zip(want, got, strict=True):
+        assert a.shape == b.shape and np.abs(a - b).max() < 1e-4
+    images = list(renders)
+    if faces_dir is not None:
+        images += [read_image(str(p)).image for p in sorted(faces_dir.rglob("*.jpg"))[:16]]
+    a = torch_net.detect(images, 20)
+    b = onnx_net.detect(images, 20)
+    assert a.shape == b.shape and np.abs(a - b).max() < 1e-2  # the same rows, to float rounding
+    with pytest.raises(ValueError, match="runs on a CPU"):
+        TorchMTCNN(weights, "meta", "onnxruntime")

@@ -219,12 +219,27 @@ def pyramid(min_side: int, min_face_size: float, scale_factor: float) -> list[fl
 class TorchMTCNN:
     """The three networks on one device; ``detect`` runs the cascade on a list of images."""
 
-    def __init__(self, weights: dict[str, list[np.ndarray]], device: str = "cpu") -> None:
+    def __init__(
+        self, weights: dict[str, list[np.ndarray]], device: str = "cpu", pnet_runtime: str = "torch"
+    ) -> None:
+        """``pnet_runtime``: ``onnxruntime`` runs P-Net in ONNX Runtime (CPU only; see
+        :mod:`pipeline.detect.onnx_pnet`), ``torch`` in torch."""
         self.device = torch.device(device)
         self.pnet = load_net(PNet(), weights["pnet"]).to(self.device)
         self.rnet = load_net(RNet(), weights["rnet"]).to(self.device)
         self.onet = load_net(ONet(), weights["onet"]).to(self.device)
         self._area: dict[tuple[int, int], torch.Tensor] = {}
+        self.pnet_runtime = "torch"
+        self._pnet_forward = self.pnet
+        if pnet_runtime == "onnxruntime":
+            if self.device.type != "cpu":
+                raise ValueError(f"pnet_runtime onnxruntime runs on a CPU, not on {device}")
+            from pipeline.detect.onnx_pnet import OnnxPNet
+
+            self._pnet_forward = OnnxPNet(self.pnet, torch.get_num_threads())
+            self.pnet_runtime = "onnxruntime"
+        elif pnet_runtime != "torch":
+            raise ValueError(f"pnet_runtime: expected torch or onnxruntime, got {pnet_runtime!r}")
 
     def _area_t(self, n_in: int, n_out: int) -> torch.Tensor:
         key = (n_in, n_out)
@@ -277,7 +292,7 @@ class TorchMTCNN:
             if min(h, w) < CELL:
                 continue
             xs = self._resized(x, batch, h, w)
-            reg, prob = self.pnet(xs)
+            reg, prob = self._pnet_forward(xs)
             prob = prob.cpu().numpy()
             b, r, c = np.nonzero(prob > threshold)
             if not len(b):

@@ -129,14 +129,30 @@ def get_detector(params: dict | None = None, weights: Asset | None = None) -> ob
         return workercache.get_or_create(("mtcnn", version("mtcnn"), "CPU:0"), create_tf_detector)
     assert weights is not None
     device = torch_device(str(params["device"]))
+    runtime = pnet_runtime(str(params.get("pnet_runtime", "torch")), device)
 
     def create() -> object:
         from pipeline.detect.mtcnn_torch import TorchMTCNN
         from pipeline.detect.weights import load_npz
 
-        return TorchMTCNN(load_npz(weights.recheck()), device)
+        return TorchMTCNN(load_npz(weights.recheck()), device, runtime)
 
-    return workercache.get_or_create(("mtcnn-torch", weights.sha256, device), create)
+    return workercache.get_or_create(("mtcnn-torch", weights.sha256, device, runtime), create)
+
+
+def pnet_runtime(setting: str, device: str) -> str:
+    """``stages.detect.pnet_runtime``: auto = ONNX Runtime for P-Net on a CPU when the ``onnx``
+    extra is installed (1.7x faster there, same faces), else torch; onnxruntime without the extra
+    is an error that says what to install."""
+    from pipeline.detect.onnx_pnet import available
+
+    if setting == "torch" or device != "cpu":
+        return "torch"
+    if setting == "onnxruntime" and not available():
+        raise ImportError(
+            "stages.detect.pnet_runtime: onnxruntime needs the onnx extra (pip install 'morphset[onnx]')"
+        )
+    return "onnxruntime" if available() else "torch"
 
 
 # --- pure helpers -----------------------------------------------------------------------------
