@@ -203,3 +203,14 @@ def test_mtcnn_finds_textured_faces_up_to_45_degrees(tmp_path):
         boxes = [] if isinstance(faces, str) else zip(faces.boxes, faces.scores, strict=True)
         found += any(s >= 0.9 and b[0] <= nose[0] <= b[2] and b[1] <= nose[1] <= b[3] for b, s in boxes)
     assert found >= 0.95 * len(gt), f"{found}/{len(gt)}"
+
+
+def test_a_missing_landmark_backend_says_what_to_do(model, tmp_path, monkeypatch):
+    import pipeline.synthetic.texture as tx
+
+    def no_dlib(*args, **kwargs):
+        raise ImportError("No module named 'dlib'")
+
+    monkeypatch.setattr(tx, "_fit_photos", no_dlib)
+    with pytest.raises(tx.TextureError, match=r"morphset\[dlib\].*--textures painted"):
+        load_textures("builtin", model, load_manifest(), model_face_triangles(model), cache_dir=tmp_path)

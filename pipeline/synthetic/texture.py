@@ -412,7 +412,13 @@ def load_textures(
             return _load(cached)
         except (OSError, ValueError, KeyError) as exc:
             log.warning("%s: unreadable texture cache (%s); fitting the photos again", cached, exc)
-    textures, failures = _fit_photos(names, photos, model, manifest, triangles, landmarks)
+    try:
+        textures, failures = _fit_photos(names, photos, model, manifest, triangles, landmarks)
+    except (ImportError, FileNotFoundError) as exc:  # the landmark backend is not installed
+        raise TextureError(
+            f"textures {source}: fitting the photos needs the {landmarks} landmark backend ({exc}); "
+            "install it (pip install 'morphset[dlib]') or render with --textures painted"
+        ) from exc
     if not textures:
         detail = "; ".join(f"{n}: {r}" for n, r in sorted(failures.items())[:5])
         raise TextureError(f"{source}: no photo gave a usable face texture ({detail})")
