@@ -214,3 +214,23 @@ def test_a_missing_landmark_backend_says_what_to_do(model, tmp_path, monkeypatch
     monkeypatch.setattr(tx, "_fit_photos", no_dlib)
     with pytest.raises(tx.TextureError, match=r"morphset\[dlib\].*--textures painted"):
         load_textures("builtin", model, load_manifest(), model_face_triangles(model), cache_dir=tmp_path)
+
+
+def test_an_unreadable_texture_cache_is_refitted_not_a_crash(model, tmp_path, monkeypatch, caplog):
+    import pipeline.synthetic.texture as tx
+
+    m = load_manifest()
+    tri = model_face_triangles(model)
+    photos = builtin_photos()
+    key = tx._cache_key(photos, tx._names(photos, "builtin"), model, m, "dlib")
+    cached = tmp_path / "textures" / f"{key}.npz"
+    cached.parent.mkdir()
+    cached.write_bytes(b"PK\x03\x04 not a zip")  # a cache file cut short
+    n = model.n_vertices
+    made = tx.FaceTexture("astronaut.png", np.zeros((n, 3), np.float32), np.zeros(n, np.float32),
+                          np.zeros(3, np.float32), np.zeros((4, 4, 3), np.uint8), np.zeros(2), 1.0, 0.0)  # fmt: skip
+    monkeypatch.setattr(tx, "_fit_photos", lambda *a, **k: ([made], {}))
+    textures, _ = load_textures("builtin", model, m, tri, cache_dir=tmp_path)
+    assert [t.name for t in textures] == ["astronaut.png"] and "unreadable texture cache" in caplog.text
+    again, _ = load_textures("builtin", model, m, tri, cache_dir=tmp_path)  # rewritten, readable now
+    assert again[0].plate.shape == (4, 4, 3)

@@ -79,12 +79,14 @@ def subset_draws(
     return np.asarray(rows, np.int64), names, draws
 
 
-def _identity(model: MorphableModel, alpha: np.ndarray) -> np.ndarray:
+def identity_shape(model: MorphableModel, alpha: np.ndarray) -> np.ndarray:
+    """(n, 3) mm: the identity shape of ``alpha`` (float32 bases, as the fit and the renderer)."""
     a = np.asarray(alpha, np.float32)
     return (model.mean + model.id_basis @ a).reshape(-1, 3).astype(np.float64)
 
 
 def all_vertex_error(pred: np.ndarray, gt: np.ndarray) -> float:
+    """RMS distance (mm) over all vertices after a similarity alignment of ``pred`` onto ``gt``."""
     sim = similarity_transform(pred, gt)
     return float(np.sqrt(np.mean(np.sum((sim.apply(pred) - gt) ** 2, axis=1))))
 
@@ -106,9 +108,9 @@ def identity_curve(
         [s in true_alpha for s in subjects], bool
     )
     rng = np.random.default_rng(seed)
-    mean = _identity(model, np.zeros(model.k_id))
+    mean = identity_shape(model, np.zeros(model.k_id))
     lm = model.landmarks
-    truth = {s: _identity(model, a) for s, a in true_alpha.items()}
+    truth = {s: identity_shape(model, a) for s, a in true_alpha.items()}
     baseline = {
         s: (all_vertex_error(mean, g), liu_error(mean, g, mean[lm], g[lm], crop_radius_mm).mean_mm)
         for s, g in truth.items()
@@ -131,7 +133,7 @@ def identity_curve(
             a = alpha_of.get(name)
             if a is None:  # the fit failed on this draw: it counts as the mean shape
                 a = np.zeros(model.k_id)
-            pred, g = _identity(model, a), truth[s]
+            pred, g = identity_shape(model, a), truth[s]
             fit_all.append(all_vertex_error(pred, g))
             fit_liu.append(liu_error(pred, g, pred[lm], g[lm], crop_radius_mm).mean_mm)
             base_all.append(baseline[s][0])

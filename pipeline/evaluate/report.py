@@ -92,7 +92,7 @@ def _style(name: str) -> dict:
     return style
 
 
-def figure_png(fig: plt.Figure, fmt: str = "png") -> bytes:
+def save_figure(fig: plt.Figure, fmt: str = "png") -> bytes:
     buf = io.BytesIO()
     fig.savefig(
         buf, format=fmt, dpi=100, bbox_inches="tight", metadata={"Date": None} if fmt == "svg" else None
@@ -122,7 +122,7 @@ def lines_figure(
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    return figure_png(fig, fmt)
+    return save_figure(fig, fmt)
 
 
 def roc_figure(curves: dict[str, tuple[list[float], list[float]]], fmt: str = "png") -> bytes:
@@ -141,7 +141,7 @@ def roc_figure(curves: dict[str, tuple[list[float], list[float]]], fmt: str = "p
     ax.set_title("ROC")
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right", fontsize=8)
-    return figure_png(fig, fmt)
+    return save_figure(fig, fmt)
 
 
 def histogram_figure(
@@ -159,7 +159,7 @@ def histogram_figure(
     ax.grid(alpha=0.3)
     if len(series) > 1 or series:
         ax.legend(fontsize=8)
-    return figure_png(fig, fmt)
+    return save_figure(fig, fmt)
 
 
 def bar_figure(
@@ -181,7 +181,7 @@ def bar_figure(
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3, axis="y")
     ax.legend(fontsize=8)
-    return figure_png(fig, fmt)
+    return save_figure(fig, fmt)
 
 
 def sheet_figure(
@@ -207,7 +207,7 @@ def sheet_figure(
             if c == 0:
                 ax.set_ylabel(label, fontsize=7, rotation=0, ha="right", va="center")
     fig.tight_layout()
-    return figure_png(fig, fmt)
+    return save_figure(fig, fmt)
 
 
 # --- what the evaluation hands over (data, no markup) ------------------------------------------------

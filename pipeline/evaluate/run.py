@@ -564,7 +564,7 @@ def needed_images(ctx: Context, pairs: PairList | None, truth: SyntheticTruth | 
 
 
 # --- identity error against images per subject ----------------------------------------------------------
-def _run_fit(run_root: str, manifest: Manifest) -> Callable:
+def _run_fit(model: MorphableModel, manifest: Manifest) -> Callable:
     """The run's own fit (its parameters and landmark error model) as a function of a landmarks table."""
     import array_api_compat.numpy as anp
 
@@ -573,9 +573,8 @@ def _run_fit(run_root: str, manifest: Manifest) -> Callable:
     from pipeline.fit.stage import error_model_file, fit_landmark_table, options_from_params
 
     params = manifest.stage_params("fit")
-    path, why = error_model_file(manifest)
+    path, _ = error_model_file(manifest)
     em = load_error_model(path) if path is not None else uniform(float(params["landmark_sigma_mm"]))
-    model, _ = load_model(manifest)
     opt = options_from_params(params, em)
     lm = prepare_model(model, anp, contour=opt.contour, dtype=np.float32)
     noise = prepare_noise(em, lm.order, anp, np.float32)
@@ -602,7 +601,7 @@ def identity_curve_section(ctx: Context, truth: SyntheticTruth, manifest: Manife
         landmarks,
         true_alpha,
         ctx.model,
-        _run_fit(ctx.run_root, manifest),
+        _run_fit(ctx.model, manifest),
         tuple(int(m) for m in ctx.params["curve_images"]),
         int(ctx.params["curve_repeats"]),
         int(ctx.params["seed"]),

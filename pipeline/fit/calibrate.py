@@ -77,13 +77,9 @@ def paired_landmarks(
 
 def identity_error_mm(model: Any, alpha_est: np.ndarray, alpha_true: np.ndarray) -> float:
     """RMS distance (mm) over all vertices between two identity shapes after similarity alignment."""
-    from pipeline.evaluate.reconstruction import similarity_transform
+    from pipeline.evaluate.identity_curve import all_vertex_error, identity_shape
 
-    a = (model.mean + model.id_basis @ np.asarray(alpha_est, np.float32)).reshape(-1, 3).astype(np.float64)
-    b = (model.mean + model.id_basis @ np.asarray(alpha_true, np.float32)).reshape(-1, 3).astype(np.float64)
-    sim = similarity_transform(a, b)
-    moved = sim.scale * a @ sim.rotation.T + sim.translation
-    return float(np.sqrt(np.mean(np.sum((moved - b) ** 2, axis=1))))
+    return all_vertex_error(identity_shape(model, alpha_est), identity_shape(model, alpha_true))
 
 
 def choose_prior_weight(

@@ -28,6 +28,7 @@ import json
 import logging
 import shutil
 import tempfile
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -410,7 +411,7 @@ def load_textures(
     if cached is not None and cached.is_file():
         try:
             return _load(cached)
-        except (OSError, ValueError, KeyError) as exc:
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
             log.warning("%s: unreadable texture cache (%s); fitting the photos again", cached, exc)
     try:
         textures, failures = _fit_photos(names, photos, model, manifest, triangles, landmarks)
