@@ -144,8 +144,9 @@ def crop_and_resize(images: torch.Tensor, boxes: np.ndarray, index: np.ndarray, 
     def at(yy: torch.Tensor, xx: torch.Tensor) -> torch.Tensor:  # (N, C, size, size)
         return hwc[k, yy[:, :, None], xx[:, None, :]].permute(0, 3, 1, 2)
 
-    top = at(y0, x0) + (at(y0, x1) - at(y0, x0)) * dx[:, None, None, :]
-    bottom = at(y1, x0) + (at(y1, x1) - at(y1, x0)) * dx[:, None, None, :]
+    a00, a01, a10, a11 = at(y0, x0), at(y0, x1), at(y1, x0), at(y1, x1)  # each corner gathered once
+    top = a00 + (a01 - a00) * dx[:, None, None, :]
+    bottom = a10 + (a11 - a10) * dx[:, None, None, :]
     out = top + (bottom - top) * dy[:, None, :, None]
     valid = (vy[:, :, None] & vx[:, None, :])[:, None]
     return torch.where(valid, out, torch.zeros((), device=dev))
