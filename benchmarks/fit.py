@@ -491,13 +491,18 @@ def renders_experiment(model, params, out_dir: Path, subjects: int = 30, images:
     rows = [_ratio_row(n, model, landmarks, by_subject, mean_err, params, em, o) for n, em, o in cases]
     # the bound: exact landmark projections plus independent noise of the calibrated size
     rng = np.random.default_rng(0)
-    exact = []
-    for r in landmarks.to_pylist():
-        g = truth[r["image_id"]]
-        p = np.array(g["landmarks_2d"], np.float64).reshape(68, 2)
-        p = p + rng.normal(size=p.shape) * fixed.sigma_mm[:, None] * g["scale"]
-        exact.append(dict(r, landmarks=p.reshape(-1).astype(np.float32).tolist(), failure_reason=None))
-    bound = pa.Table.from_pylist(exact, schema=landmarks.schema)
+
+    def exact_plus(noise_mm) -> pa.Table:
+        """Every image's true landmarks plus ``noise_mm(row)`` (68, 2) face mm, in its pixels."""
+        out = []
+        for r in landmarks.to_pylist():
+            g = truth[r["image_id"]]
+            p = np.array(g["landmarks_2d"], np.float64).reshape(68, 2) + noise_mm(r) * g["scale"]
+            out.append(dict(r, landmarks=p.reshape(-1).astype(np.float32).tolist(), failure_reason=None))
+        return pa.Table.from_pylist(out, schema=landmarks.schema)
+
+    sigma = fixed.sigma_mm[:, None]
+    bound = exact_plus(lambda r: rng.normal(size=(68, 2)) * sigma)
     name = "bound: exact landmarks + independent noise of the calibrated sigma, weight 1"
     rows.append(
         _ratio_row(name, model, bound, by_subject, mean_err, params, no_bias, {"identity_prior_weight": 1.0})
@@ -509,34 +514,25 @@ def renders_experiment(model, params, out_dir: Path, subjects: int = 30, images:
         read_truth(out_dir / "synthetic-1" / "ground_truth.parquet"),
         fixed,
     )
-    sigma = fixed.sigma_mm[:, None]
     draw = {s: rng.normal(size=(68, 2)) for s in by_subject}
-    shared = []
-    for r in landmarks.to_pylist():
-        g = truth[r["image_id"]]
-        p = np.array(g["landmarks_2d"], np.float64).reshape(68, 2)
-        e = np.sqrt(share)[:, None] * draw[r["subject"]] + np.sqrt(1 - share)[:, None] * rng.normal(
-            size=(68, 2)
-        )
-        p = p + e * sigma * g["scale"]
-        shared.append(dict(r, landmarks=p.reshape(-1).astype(np.float32).tolist(), failure_reason=None))
-    shared = pa.Table.from_pylist(shared, schema=landmarks.schema)
-    for w in (1.0, w_fixed):
-        name = f"bound with the measured subject-common share of that noise, weight {w:g}"
-        over = {"identity_prior_weight": w}
-        rows.append(_ratio_row(name, model, shared, by_subject, mean_err, params, no_bias, over))
+    a, b = np.sqrt(share)[:, None], np.sqrt(1 - share)[:, None]
     # and with independent noise of the error's plain RMS (its tails counted), not the robust sigma
-    heavy = []
-    for r in landmarks.to_pylist():
-        g = truth[r["image_id"]]
-        p = np.array(g["landmarks_2d"], np.float64).reshape(68, 2)
-        p = p + rng.normal(size=p.shape) * rms[:, None] * g["scale"]
-        heavy.append(dict(r, landmarks=p.reshape(-1).astype(np.float32).tolist(), failure_reason=None))
-    heavy = pa.Table.from_pylist(heavy, schema=landmarks.schema)
-    for w in (1.0, w_fixed):
-        name = f"bound: exact landmarks + independent noise of dlib's RMS error per landmark, weight {w:g}"
-        over = {"identity_prior_weight": w}
-        rows.append(_ratio_row(name, model, heavy, by_subject, mean_err, params, no_bias, over))
+    bounds = {
+        "bound with the measured subject-common share of that noise": exact_plus(
+            lambda r: (a * draw[r["subject"]] + b * rng.normal(size=(68, 2))) * sigma
+        ),
+        "bound: exact landmarks + independent noise of dlib's RMS error per landmark": exact_plus(
+            lambda r: rng.normal(size=(68, 2)) * rms[:, None]
+        ),
+    }
+    for label, table in bounds.items():
+        for w in (1.0, w_fixed):
+            over = {"identity_prior_weight": w}
+            rows.append(
+                _ratio_row(
+                    f"{label}, weight {w:g}", model, table, by_subject, mean_err, params, no_bias, over
+                )
+            )
     from pipeline.fit.calibration import LANDMARK_GROUPS
 
     return {
