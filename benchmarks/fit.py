@@ -404,42 +404,15 @@ def _ratio_row(name, model, landmarks, truth_by_subject, mean_err, params, error
     return row
 
 
-def subject_common_share(landmarks: pa.Table, truth: dict, error_model) -> tuple[np.ndarray, np.ndarray]:
-    """(share, rms): per landmark, the share of the detector's error (after the bias) that all images of a
-    subject have in common: between-subject variance of the subject means less what the per-image
-    scatter puts into a mean of n images (a moment estimate), over the total; (68,) in [0, 1]; and
-    the error's plain per-axis RMS (68,) mm, beside the calibration's robust (median-based) sigma.
+def detector_error_structure(landmarks: pa.Table, truth: dict, error_model) -> tuple[np.ndarray, np.ndarray]:
+    """(subject-common share (68,), plain RMS (68,) mm) of a detector's error after the model's
+    bias (:func:`pipeline.fit.calibration.subject_common_share`) on a run's landmarks."""
+    from pipeline.fit.calibrate import paired_landmarks
+    from pipeline.fit.calibration import face_residuals, subject_common_share
 
-    Independent noise (what the calibrated sigma assumes) has share 0 and averages away with M;
-    a share rho leaves rho * sigma^2 that no number of images removes."""
-    from pipeline.fit.calibration import face_residuals
-
-    rows = [r for r in landmarks.to_pylist() if r["failure_reason"] is None and r["landmarks"] is not None]
-    g = [truth[r["image_id"]] for r in rows]
-    true = np.array([np.reshape(t["landmarks_2d"], (68, 2)) for t in g], np.float64)
-    scale = np.array([t["scale"] for t in g], np.float64)
-    roll = np.array([t["roll"] for t in g], np.float64)
-    yaw = np.array([t["yaw"] for t in g], np.float64)
-    det = np.array([np.reshape(r["landmarks"], (68, 2)) for r in rows], np.float64)
-    em = error_model
-    bias = np.stack(
-        [np.interp(yaw, em.yaw_bins_deg, em.bias_mm[:, lm, c]) for lm in range(68) for c in (0, 1)], axis=1
-    ).reshape(-1, 68, 2)
-    left = face_residuals(det, true, scale, roll) - bias
-    norm = np.linalg.norm(left, axis=-1)
-    left = np.where((norm <= 5.0 * np.median(norm, axis=0))[..., None], left, np.nan)  # gross failures out
-    subject = np.array([r["subject"] for r in rows])
-    between, within = [], []
-    for s in np.unique(subject):
-        x = left[subject == s]  # (n, 68, 2)
-        n = np.sum(np.isfinite(x[..., 0]), axis=0)  # (68,)
-        m = np.nanmean(x, axis=0)
-        var_in = np.nansum((x - m) ** 2, axis=(0, 2)) / np.maximum(n - 1, 1)
-        between.append(np.sum(m**2, axis=-1) - var_in / np.maximum(n, 1))
-        within.append(var_in)
-    common, scatter = np.mean(between, axis=0), np.mean(within, axis=0)
-    rms = np.sqrt(np.nanmean(np.sum(left**2, axis=-1), axis=0) / 2.0)
-    return np.clip(common / (common + scatter), 0.0, 1.0), rms
+    p = paired_landmarks(landmarks, truth)
+    res = face_residuals(p["detected"], p["true"], p["scale"], p["roll"])
+    return subject_common_share(res, p["yaw"], p["subject"], error_model)
 
 
 def renders_experiment(model, params, out_dir: Path, subjects: int = 30, images: int = 8) -> dict:
@@ -509,7 +482,7 @@ def renders_experiment(model, params, out_dir: Path, subjects: int = 30, images:
     )
     # the same bound with the detector's measured correlation: each landmark's calibrated
     # variance split into a part every image of a subject shares and a part drawn per image
-    share, rms = subject_common_share(  # measured on the calibration faces, like sigma
+    share, rms = detector_error_structure(  # measured on the calibration faces, like sigma
         Run(out_dir / "run-1").table("landmarks"),
         read_truth(out_dir / "synthetic-1" / "ground_truth.parquet"),
         fixed,

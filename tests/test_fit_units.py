@@ -243,6 +243,29 @@ def test_contour_marching_on_ibug_landmarks_recovers_identity_like_fixed_vertice
 
 
 @pytest.mark.slow
+def test_subject_common_share_separates_shared_from_per_image_error():
+    from pipeline.fit.calibration import subject_common_share
+    from pipeline.fit.noise import uniform
+
+    rng = np.random.default_rng(3)
+    subjects = np.repeat(np.arange(300), 8)
+    yaw = rng.uniform(-40, 40, subjects.size)
+    rho = np.linspace(0.0, 0.8, N_LANDMARKS)[:, None]  # a different share at every landmark
+    shared = rng.normal(size=(300, N_LANDMARKS, 2))[subjects]
+    per_image = rng.normal(size=(subjects.size, N_LANDMARKS, 2))
+    res = 2.0 * (np.sqrt(rho) * shared + np.sqrt(1 - rho) * per_image)
+    share, rms = subject_common_share(res, yaw, subjects, uniform(2.0))
+    np.testing.assert_allclose(share, rho[:, 0], atol=0.06)
+    np.testing.assert_allclose(rms, 2.0, rtol=0.08)
+    # a bias the model knows is not error; one image per subject says nothing about the split
+    em = uniform(2.0)
+    biased = dataclasses.replace(em, bias_mm=em.bias_mm + 5.0)
+    again, _ = subject_common_share(res + 5.0, yaw, subjects, biased)
+    np.testing.assert_allclose(again, share, atol=1e-9)
+    with pytest.raises(ValueError, match="two images"):
+        subject_common_share(res[::8], yaw[::8], subjects[::8], em)
+
+
 def test_calibrate_writes_a_model_the_fit_then_uses(tmp_path, capsys, caplog):
     from pipeline.cli import main
     from pipeline.fit.calibrate import calibrate
@@ -260,6 +283,8 @@ def test_calibrate_writes_a_model_the_fit_then_uses(tmp_path, capsys, caplog):
     em = load_error_model(out)
     assert em.convention == "fixed_vertex" and em.backend == "dlib" and em.identity_prior_weight is not None
     assert doc["images"] == 12 and set(doc["error_by_group_iod"]) == {"jaw", "brows", "nose", "eyes", "mouth"}
+    share = doc["subject_common_share_by_group"]
+    assert set(share) == set(doc["error_by_group_iod"]) and all(0 <= v <= 1 for v in share.values())
     run = doc["work_run"]
     use = [
         "--set",

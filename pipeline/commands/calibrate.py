@@ -83,6 +83,11 @@ def run(args: argparse.Namespace) -> int:
     if "error_by_group_iod" in summary:
         print(f"  detector error / outer-eye distance by group: {summary['error_by_group_iod']}")
     print(f"  noise sigma (mm) by group: {summary['sigma_mm_by_group']}")
+    if "subject_common_share_by_group" in summary:
+        print(
+            "  share of that noise all images of a subject have in common (no number of images "
+            f"averages it away): {summary['subject_common_share_by_group']}"
+        )
     if summary["identity_prior_weight"] is not None:
         print(
             f"  identity prior weight {summary['identity_prior_weight']:g} (identity error mm by weight "

@@ -24,7 +24,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.fit.calibration import LANDMARK_GROUPS, face_residuals, fit_error_model, group_summary
+from pipeline.fit.calibration import (
+    LANDMARK_GROUPS,
+    face_residuals,
+    fit_error_model,
+    group_summary,
+    subject_common_share,
+)
 from pipeline.fit.noise import ErrorModel
 
 log = logging.getLogger(__name__)
@@ -67,6 +73,7 @@ def paired_landmarks(
     g = [truth[r["image_id"]] for r in rows]
     return {
         "image_id": np.array([r["image_id"] for r in rows]),
+        "subject": np.array([x["subject"] for x in g]),
         "detected": np.array([r["landmarks"] for r in rows], np.float64).reshape(-1, 68, 2),
         "true": np.array([x[column] for x in g], np.float64).reshape(-1, 68, 2),
         "scale": np.array([x["scale"] for x in g], np.float64),
@@ -216,6 +223,14 @@ def calibrate(
     a, b = OUTER_EYE_CORNERS
     lm3 = model.mean.reshape(-1, 3)[model.landmarks]
     iod = float(np.linalg.norm(lm3[a] - lm3[b]))
+    extra: dict[str, Any] = {}
+    try:  # what more images per subject cannot average away (needs subjects with 2+ images)
+        share, _ = subject_common_share(res, pairs["yaw"], pairs["subject"], em)
+        extra["subject_common_share_by_group"] = {
+            g: round(float(np.mean(share[list(ix)])), 3) for g, ix in LANDMARK_GROUPS.items()
+        }
+    except ValueError as exc:
+        log.info("calibration: %s", exc)
     return _write(
         em,
         out,
@@ -224,6 +239,7 @@ def calibrate(
         error_by_group_iod=group_summary(res, iod),
         identity_error_mm_by_prior_weight=by_weight,
         mean_shape_error_mm=mean_shape,
+        **extra,
     )
 
 

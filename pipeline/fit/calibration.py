@@ -104,6 +104,50 @@ def fit_error_model(
     )
 
 
+def bias_at_yaw(model: ErrorModel, yaw_deg: np.ndarray) -> np.ndarray:
+    """(N, 68, 2) the model's bias at each yaw (linear between bin centres, held beyond them)."""
+    yaw = np.asarray(yaw_deg, np.float64)
+    b = [
+        np.interp(yaw, model.yaw_bins_deg, model.bias_mm[:, lm, c])
+        for lm in range(N_LANDMARKS)
+        for c in (0, 1)
+    ]
+    return np.stack(b, axis=1).reshape(len(yaw), N_LANDMARKS, 2)
+
+
+def subject_common_share(
+    residuals: np.ndarray, yaw_deg: np.ndarray, subjects: np.ndarray, model: ErrorModel
+) -> tuple[np.ndarray, np.ndarray]:
+    """How much of a detector's error (after ``model``'s bias) all images of a subject share.
+
+    Per landmark: the between-subject variance of the subject means, less what the per-image
+    scatter contributes to a mean of n images (a moment estimate), over the total; (68,) in
+    [0, 1]. Independent errors have share 0 and average away over a subject's images; a share
+    rho leaves rho x sigma^2 that no number of images removes. Also returned: the plain per-axis
+    RMS (68,) of the error, gross failures (over 5x a landmark's median) left out, to set beside
+    the robust ``sigma_mm``. Subjects with one image carry no information about the split."""
+    left = np.asarray(residuals, np.float64) - bias_at_yaw(model, yaw_deg)
+    norm = np.linalg.norm(left, axis=-1)
+    left = np.where((norm <= 5.0 * np.nanmedian(norm, axis=0))[..., None], left, np.nan)
+    subjects = np.asarray(subjects)
+    between, within = [], []
+    for s in np.unique(subjects):
+        x = left[subjects == s]  # (n, 68, 2)
+        n = np.sum(np.isfinite(x[..., 0]), axis=0)  # (68,)
+        if np.all(n < 2):
+            continue
+        with np.errstate(invalid="ignore"):
+            m = np.nanmean(x, axis=0)
+        var_in = np.nansum((x - m) ** 2, axis=(0, 2)) / np.maximum(n - 1, 1)
+        between.append(np.where(n >= 2, np.sum(m**2, axis=-1) - var_in / np.maximum(n, 1), np.nan))
+        within.append(np.where(n >= 2, var_in, np.nan))
+    if not between:
+        raise ValueError("subject_common_share: no subject has two images with landmarks")
+    common, scatter = np.nanmean(between, axis=0), np.nanmean(within, axis=0)
+    rms = np.sqrt(np.nanmean(np.sum(left**2, axis=-1), axis=0) / 2.0)
+    return np.clip(common / np.maximum(common + scatter, 1e-12), 0.0, 1.0), rms
+
+
 def group_summary(residuals: np.ndarray, iod_mm: float) -> dict[str, float]:
     """Mean residual length per landmark group as a fraction of the outer-eye distance."""
     norm = np.linalg.norm(np.asarray(residuals, np.float64), axis=-1)
