@@ -14,22 +14,13 @@ import json
 import os
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-
-
-def best(fn, repeats: int = 5) -> float:
-    out = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - t0)
-    return min(out)
+from timing import best_of  # noqa: E402  (benchmarks/timing.py, beside this script)
 
 
 def main() -> None:
@@ -116,13 +107,13 @@ def main() -> None:
         "onet_patches": int(o_in.shape[0]),
         "onet_max_abs_difference": float(np.abs(ref - got).max()),
         "ms_per_image": {
-            "torch_pnet": 1000 * best(torch_pnet) / n,
-            "onnxruntime_pnet": 1000 * best(ort_pnet) / n,
-            "torch_rnet": 1000 * best(run_torch(net.rnet, r_in)) / n,
-            "onnxruntime_rnet": 1000 * best(run_ort("rnet", r_in)) / n,
-            "torch_onet": 1000 * best(run_torch(net.onet, o_in)) / n,
-            "onnxruntime_onet": 1000 * best(run_ort("onet", o_in)) / n,
-            "torch_whole_cascade": 1000 * best(lambda: net.detect(images, 20)) / n,
+            "torch_pnet": 1000 * best_of(torch_pnet, 5) / n,
+            "onnxruntime_pnet": 1000 * best_of(ort_pnet, 5) / n,
+            "torch_rnet": 1000 * best_of(run_torch(net.rnet, r_in), 5) / n,
+            "onnxruntime_rnet": 1000 * best_of(run_ort("rnet", r_in), 5) / n,
+            "torch_onet": 1000 * best_of(run_torch(net.onet, o_in), 5) / n,
+            "onnxruntime_onet": 1000 * best_of(run_ort("onet", o_in), 5) / n,
+            "torch_whole_cascade": 1000 * best_of(lambda: net.detect(images, 20), 5) / n,
         },
         "torch": torch.__version__,
         "onnxruntime_version": ort.__version__,

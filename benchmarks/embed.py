@@ -25,6 +25,8 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from timing import best_of  # noqa: E402  (benchmarks/timing.py, beside this script)
+
 from pipeline.core.threads import limit_threads  # noqa: E402
 
 CASIA_IMAGES = 494_414
@@ -57,15 +59,6 @@ def faces(n: int) -> tuple[str, list[np.ndarray], list[np.ndarray]]:
     return source, images, landmarks
 
 
-def best(fn, repeat: int) -> float:
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeat", type=int, default=3)
@@ -82,15 +75,15 @@ def main() -> None:
     load_s = time.perf_counter() - t0
     n = len(images)
     chips = [backend.chip(im, lm) for im, lm in zip(images, landmarks, strict=True)]
-    chip_s = best(
+    chip_s = best_of(
         lambda: [backend.chip(im, lm) for im, lm in zip(images, landmarks, strict=True)], args.repeat
     )
     net = backend._net
-    batch1_s = best(lambda: [net.compute_face_descriptor(c) for c in chips], args.repeat)
-    batch16_s = best(
+    batch1_s = best_of(lambda: [net.compute_face_descriptor(c) for c in chips], args.repeat)
+    batch16_s = best_of(
         lambda: [net.compute_face_descriptor(chips[i : i + 16]) for i in range(0, n, 16)], args.repeat
     )
-    stage_s = best(
+    stage_s = best_of(
         lambda: [
             backend.embed(list(zip(images[i : i + 16], landmarks[i : i + 16], strict=True)))
             for i in range(0, n, 16)

@@ -242,7 +242,6 @@ def test_contour_marching_on_ibug_landmarks_recovers_identity_like_fixed_vertice
     assert err["ibug"] <= 1.1 * err["fixed"], err
 
 
-@pytest.mark.slow
 def test_subject_common_share_separates_shared_from_per_image_error():
     from pipeline.fit.calibration import subject_common_share
     from pipeline.fit.noise import uniform
@@ -266,6 +265,7 @@ def test_subject_common_share_separates_shared_from_per_image_error():
         subject_common_share(res[::8], yaw[::8], subjects[::8], em)
 
 
+@pytest.mark.slow
 def test_calibrate_writes_a_model_the_fit_then_uses(tmp_path, capsys, caplog):
     from pipeline.cli import main
     from pipeline.fit.calibrate import calibrate

@@ -148,16 +148,19 @@ def test_textures_from_fixture_photos_are_cached_and_rendered(model, tmp_path):
     assert [t.name for t in again] == [t.name for t in textures]
     assert np.allclose(again[0].albedo, textures[0].albedo, atol=1e-3)  # float16 in the cache
 
+    def synth(out, workers: int) -> dict:
+        return api.synth(
+            out,
+            subjects=6,
+            images_per_subject=2,
+            seed=5,
+            workers=workers,
+            textures=str(FACES),
+            overrides={"cache_dir": str(tmp_path / "cache")},
+        )
+
     out = tmp_path / "faces"
-    summary = api.synth(
-        out,
-        subjects=6,
-        images_per_subject=2,
-        seed=5,
-        workers=1,
-        textures=str(FACES),
-        overrides={"cache_dir": str(tmp_path / "cache")},
-    )
+    summary = synth(out, workers=1)
     assert summary["textures"] == str(FACES) and len(summary["texture_photos"]) == len(textures)
     gt = pq.read_table(out / "ground_truth.parquet")
     names = gt.column("texture").to_pylist()
@@ -168,15 +171,7 @@ def test_textures_from_fixture_photos_are_cached_and_rendered(model, tmp_path):
         by_subject.setdefault(s, set()).add(n)
     assert all(len(v) == 1 for v in by_subject.values())
     # the same seed gives the same bytes
-    again = api.synth(
-        tmp_path / "faces2",
-        subjects=6,
-        images_per_subject=2,
-        seed=5,
-        workers=2,
-        textures=str(FACES),
-        overrides={"cache_dir": str(tmp_path / "cache")},
-    )
+    again = synth(tmp_path / "faces2", workers=2)
     assert again["images"] == 12
     assert (out / "s0003" / "001.jpg").read_bytes() == (
         tmp_path / "faces2" / "s0003" / "001.jpg"

@@ -50,6 +50,13 @@ def face_residuals(
     return np.stack([c * d[..., 0] - s * d[..., 1], s * d[..., 0] + c * d[..., 1]], axis=-1)
 
 
+def _bias_at(centres: np.ndarray, bias: np.ndarray, yaw_deg: np.ndarray) -> np.ndarray:
+    """(N, 68, 2) a bias table (B, 68, 2) at each yaw: linear between the bin centres, held beyond."""
+    yaw = np.asarray(yaw_deg, np.float64)
+    b = [np.interp(yaw, centres, bias[:, lm, c]) for lm in range(N_LANDMARKS) for c in (0, 1)]
+    return np.stack(b, axis=1).reshape(len(yaw), N_LANDMARKS, 2)
+
+
 def fit_error_model(
     residuals: np.ndarray,
     yaw_deg: np.ndarray,
@@ -87,10 +94,7 @@ def fit_error_model(
     for b in np.flatnonzero(~populated):  # hold the nearest measured bin
         bias[b] = bias[have[np.argmin(np.abs(have - b))]]
     # what remains after the bias at each image's own yaw
-    expected = np.stack(
-        [np.interp(yaw, centres, bias[:, lm, c]) for lm in range(N_LANDMARKS) for c in (0, 1)], axis=1
-    )
-    left = res - expected.reshape(len(res), N_LANDMARKS, 2)
+    left = res - _bias_at(centres, bias, yaw)
     sq = np.sum(left * left, axis=-1)
     sigma = np.sqrt(np.median(sq, axis=0) / (2.0 * np.log(2.0)))
     return ErrorModel(
@@ -104,17 +108,6 @@ def fit_error_model(
     )
 
 
-def bias_at_yaw(model: ErrorModel, yaw_deg: np.ndarray) -> np.ndarray:
-    """(N, 68, 2) the model's bias at each yaw (linear between bin centres, held beyond them)."""
-    yaw = np.asarray(yaw_deg, np.float64)
-    b = [
-        np.interp(yaw, model.yaw_bins_deg, model.bias_mm[:, lm, c])
-        for lm in range(N_LANDMARKS)
-        for c in (0, 1)
-    ]
-    return np.stack(b, axis=1).reshape(len(yaw), N_LANDMARKS, 2)
-
-
 def subject_common_share(
     residuals: np.ndarray, yaw_deg: np.ndarray, subjects: np.ndarray, model: ErrorModel
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -126,7 +119,7 @@ def subject_common_share(
     rho leaves rho x sigma^2 that no number of images removes. Also returned: the plain per-axis
     RMS (68,) of the error, gross failures (over 5x a landmark's median) left out, to set beside
     the robust ``sigma_mm``. Subjects with one image carry no information about the split."""
-    left = np.asarray(residuals, np.float64) - bias_at_yaw(model, yaw_deg)
+    left = np.asarray(residuals, np.float64) - _bias_at(model.yaw_bins_deg, model.bias_mm, yaw_deg)
     norm = np.linalg.norm(left, axis=-1)
     left = np.where((norm <= 5.0 * np.nanmedian(norm, axis=0))[..., None], left, np.nan)
     subjects = np.asarray(subjects)
