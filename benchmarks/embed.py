@@ -1,10 +1,11 @@
-"""Cost of the face-embedding stage per face (dlib's ResNet), one thread; prints JSON.
+"""Cost of the face-embedding stage per face, one thread, both backends; prints JSON.
 
 Faces: the real-photo fixtures (../shared/fixtures/faces, 150x150 crops) when present, else
 250x250 renders of the default morphable model; landmarks from the dlib predictor on a box around
 each face (as the landmarks stage gives them). Measures the alignment (``get_face_chip``) and the
-network separately, at batch sizes 1 and 16, best of ``--repeat``, and projects the stage's cost
-on CASIA-WebFace (494,414 images).
+network separately for dlib's own (``dlib-resnet``) and the torch one (``dlib-resnet-torch``, the
+default) at batch sizes 1 and 32, best of ``--repeat``, their agreement (cosine per face), and
+projects the stage's cost on CASIA-WebFace (494,414 images).
 
     .venv/bin/python benchmarks/embed.py [--repeat 3] [--faces 40]
 """
@@ -67,30 +68,45 @@ def main() -> None:
     limit_threads(1)
     from pipeline.config.manifest import load_manifest
     from pipeline.embed.dlib_resnet import DlibResnetBackend, resolve_model
+    from pipeline.embed.dlib_resnet_torch import TorchResnetBackend
 
     source, images, landmarks = faces(args.faces)
     path, sha = resolve_model(load_manifest().model("dlib_embedding"))
-    t0 = time.perf_counter()
-    backend = DlibResnetBackend(path, sha)
-    load_s = time.perf_counter() - t0
     n = len(images)
-    chips = [backend.chip(im, lm) for im, lm in zip(images, landmarks, strict=True)]
-    chip_s = best_of(
-        lambda: [backend.chip(im, lm) for im, lm in zip(images, landmarks, strict=True)], args.repeat
-    )
-    net = backend._net
-    batch1_s = best_of(lambda: [net.compute_face_descriptor(c) for c in chips], args.repeat)
-    batch16_s = best_of(
-        lambda: [net.compute_face_descriptor(chips[i : i + 16]) for i in range(0, n, 16)], args.repeat
-    )
-    stage_s = best_of(
-        lambda: [
-            backend.embed(list(zip(images[i : i + 16], landmarks[i : i + 16], strict=True)))
-            for i in range(0, n, 16)
-        ],
-        args.repeat,
-    )
-    per_face_ms = 1000 * stage_s / n
+    out: dict = {}
+    vectors = {}
+    for backend_cls in (DlibResnetBackend, TorchResnetBackend):
+        t0 = time.perf_counter()
+        backend = backend_cls(path, sha, {"device": "cpu"})
+        load_s = time.perf_counter() - t0
+        chips = [backend.chip(im, lm) for im, lm in zip(images, landmarks, strict=True)]
+        chip_s = best_of(
+            lambda b=backend: [b.chip(im, lm) for im, lm in zip(images, landmarks, strict=True)], args.repeat
+        )
+        batch1_s = best_of(lambda b=backend, cs=chips: [b.embed_chips([c]) for c in cs], args.repeat)
+        batch32_s = best_of(
+            lambda b=backend, cs=chips: [b.embed_chips(cs[i : i + 32]) for i in range(0, n, 32)], args.repeat
+        )
+        stage_s = best_of(
+            lambda b=backend: [
+                b.embed(list(zip(images[i : i + 32], landmarks[i : i + 32], strict=True)))
+                for i in range(0, n, 32)
+            ],
+            args.repeat,
+        )
+        vectors[backend.name] = backend.embed_chips(chips)
+        per_face_ms = 1000 * stage_s / n
+        out[backend.name] = {
+            "model_load_s": round(load_s, 3),
+            "align_ms_per_face": round(1000 * chip_s / n, 2),
+            "network_ms_per_face_batch1": round(1000 * batch1_s / n, 2),
+            "network_ms_per_face_batch32": round(1000 * batch32_s / n, 2),
+            "embed_ms_per_face": round(per_face_ms, 2),
+            "faces_per_s_per_core": round(n / stage_s, 2),
+            "casia_webface_core_hours": round(CASIA_IMAGES * per_face_ms / 1000 / 3600, 2),
+        }
+    a, b = vectors["dlib-resnet"], vectors["dlib-resnet-torch"]
+    cos = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
     print(
         json.dumps(
             {
@@ -101,13 +117,12 @@ def main() -> None:
                 "threads": 1,
                 "faces": n,
                 "source": source,
-                "model_load_s": round(load_s, 3),
-                "align_ms_per_face": round(1000 * chip_s / n, 2),
-                "network_ms_per_face_batch1": round(1000 * batch1_s / n, 1),
-                "network_ms_per_face_batch16": round(1000 * batch16_s / n, 1),
-                "embed_ms_per_face": round(per_face_ms, 1),
-                "faces_per_s_per_core": round(n / stage_s, 2),
-                "casia_webface_core_hours": round(CASIA_IMAGES * per_face_ms / 1000 / 3600, 1),
+                "backends": out,
+                "torch_speedup": round(
+                    out["dlib-resnet"]["embed_ms_per_face"] / out["dlib-resnet-torch"]["embed_ms_per_face"], 1
+                ),
+                "cosine_min": round(float(cos.min()), 7),
+                "max_abs_diff": float(np.abs(a - b).max()),
             },
             indent=1,
         )

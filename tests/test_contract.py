@@ -280,6 +280,7 @@ def test_stages_declare_gpu_only_when_their_configuration_uses_one():
         "stages.landmarks.backend": "dlib",
         "execution.array_backend": "numpy",
         "stages.detect.device": "cpu",
+        "stages.embed.device": "cpu",
     }
     m = load_manifest(overrides=cpu)
     assert all(STAGES[s].resources_for(config_view(m, s)) == {} for s in STAGES)
@@ -289,3 +290,6 @@ def test_stages_declare_gpu_only_when_their_configuration_uses_one():
     assert STAGES["detect"].resources_for(config_view(m, "detect")) == {"GPU": 1}  # torch, device auto
     assert STAGES["landmarks"].resources_for(config_view(m, "landmarks")) == {"GPU": 1}
     assert STAGES["fit"].resources_for(config_view(m, "fit")) == {"GPU": 1}
+    assert STAGES["embed"].resources_for(config_view(m, "embed")) == {"GPU": 1}  # torch, device auto
+    m = load_manifest(overrides={**cpu, "stages.embed.device": "auto", "stages.embed.backend": "dlib-resnet"})
+    assert STAGES["embed"].resources_for(config_view(m, "embed")) == {}  # dlib's own network: CPU only

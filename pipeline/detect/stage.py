@@ -38,6 +38,7 @@ import pyarrow as pa
 
 from pipeline.config.schemas import from_rows, load_schema
 from pipeline.core import workercache
+from pipeline.core.devices import torch_device
 from pipeline.core.stage import Asset, ConfigView, Stage, StageContext
 from pipeline.core.threads import configure_tensorflow
 from pipeline.imaging.decode import dataset_root, max_pixels_from, read_image
@@ -102,15 +103,6 @@ def create_tf_detector() -> object:
     return MTCNN(stages="face_and_landmarks_detection", device="CPU:0")
 
 
-def torch_device(setting: str) -> str:
-    """``stages.detect.device``: auto = CUDA when this process sees a GPU, else CPU."""
-    if setting != "auto":
-        return setting
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def get_detector(params: dict | None = None, weights: Asset | None = None) -> object:
     """The per-process detector for these parameters (created on first use, then reused by every
     task): the torch MTCNN on the driver's verified weights, or the ``mtcnn`` package's.
@@ -128,7 +120,7 @@ def get_detector(params: dict | None = None, weights: Asset | None = None) -> ob
     if params["backend"] == "mtcnn-tf":
         return workercache.get_or_create(("mtcnn", version("mtcnn"), "CPU:0"), create_tf_detector)
     assert weights is not None
-    device = torch_device(str(params["device"]))
+    device = torch_device(str(params["device"]), "stages.detect.device")
     runtime = pnet_runtime(str(params.get("pnet_runtime", "torch")), device)
 
     def create() -> object:

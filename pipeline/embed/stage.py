@@ -12,6 +12,7 @@ image and writes null embeddings: the fit then screens nothing.
 
 from __future__ import annotations
 
+import importlib
 import logging
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,13 @@ from pipeline.imaging.decode import dataset_root, max_pixels_from, read_image
 log = logging.getLogger(__name__)
 
 FAILED = "embedding_failed"
-BACKENDS = ("dlib-resnet",)
+# name -> module: ``MODEL_KEY`` (its ``models.`` entry), ``resolve_model`` (entry -> verified path,
+# sha256) and ``Backend`` (an :class:`EmbeddingBackend`, built from path, sha256 and the stage's
+# parameters). Adding a backend is one module and one line here (and its name in the stage schema).
+BACKENDS = {
+    "dlib-resnet-torch": "pipeline.embed.dlib_resnet_torch",
+    "dlib-resnet": "pipeline.embed.dlib_resnet",
+}
 ENABLED_KEY = "morphset.embed.enabled"
 
 
@@ -41,14 +48,10 @@ def enabled_for(params: dict, index: pa.Table) -> bool:
 
 
 def backend_module(name: str) -> Any:
-    """The module of an embedding backend: ``MODEL_KEY`` (its ``models.`` entry), ``resolve_model``
-    (entry -> verified path, sha256) and ``Backend`` (an :class:`EmbeddingBackend`). Adding a
-    backend is one module and one line here (and its name in the stage schema's enum)."""
-    if name == "dlib-resnet":
-        from pipeline.embed import dlib_resnet
-
-        return dlib_resnet
-    raise ValueError(f"stages.embed.backend: expected one of {list(BACKENDS)}, got {name!r}")
+    """The module of the embedding backend called ``name``; an unknown name lists the known ones."""
+    if name not in BACKENDS:
+        raise ValueError(f"stages.embed.backend: expected one of {list(BACKENDS)}, got {name!r}")
+    return importlib.import_module(BACKENDS[name])
 
 
 def _resolve(config: ConfigView) -> tuple[str, Path, str]:
@@ -62,9 +65,10 @@ def get_backend(params: dict, weights: Asset) -> EmbeddingBackend:
     """The per-process backend for the driver's verified weights (sha256 re-checked once here)."""
 
     def load() -> EmbeddingBackend:
-        return backend_module(params["backend"]).Backend(Path(weights.recheck()), weights.sha256)
+        return backend_module(params["backend"]).Backend(Path(weights.recheck()), weights.sha256, params)
 
-    return workercache.get_or_create(("embed", params["backend"], weights.path, weights.sha256), load)
+    key = ("embed", params["backend"], params.get("device"), weights.path, weights.sha256)
+    return workercache.get_or_create(key, load)
 
 
 class EmbedStage(Stage):
@@ -73,6 +77,11 @@ class EmbedStage(Stage):
     schema = "embeddings"
     depends_on = ("stages.decode", "models.dlib_embedding")
     doc = "face-recognition embedding of the primary face (identity screening, overlap)"
+
+    def resources_for(self, config: ConfigView) -> dict[str, float]:
+        p = config.stage_params("embed")
+        gpu = p["enabled"] is not False and p["backend"] == "dlib-resnet-torch" and p["device"] != "cpu"
+        return {"GPU": 1} if gpu else {}
 
     def resolve_assets(self, config: ConfigView) -> dict[str, Asset]:
         if config.stage_params("embed")["enabled"] is False:
