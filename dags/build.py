@@ -1,10 +1,11 @@
-"""The Dask executor: submits each shard's chain of stage tasks and reports what finished.
+"""The Dask executor: submits each shard's chain of tasks and reports what finished.
 
-Shard ``i`` of ``landmarks`` depends on shard ``i`` of ``detect`` only, so shards flow through
-detect → landmarks → fit independently. Planning, failure markers, progress and the report are
-``pipeline.core.runner``'s; this module only submits and collects. Dask retries a task
-``execution.retries`` times; a task that still fails comes back as an error outcome, and its
-shard's later tasks as blocked.
+A shard's tasks depend on its earlier tasks only, so shards flow through the stages
+independently; one task runs a group of stages (``pipeline.core.runner.fuse``: detect, landmarks
+and embed share one task and one decode per image). Planning, failure markers, progress and the
+report are ``pipeline.core.runner``'s; this module only submits and collects. A task tries a
+failing stage again ``execution.retries`` times itself (``ShardTask``); a task that still fails
+reports the error for that stage and blocks the rest of its shard.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import uuid
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
-from pipeline.core.runner import Outcome, ShardTask
+from pipeline.core.runner import Outcome, ShardTask, outcomes
 
 if TYPE_CHECKING:
     from distributed import Client
@@ -37,47 +38,64 @@ class DaskExecutor:
         info = self.client.scheduler_info()
         return {r for w in info.get("workers", {}).values() for r in (w.get("resources") or {})}
 
-    def execute(self, task: ShardTask, plan: dict[int, list[str]]) -> Iterator[Outcome]:
+    def _wanted(self, group: tuple[str, ...], declared: set[str]) -> dict[str, float]:
+        """A group's resources: each stage's that some worker declares, the largest amount."""
+        out: dict[str, float] = {}
+        for s in group:
+            for k, v in self.resources.get(s, {}).items():
+                if k in declared:
+                    out[k] = max(out.get(k, 0), v)
+        return out
+
+    def execute(self, task: ShardTask, chains: dict[int, list[tuple[str, ...]]]) -> Iterator[Outcome]:
         from distributed import as_completed
 
         declared = self._declared() if self.resources else set()
         token = uuid.uuid4().hex[:8]
-        meta: dict[str, tuple[str, int]] = {}
+        meta: dict[str, tuple[tuple[str, ...], int]] = {}
         prev_of: dict[str, object] = {}
         futures = []
-        for i, todo in plan.items():
+        for i, groups in chains.items():
             prev = None
-            for s in todo:
-                kwargs: dict = {"retries": self.retries, "key": f"{s}-{i:05d}-{token}", "pure": False}
-                wanted = {k: v for k, v in self.resources.get(s, {}).items() if k in declared}
+            for g in groups:
+                kwargs: dict = {
+                    "retries": self.retries,
+                    "key": f"{'+'.join(g)}-{i:05d}-{token}",
+                    "pure": False,
+                }
+                wanted = self._wanted(g, declared)
                 if wanted:
                     kwargs["resources"] = wanted
-                args = (s, i) + ((prev,) if prev is not None else ())
+                args = (g, i) + ((prev,) if prev is not None else ())
                 fut = self.client.submit(task, *args, **kwargs)
-                meta[fut.key] = (s, i)
+                meta[fut.key] = (g, i)
                 prev_of[fut.key] = prev
                 futures.append(fut)
                 prev = fut
         submitted = time.perf_counter()
         try:
             for fut in as_completed(futures):
-                s, i = meta[fut.key]
+                g, i = meta[fut.key]
                 up = prev_of.get(fut.key)
                 upstream_failed = up is not None and up.status in ("error", "cancelled")
                 if fut.status in ("error", "cancelled") and upstream_failed:
                     # a downstream task fails with its upstream's exception: blocked, not failed
-                    yield Outcome(s, i, blocked=True)
-                elif fut.status == "error":
+                    yield from (Outcome(s, i, blocked=True) for s in g)
+                    continue
+                if fut.status == "error":
                     exc = fut.exception()
                     tb = "".join(traceback.format_exception(type(exc), exc, fut.traceback()))
-                    yield Outcome(s, i, error=exc, traceback=tb, started=submitted)
                 elif fut.status == "cancelled":
                     # Not cancelled by us (that only happens on Ctrl-C, below): the scheduler gave up
                     # on it, e.g. lost inputs. The shard is not done; say so and exit non-zero.
-                    exc = RuntimeError("task cancelled by the Dask scheduler (lost worker or data)")
-                    yield Outcome(s, i, error=exc, started=submitted)
+                    exc, tb = RuntimeError("task cancelled by the Dask scheduler (lost worker or data)"), ""
                 else:
-                    yield Outcome(s, i, result=fut.result(), started=submitted, ended=time.perf_counter())
+                    yield from outcomes(fut.result(), i, submitted, time.perf_counter())
+                    continue
+                # the task itself failed (its stages report their own errors): its first stage
+                # carries the error, the rest of the group is blocked
+                yield Outcome(g[0], i, error=exc, traceback=tb, started=submitted)
+                yield from (Outcome(s, i, blocked=True) for s in g[1:])
         except (KeyboardInterrupt, GeneratorExit):
             self.client.cancel(futures)
             raise

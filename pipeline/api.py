@@ -51,6 +51,7 @@ class StageReport:
     images_per_second_per_worker: float | None
     errors: list[str]
     cpu_ms_per_image: float | None = None  # user + system CPU of the workers per computed image
+    decodes: int | None = None  # images this stage decoded itself (None: it reads no pixels)
 
     @classmethod
     def from_dict(cls, d: dict) -> StageReport:
@@ -66,6 +67,7 @@ class StageReport:
             d["images_per_second_per_worker"],
             list(d["errors"]),
             d.get("cpu_ms_per_image"),
+            d.get("decodes"),
         )
 
 
@@ -81,6 +83,8 @@ class BuildReport:
     ingest: dict[str, Any] = field(default_factory=dict)
     status: dict[str, Any] = field(default_factory=dict)
     raw: dict[str, Any] = field(default_factory=dict, repr=False)  # the report.json document
+    # decodes per computed image over the stages that read pixels (1.0 = one decode per image)
+    decodes_per_image: float | None = None
 
     @property
     def ok(self) -> bool:
@@ -100,6 +104,7 @@ class BuildReport:
             d.get("ingest", {}),
             d.get("status", {}),
             d,
+            d.get("decodes_per_image"),
         )
 
 

@@ -247,12 +247,13 @@ def test_four_processes_writing_an_empty_model_cache_never_collide(tmp_path):
 
 
 # --- resources as Dask annotations --------------------------------------------------------------
-def _restrictions(stage: str, shard: int, *upstream: object) -> dict:
+def _restrictions(stages: tuple[str, ...], shard: int, *upstream: object) -> list[dict]:
     from distributed import get_worker
 
     w = get_worker()
     ts = w.state.tasks[w.get_current_task()]
-    return {"stage": stage, "shard": shard, "resources": dict(ts.resource_restrictions or {})}
+    got = dict(ts.resource_restrictions or {})
+    return [{"stage": s, "result": {"stage": s, "shard": shard, "resources": got}} for s in stages]
 
 
 @pytest.mark.parametrize("declared", [{"GPU": 1}, None], ids=["gpu-worker", "cpu-only-cluster"])
@@ -268,7 +269,7 @@ def test_declared_resources_become_annotations_only_where_workers_have_them(decl
         Client(cluster) as client,
     ):
         ex = DaskExecutor(client, retries=0, resources={"fit": {"GPU": 1}, "landmarks": {}})
-        outs = list(ex.execute(_restrictions, {0: ["landmarks", "fit"], 1: ["fit"]}))
+        outs = list(ex.execute(_restrictions, {0: [("landmarks",), ("fit",)], 1: [("fit",)]}))
     assert all(o.error is None and not o.blocked for o in outs)
     got = {(o.result["stage"], o.result["shard"]): o.result["resources"] for o in outs}
     want_fit = {"GPU": 1} if declared else {}

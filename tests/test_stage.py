@@ -30,4 +30,6 @@ def test_another_morphable_model_invalidates_the_fit():
 
 
 def test_execution_settings_do_not_invalidate_anything():
-    assert _hashes() == _hashes(**{"execution.n_workers": 7, "execution.retries": 5})
+    assert _hashes() == _hashes(
+        **{"execution.n_workers": 7, "execution.retries": 5, "execution.decoded_images_mib": 0}
+    )

@@ -1,13 +1,15 @@
 """Running stages over shards, independent of any executor.
 
 - :func:`process_shard`: one stage on one shard (read inputs, skip if done, run, commit).
-- :class:`ShardTask`: the picklable callable every executor runs (a Dask worker, this process).
+- :class:`ShardTask`: the picklable callable every executor runs (a Dask worker, this process):
+  one task per group of a shard's stages (:func:`fuse`: consecutive pixel stages share a task
+  and its decoded images), one result entry per stage.
 - :func:`resolve_assets`: model files located and verified once on the driver.
 - :func:`run_stages`: plans pending shards per segment, hands chains of (shard, stages) to an
   :class:`Executor`, records what comes back (stats, failure markers, progress) and reports.
 
-An executor only runs chains: for each shard, its pending stages in order, each after the one
-before it; it yields one :class:`Outcome` per task. :class:`SyncExecutor` (in this process) is
+An executor only runs chains: for each shard, its groups of pending stages in order, each after
+the one before it; it yields one :class:`Outcome` per stage. :class:`SyncExecutor` (in this process) is
 here; the Dask executor is in ``dags/``.
 """
 
@@ -17,6 +19,7 @@ import errno
 import json
 import logging
 import os
+import pickle
 import sys
 import time
 import traceback as tb_mod
@@ -30,6 +33,7 @@ from tqdm.auto import tqdm
 from pipeline.config.manifest import Manifest
 from pipeline.core.registry import STAGES, config_view, get_stage, schema_for
 from pipeline.core.stage import DROPPED_ROWS_KEY, Asset, StageContext, stage_parameters
+from pipeline.imaging.decode import DecodedImages
 from pipeline.storage.run import Run
 from pipeline.storage.store import CorruptShard, failure_counts
 
@@ -62,10 +66,12 @@ def process_shard(
     shard: int,
     assets: dict[str, Asset] | None = None,
     force: bool = False,
+    images: DecodedImages | None = None,
 ) -> dict:
     """Run one stage on one shard if it is not already done; return its sidecar.
 
-    ``assets``: what :func:`resolve_assets` gave for this stage (resolved here when omitted)."""
+    ``assets``: what :func:`resolve_assets` gave for this stage (resolved here when omitted);
+    ``images``: decoded images shared with the shard's other pixel stages in this task."""
     spec = get_stage(stage)
     out = run.store(stage)
     fp = run.shard_fingerprint(manifest, stage, shard)
@@ -92,8 +98,11 @@ def process_shard(
     if assets is None:
         assets = spec.resolve_assets(config_view(manifest, stage))
     ctx = stage_context(manifest, stage, run, shard, assets)
+    if images is not None:
+        ctx.images = images
+    decodes_before = ctx.images.decodes
     table = spec.run(inputs, ctx)
-    images = inputs[spec.inputs[0]].num_rows
+    n_images = inputs[spec.inputs[0]].num_rows
     params_hash = spec.params_hash(manifest)
     table_md = dict(table.schema.metadata or {})
     # Input rows a stage could not use and has no failure_reason column for (export): kept in the
@@ -107,7 +116,9 @@ def process_shard(
             if k.startswith(b"morphset.") and not k.startswith(b"morphset.schema")
         }
     )
-    extra_sidecar: dict = {"images": images, "cpu_seconds": round(time.process_time() - cpu0, 4)}
+    extra_sidecar: dict = {"images": n_images, "cpu_seconds": round(time.process_time() - cpu0, 4)}
+    if spec.reads_pixels:
+        extra_sidecar["decodes"] = ctx.images.decodes - decodes_before
     if dropped:
         failures = Counter(failure_counts(table))
         failures.update(dropped.values())
@@ -124,25 +135,86 @@ def process_shard(
     )
 
 
+def fuse(todo: list[str]) -> list[tuple[str, ...]]:
+    """A shard's pending stages as the tasks that run them: consecutive stages that read pixels
+    (detect → landmarks → embed) form one task, which decodes each image once for all of them."""
+    groups: list[tuple[str, ...]] = []
+    for s in todo:
+        if groups and STAGES[s].reads_pixels and STAGES[groups[-1][-1]].reads_pixels:
+            groups[-1] = (*groups[-1], s)
+        else:
+            groups.append((s,))
+    return groups
+
+
+# Faults a second try cannot mend: retried, they only repeat their error (or hide it behind a
+# later one, as a corrupt input does once it is invalidated).
+def _deterministic(exc: BaseException) -> bool:
+    return storage_fault(exc) is not None or isinstance(exc, CorruptShard)
+
+
+def _portable(exc: BaseException) -> BaseException:
+    """The exception itself if it survives pickling (it travels back from a worker), else its text."""
+    try:
+        pickle.loads(pickle.dumps(exc))
+        return exc
+    except Exception:  # an exception class that cannot be rebuilt from its arguments
+        return RuntimeError(f"{type(exc).__name__}: {exc}")
+
+
+def _stopped(entries: object) -> bool:
+    """Whether an upstream task's entries hold a failed or blocked stage."""
+    return isinstance(entries, list) and any("result" not in e for e in entries if isinstance(e, dict))
+
+
 @dataclass(frozen=True)
 class ShardTask:
-    """What a worker runs: ``task(stage, shard, *upstream)``. ``upstream`` holds the results of the
-    same shard's earlier tasks; they are passed only so that an executor can order the tasks. The
+    """What a worker runs: ``task(stages, shard, *upstream)`` for a group of one shard's stages
+    (:func:`fuse`), returning one entry per stage: ``{"stage", "result"}`` (its sidecar),
+    ``{"stage", "error", "traceback"}`` or ``{"stage", "blocked": True}``. A stage's exception is
+    tried again up to ``retries`` times in the task unless it is deterministic (a storage fault,
+    a corrupt input); after a failure the group's later stages are blocked, and so is every task
+    whose ``upstream`` (the results of the same shard's earlier tasks) holds a failure. The
     manifest travels inside (a few kB): scattered data would die with the worker holding it."""
 
     manifest: Manifest
     run_url: str
     storage_options: dict | None
     assets: dict[str, dict[str, Asset]]
+    retries: int = 0
 
-    def __call__(self, stage: str, shard: int, *upstream: object) -> dict:
+    def __call__(self, stages: tuple[str, ...], shard: int, *upstream: object) -> list[dict]:
+        if any(_stopped(u) for u in upstream):
+            return [{"stage": s, "blocked": True} for s in stages]
         run = Run(self.run_url, self.storage_options)
-        return process_shard(run, self.manifest, stage, shard, self.assets.get(stage, {}))
+        budget = float(self.manifest.get("execution.decoded_images_mib", 512) or 0)
+        images = DecodedImages(int(budget * 2**20)) if len(stages) > 1 else None
+        entries: list[dict] = []
+        for k, s in enumerate(stages):
+            try:
+                entries.append({"stage": s, "result": self._attempts(run, s, shard, images)})
+            except Exception as exc:  # recorded by the runner; the group's later stages are blocked
+                entries.append({"stage": s, "error": _portable(exc), "traceback": tb_mod.format_exc()})
+                entries.extend({"stage": d, "blocked": True} for d in stages[k + 1 :])
+                break
+        return entries
+
+    def _attempts(self, run: Run, stage: str, shard: int, images: DecodedImages | None) -> dict:
+        for attempt in range(self.retries + 1):
+            try:
+                return process_shard(
+                    run, self.manifest, stage, shard, self.assets.get(stage, {}), images=images
+                )
+            except Exception as exc:
+                if attempt == self.retries or _deterministic(exc):
+                    raise
+                log.warning("%s/%05d: %s: %s; trying again", stage, shard, type(exc).__name__, exc)
+        raise AssertionError("unreachable")
 
 
 @dataclass
 class Outcome:
-    """One finished task: a result, an error, or blocked (an upstream task of its shard failed)."""
+    """One finished stage: a result, an error, or blocked (an upstream stage of its shard failed)."""
 
     stage: str
     shard: int
@@ -154,27 +226,44 @@ class Outcome:
     ended: float | None = None
 
 
+def outcomes(entries: list[dict], shard: int, started: float, ended: float) -> Iterator[Outcome]:
+    """A task's entries (:class:`ShardTask`) as one outcome per stage."""
+    for e in entries:
+        if "result" in e:
+            yield Outcome(e["stage"], shard, result=e["result"], started=started, ended=ended)
+        elif "error" in e:
+            yield Outcome(
+                e["stage"], shard, error=e["error"], traceback=e.get("traceback", ""), started=started
+            )
+        else:
+            yield Outcome(e["stage"], shard, blocked=True)
+
+
 class Executor(Protocol):
-    def execute(self, task: ShardTask, plan: dict[int, list[str]]) -> Iterator[Outcome]:
-        """Run every chain of ``plan`` (shard -> stages in order) and yield one outcome per task."""
+    retries: int  # how often a task tries a failing stage again (in the task; see ShardTask)
+
+    def execute(self, task: ShardTask, chains: dict[int, list[tuple[str, ...]]]) -> Iterator[Outcome]:
+        """Run every chain (shard -> its groups of stages in order, :func:`fuse`), one task per
+        group after the one before it, and yield one outcome per stage."""
         ...
 
 
 class SyncExecutor:
     """Every task in this process, one after another (``--scheduler sync``, tests, debugging)."""
 
-    def execute(self, task: ShardTask, plan: dict[int, list[str]]) -> Iterator[Outcome]:
-        for i, todo in plan.items():
-            for k, s in enumerate(todo):
+    retries = 0  # a stage that fails here fails at once (the Dask executor's tasks try again)
+
+    def execute(self, task: ShardTask, chains: dict[int, list[tuple[str, ...]]]) -> Iterator[Outcome]:
+        for i, groups in chains.items():
+            stopped = False
+            for g in groups:
+                if stopped:
+                    yield from (Outcome(s, i, blocked=True) for s in g)
+                    continue
                 t0 = time.perf_counter()
-                try:
-                    res = task(s, i)
-                except Exception as exc:  # recorded by the runner; the shard's later stages are blocked
-                    yield Outcome(s, i, error=exc, traceback=tb_mod.format_exc(), started=t0)
-                    for d in todo[k + 1 :]:
-                        yield Outcome(d, i, blocked=True)
-                    break
-                yield Outcome(s, i, result=res, started=t0, ended=time.perf_counter())
+                entries = task(g, i)
+                yield from outcomes(entries, i, t0, time.perf_counter())
+                stopped = _stopped(entries)
 
 
 @dataclass
@@ -188,6 +277,7 @@ class StageStats:
     task_seconds: float = 0.0
     cpu_seconds: float = 0.0  # user + system CPU of the worker processes while they ran the tasks
     computed_images: int = 0  # images of the shards computed (not skipped) in this build
+    decodes: int | None = None  # images this stage decoded itself (None: a stage that reads no pixels)
     first_start: float | None = None
     last_end: float | None = None
     errors: list[str] = field(default_factory=list)
@@ -207,6 +297,7 @@ class StageStats:
             if self.computed_images
             else None,
             "wall_seconds": round(wall, 3),
+            **({"decodes": self.decodes} if self.decodes is not None else {}),
             "images_per_second_per_worker": round(self.images / self.task_seconds, 2)
             if self.task_seconds
             else None,
@@ -277,7 +368,7 @@ def run_stages(
             run.store(s).clear()
     if assets is None:
         assets = resolve_assets(manifest, stages)
-    task = ShardTask(manifest, run.url, run.storage_options, assets)
+    task = ShardTask(manifest, run.url, run.storage_options, assets, int(getattr(executor, "retries", 0)))
     stats = {s: StageStats() for s in stages}
     failed: set[tuple[str, int]] = set()
     t_build = time.perf_counter()
@@ -297,8 +388,17 @@ def run_stages(
         "stages": {s: st.as_dict() for s, st in stats.items()},
         "wall_seconds": round(wall, 3),
         "images_per_second": round(images / wall, 2) if wall and images else None,
+        "decodes_per_image": decodes_per_image(stats),
         "failed_shards": sorted(f"{s}/{i:05d}" for s, i in failed),
     }
+
+
+def decodes_per_image(stats: dict[str, StageStats]) -> float | None:
+    """Decodes this build did per image it computed, over the stages that read pixels (1.0 when
+    detect, landmarks, embed and export share one decode per image; None if none of them ran)."""
+    pixel = [st for st in stats.values() if st.decodes is not None]
+    images = max((st.computed_images for st in pixel), default=0)
+    return round(sum(st.decodes or 0 for st in pixel) / images, 3) if images else None
 
 
 def _run_plan(
@@ -323,9 +423,9 @@ def _run_plan(
         )
         for s in segment
     }
-    outcomes = executor.execute(task, plan)
+    stream = executor.execute(task, {i: fuse(todo) for i, todo in plan.items()})
     try:
-        for out in outcomes:
+        for out in stream:
             st = stats[out.stage]
             if out.started is not None:
                 st.first_start = min(st.first_start or out.started, out.started)
@@ -341,7 +441,7 @@ def _run_plan(
                 st.last_end = out.ended or time.perf_counter()
                 _record(st, out.result or {}, bars[out.stage])
     finally:
-        outcomes.close()  # an executor cancels what is still running (Ctrl-C, a storage fault)
+        stream.close()  # an executor cancels what is still running (Ctrl-C, a storage fault)
         for b in bars.values():
             b.close()
 
@@ -355,5 +455,7 @@ def _record(stats: StageStats, result: dict, bar: Any) -> None:
         stats.task_seconds += float(result.get("seconds", 0.0))
         stats.cpu_seconds += float(result.get("cpu_seconds", 0.0))
         stats.computed_images += int(result.get("images", result.get("rows", 0)))
+        if "decodes" in result:
+            stats.decodes = (stats.decodes or 0) + int(result["decodes"])
     bar.update(1)
     bar.set_postfix(images=stats.images, refresh=False)

@@ -13,6 +13,9 @@ A stage is a small class (one per stage package, registered in :mod:`pipeline.co
   every task as :class:`Asset` (path + sha256);
 - ``prepare(run, config)``: an optional driver step over all shards before the stage runs (export's
   subject-label map), whose result file is part of every shard's fingerprint (``global_input``);
+- ``reads_pixels``: the stage decodes the shard's images. Consecutive such stages of one shard
+  run as one task sharing ``ctx.images`` (:class:`pipeline.imaging.decode.DecodedImages`), so
+  each image is decoded once for all of them; each still commits its own shard;
 - ``run(inputs, ctx) -> pa.Table``: pure work on one shard's input tables.
 
 A stage never sees the manifest itself: ``ctx.config`` is a :class:`ConfigView` that answers only
@@ -33,6 +36,7 @@ import pyarrow as pa
 
 from pipeline.config.manifest import Manifest, manifest_json_schema
 from pipeline.config.schemas import StageSchema, load_schema
+from pipeline.imaging.decode import DecodedImages
 from pipeline.storage.store import fingerprint
 
 # Table metadata under which a stage lists input rows it could not use and has no failure_reason
@@ -157,6 +161,8 @@ class StageContext:
     config: ConfigView
     run: Any  # pipeline.storage.run.Run
     assets: dict[str, Asset] = field(default_factory=dict)
+    # decoded images shared with the shard's other pixel stages of the same task (one decode each)
+    images: DecodedImages = field(default_factory=DecodedImages)
 
     @property
     def run_root(self) -> str:
@@ -177,6 +183,7 @@ class Stage:
     runtime: ClassVar[tuple[str, ...]] = ()
     resources: ClassVar[dict[str, float]] = {}
     global_input: ClassVar[str | None] = None
+    reads_pixels: ClassVar[bool] = False
     doc: ClassVar[str] = ""
 
     def output_schema(self) -> StageSchema:

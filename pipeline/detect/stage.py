@@ -41,7 +41,7 @@ from pipeline.core import workercache
 from pipeline.core.devices import torch_device
 from pipeline.core.stage import Asset, ConfigView, Stage, StageContext
 from pipeline.core.threads import configure_tensorflow
-from pipeline.imaging.decode import dataset_root, max_pixels_from, read_image
+from pipeline.imaging.decode import dataset_root, max_pixels_from
 
 log = logging.getLogger(__name__)
 
@@ -422,6 +422,7 @@ class DetectStage(Stage):
     name = "detect"
     inputs = ("index",)
     schema = "detections"
+    reads_pixels = True
     depends_on = ("stages.decode", "models.mtcnn")
     runtime = ("cache_dir",)  # where the converted weights are kept
     doc = "MTCNN face detection"
@@ -485,7 +486,7 @@ def run_shard(inputs: dict[str, pa.Table], ctx: StageContext) -> pa.Table:
         if rec.get("failure_reason"):
             rows.append({**base, "failure_reason": rec["failure_reason"]})
             continue
-        res = read_image(rec["uri"], max_pixels, storage_options, root)
+        res = ctx.images.read(rec["uri"], max_pixels, storage_options, root)
         if not res.ok:
             log.debug("%s: %s (%s)", rec["uri"], res.reason, res.detail)
             rows.append({**base, "failure_reason": res.reason})

@@ -24,7 +24,7 @@ from pipeline.config.schemas import conform, from_rows, load_schema
 from pipeline.core import workercache
 from pipeline.core.stage import Asset, ConfigView, Stage, StageContext
 from pipeline.embed.base import EmbeddingBackend, EmbeddingResult
-from pipeline.imaging.decode import dataset_root, max_pixels_from, read_image
+from pipeline.imaging.decode import dataset_root, max_pixels_from
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +75,7 @@ class EmbedStage(Stage):
     name = "embed"
     inputs = ("index", "landmarks")
     schema = "embeddings"
+    reads_pixels = True
     depends_on = ("stages.decode", "models.dlib_embedding")
     doc = "face-recognition embedding of the primary face (identity screening, overlap)"
 
@@ -154,7 +155,7 @@ def run_shard(inputs: dict[str, pa.Table], ctx: StageContext) -> pa.Table:
         if reason:
             row["failure_reason"] = reason
             continue
-        res = read_image(rec["uri"], max_pixels, ctx.storage_options, root)
+        res = ctx.images.read(rec["uri"], max_pixels, ctx.storage_options, root)
         if not res.ok:
             row["failure_reason"] = res.reason
             continue

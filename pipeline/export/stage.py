@@ -20,7 +20,7 @@ import pyarrow.compute as pc
 from pipeline.config.schemas import from_rows, load_schema
 from pipeline.core.stage import DROPPED_ROWS_KEY, ConfigView, Stage, StageContext
 from pipeline.imaging.align import transform_points, warp_crop
-from pipeline.imaging.decode import TRANSIENT_REASONS, dataset_root, max_pixels_from, read_image
+from pipeline.imaging.decode import TRANSIENT_REASONS, dataset_root, max_pixels_from
 from pipeline.storage.run import Run
 
 LABELS_FILE = "_labels.json"
@@ -92,6 +92,7 @@ class ExportStage(Stage):
     name = "export"
     inputs = ("index", "detect", "landmarks", "fit")
     schema = "trainset"
+    reads_pixels = True
     depends_on = ("stages.decode",)
     global_input = LABELS_FILE
     doc = "aligned crops + fit targets, the hand-off to trainers"
@@ -180,7 +181,7 @@ def run_shard(inputs: dict[str, pa.Table], ctx: StageContext) -> pa.Table:
         if lrow is None or drow is None or lrow["align_matrix"] is None or lrow["landmarks"] is None:
             dropped[image_id] = "inputs_inconsistent"
             continue
-        decoded = read_image(uri_by_id[image_id], max_pixels, ctx.storage_options, root)
+        decoded = ctx.images.read(uri_by_id[image_id], max_pixels, ctx.storage_options, root)
         if not decoded.ok:
             if decoded.reason in TRANSIENT_REASONS:
                 # perhaps a passing storage error: fail the shard (retried; not committed without it)

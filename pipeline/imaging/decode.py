@@ -215,3 +215,44 @@ def max_pixels_from(config: ConfigView | Manifest) -> int:
 if TYPE_CHECKING:  # annotations only: decoding needs neither module at run time
     from pipeline.config.manifest import Manifest
     from pipeline.core.stage import ConfigView
+
+
+class DecodedImages:
+    """The decoded images of one shard, handed from one pixel stage to the next in memory.
+
+    The runner gives one store to consecutive stages that read pixels (detect → landmarks →
+    embed) of one shard inside one task, so each image is decoded once: :meth:`read` decodes on
+    the first request and returns the kept pixels afterwards. Memory is bounded by
+    ``budget_bytes``: past it, images are decoded but not kept (a stage that asks again decodes
+    again), and the first images stay — every stage walks a shard in the same order, so keeping
+    a fixed prefix serves each later stage, where evicting the oldest would serve none.
+    Failures are not kept: a later stage reads a missing or unreadable file again.
+    ``decodes`` counts the decodes done, for the sidecar and ``report.json``."""
+
+    def __init__(self, budget_bytes: int = 0) -> None:
+        self.budget_bytes = int(budget_bytes)
+        self.kept_bytes = 0
+        self.decodes = 0
+        self._kept: dict[tuple[str, int, str | None], DecodeResult] = {}
+
+    def read(
+        self,
+        uri: str,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+        storage_options: dict | None = None,
+        root: str | None = None,
+    ) -> DecodeResult:
+        """:func:`read_image`, once per image while the budget lasts. The containment check
+        (``root``) is repeated on every request: it is cheap and a link may change."""
+        if root is not None and not inside_root(uri, root):
+            return _fail("symlink_escapes_root", f"{uri} resolves outside {root}")
+        key = (uri, max_pixels, root)
+        kept = self._kept.get(key)
+        if kept is not None:
+            return kept
+        self.decodes += 1
+        res = read_image(uri, max_pixels, storage_options, root)
+        if res.ok and self.kept_bytes + res.image.nbytes <= self.budget_bytes:
+            self._kept[key] = res
+            self.kept_bytes += res.image.nbytes
+        return res

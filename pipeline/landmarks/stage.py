@@ -24,7 +24,7 @@ from pipeline.config.schemas import from_rows, load_schema
 from pipeline.core import workercache
 from pipeline.core.stage import Asset, ConfigView, Stage, StageContext
 from pipeline.imaging.align import AlignError, align_matrix_from_points
-from pipeline.imaging.decode import dataset_root, max_pixels_from, read_image
+from pipeline.imaging.decode import dataset_root, max_pixels_from
 from pipeline.landmarks.base import LandmarkBackend, LandmarkResult
 
 log = logging.getLogger(__name__)
@@ -79,6 +79,7 @@ class LandmarksStage(Stage):
     name = "landmarks"
     inputs = ("index", "detect")
     schema = "landmarks"
+    reads_pixels = True
     depends_on = ("stages.decode", "models.fan", "models.dlib_landmarks")
     doc = "68 iBUG landmarks (FAN or dlib) on the primary MTCNN face"
 
@@ -205,7 +206,7 @@ def run_shard(inputs: dict[str, pa.Table], ctx: StageContext) -> pa.Table:
             log.debug("%s: %s", rec["image_id"], exc)
             row["failure_reason"] = "align_failed"
             continue
-        res = read_image(rec["uri"], max_pixels, storage_options, root)
+        res = ctx.images.read(rec["uri"], max_pixels, storage_options, root)
         if not res.ok:
             row["failure_reason"] = res.reason
             continue
