@@ -22,6 +22,7 @@ COMMANDS = [
     "detect",
     "landmarks",
     "embed",
+    "crop",
     "fit",
     "export",
     "build",

@@ -1,6 +1,6 @@
 """One decode per image: the pixel stages of a shard share one task and its decoded images.
 
-detect → landmarks → embed run as one task per shard (pipeline.core.runner.fuse), handing the
+detect → landmarks → embed → crop run as one task per shard (pipeline.core.runner.fuse), handing the
 decoded pixels on in memory; each stage still commits its own shard. The output must be the
 same bytes as when every stage decodes for itself, a failure inside the task must block only
 what follows it, and report.json must say how many decodes the build did.
@@ -46,15 +46,15 @@ def _stage_bytes(run: Path, stage: str) -> dict[str, bytes]:
 
 
 def test_each_image_is_decoded_once_and_the_output_is_that_of_a_decode_per_stage(faces, tmp_path):
-    shared = _build(tmp_path / "shared", faces, until="embed")
+    shared = _build(tmp_path / "shared", faces)
     n = SUBJECTS * IMAGES
-    got = {s: shared.stages[s].decodes for s in ("detect", "landmarks", "embed")}
-    assert got == {"detect": n, "landmarks": 0, "embed": 0}
+    got = {s: shared.stages[s].decodes for s in ("detect", "landmarks", "embed", "crop", "fit", "export")}
+    assert got == {"detect": n, "landmarks": 0, "embed": 0, "crop": 0, "fit": None, "export": None}
     assert shared.decodes_per_image == 1.0 and shared.to_dict()["decodes_per_image"] == 1.0
-    alone = _build(tmp_path / "alone", faces, {"execution.decoded_images_mib": 0}, until="embed")
-    assert alone.stages["landmarks"].decodes > 0 and alone.stages["embed"].decodes > 0
-    assert alone.decodes_per_image > 2
-    for stage in ("detect", "landmarks", "embed"):
+    alone = _build(tmp_path / "alone", faces, {"execution.decoded_images_mib": 0})
+    assert all(alone.stages[s].decodes > 0 for s in ("landmarks", "embed", "crop"))
+    assert alone.decodes_per_image > 3
+    for stage in ("detect", "landmarks", "embed", "crop", "fit", "export"):
         a, b = _stage_bytes(tmp_path / "shared", stage), _stage_bytes(tmp_path / "alone", stage)
         assert a and a == b, stage
 
@@ -82,7 +82,7 @@ def test_a_failing_stage_in_the_shared_task_blocks_only_what_follows(faces, tmp_
     report = _build(run, faces)  # mended: resumes after detect, which is not redone
     assert report.ok and report.stages["detect"].computed == 0
     assert report.stages["landmarks"].decodes == SUBJECTS * IMAGES  # detect's pixels are gone
-    assert report.stages["embed"].decodes == 0
+    assert report.stages["embed"].decodes == report.stages["crop"].decodes == 0
 
 
 def test_the_store_keeps_a_prefix_within_its_budget(tmp_path):

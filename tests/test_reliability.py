@@ -151,22 +151,24 @@ def test_verify_finds_a_corrupt_shard_and_the_next_build_repairs_it(reference, t
 
 
 # 3 -------------------------------------------------------------------------------------------
-def test_export_fails_the_shard_rather_than_dropping_an_unreadable_image(data, tmp_path, capsys):
+def test_crop_fails_the_shard_rather_than_dropping_an_unreadable_image(data, tmp_path, capsys):
+    """The crop stage is the last to read the dataset: a file gone after the landmarks read it fails
+    the shard (tried again next time), and the export, which copies the crops, never reads it."""
     root = tmp_path / "root"
     shutil.copytree(data, root)
     run = tmp_path / "run"
     assert main(["build", str(run), "--dataset", "synthetic", "--root", str(root), "--landmarks", "dlib",
-                 "--shard-size", "3", "--until", "fit", *SYNC]) == 0  # fmt: skip
+                 "--shard-size", "3", "--until", "embed", *SYNC]) == 0  # fmt: skip
     victim = sorted(root.glob("*/*.jpg"))[0]
     kept = victim.read_bytes()
     victim.unlink()  # gone after the earlier stages read it (a flaky mount, say)
-    rc = main(["export", str(run), *SYNC])
+    rc = main(["crop", str(run), *SYNC])
     err = capsys.readouterr().err
     assert rc == 1 and str(victim) in err
-    assert (
-        len(glob.glob(str(run / "_meta" / "export" / "part-?????.json"))) == 2
-    )  # that shard is not committed
+    assert len(glob.glob(str(run / "_meta" / "crop" / "part-?????.json"))) == 2  # that shard is not committed
     victim.write_bytes(kept)
+    assert main(["build", str(run), *SYNC, "--until", "fit"]) == 0
+    shutil.rmtree(root)  # the export reads no image: the crops are in the run
     assert main(["export", str(run), *SYNC]) == 0
     ids = {r[0] for r in export_rows(run)}
     assert str(victim.relative_to(root)) in ids

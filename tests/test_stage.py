@@ -20,7 +20,7 @@ def test_a_stage_parameter_changes_only_that_stage():
 def test_decode_settings_invalidate_every_stage_that_reads_pixels():
     base = _hashes()
     changed = _hashes(**{"stages.decode.max_pixels": 1000})
-    assert sorted(s for s in STAGES if base[s] != changed[s]) == ["detect", "embed", "export", "landmarks"]
+    assert sorted(s for s in STAGES if base[s] != changed[s]) == ["crop", "detect", "embed", "landmarks"]
 
 
 def test_another_morphable_model_invalidates_the_fit():

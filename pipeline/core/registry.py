@@ -9,6 +9,7 @@ from __future__ import annotations
 from pipeline.config.manifest import Manifest
 from pipeline.config.schemas import StageSchema, load_schema
 from pipeline.core.stage import ConfigView, Stage
+from pipeline.crop.stage import CropStage
 from pipeline.detect.stage import DetectStage
 from pipeline.embed.stage import EmbedStage
 from pipeline.export.stage import ExportStage
@@ -21,6 +22,7 @@ STAGES: dict[str, Stage] = {
         DetectStage(),
         LandmarksStage(),
         EmbedStage(),
+        CropStage(),
         FitStage(),
         ExportStage(),
     )

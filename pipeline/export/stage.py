@@ -8,19 +8,15 @@ the whole run by :func:`prepare_global` (``_meta/export/_labels.json``) before a
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 
-import cv2
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline.config.schemas import from_rows, load_schema
 from pipeline.core.stage import DROPPED_ROWS_KEY, ConfigView, Stage, StageContext
-from pipeline.imaging.align import transform_points, warp_crop
-from pipeline.imaging.decode import TRANSIENT_REASONS, dataset_root, max_pixels_from
 from pipeline.storage.run import Run
 
 LABELS_FILE = "_labels.json"
@@ -90,10 +86,8 @@ def label_map(
 
 class ExportStage(Stage):
     name = "export"
-    inputs = ("index", "detect", "landmarks", "fit")
+    inputs = ("index", "detect", "fit", "crop")
     schema = "trainset"
-    reads_pixels = True
-    depends_on = ("stages.decode",)
     global_input = LABELS_FILE
     doc = "aligned crops + fit targets, the hand-off to trainers"
 
@@ -130,15 +124,6 @@ def prepare_global(run: Run, config: ConfigView) -> dict:
     return doc
 
 
-def _encode_jpeg(rgb: np.ndarray, quality: int) -> bytes:
-    ok, buf = cv2.imencode(
-        ".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, int(quality)]
-    )
-    if not ok:
-        raise RuntimeError("JPEG encoding failed")
-    return buf.tobytes()
-
-
 def _build_metadata(fit_table: pa.Table, manifest: ConfigView) -> dict[str, str]:
     md = {
         k.decode(): v.decode()
@@ -146,7 +131,7 @@ def _build_metadata(fit_table: pa.Table, manifest: ConfigView) -> dict[str, str]
         if k.startswith(b"morphset.model.")
     }
     md["morphset.build.params"] = json.dumps(
-        {s: manifest.stage_params(s) for s in ("ingest", "detect", "landmarks", "fit", "export")},
+        {s: manifest.stage_params(s) for s in ("ingest", "detect", "landmarks", "crop", "fit", "export")},
         sort_keys=True,
         default=str,
     )
@@ -154,7 +139,7 @@ def _build_metadata(fit_table: pa.Table, manifest: ConfigView) -> dict[str, str]
 
 
 def run_shard(inputs: dict[str, pa.Table], ctx: StageContext) -> pa.Table:
-    index, det, lm, fit = inputs["index"], inputs["detect"], inputs["landmarks"], inputs["fit"]
+    det, fit, crops = inputs["detect"], inputs["fit"], inputs["crop"]
     labels = ctx.run.store("export").read_json(LABELS_FILE)
     if labels is None:
         raise FileNotFoundError(
@@ -162,12 +147,8 @@ def run_shard(inputs: dict[str, pa.Table], ctx: StageContext) -> pa.Table:
         )
     subjects = labels["subjects"]
     excluded = set(labels.get("excluded_subjects", []))
-    max_pixels = max_pixels_from(ctx.config)
-    quality = ctx.params.jpeg_quality
     det_by_id = {r["image_id"]: r for r in det.select(["image_id", "primary_score"]).to_pylist()}
-    lm_by_id = {r["image_id"]: r for r in lm.select(["image_id", "landmarks", "align_matrix"]).to_pylist()}
-    uri_by_id = dict(zip(index.column("image_id").to_pylist(), index.column("uri").to_pylist(), strict=True))
-    root = dataset_root(index)
+    crop_by_id = {r["image_id"]: r for r in crops.to_pylist()}
     rows = []
     dropped: dict[str, str] = {}  # image_id -> why a fitted image is not in the trainset
     for f in fit.to_pylist():
@@ -177,25 +158,14 @@ def run_shard(inputs: dict[str, pa.Table], ctx: StageContext) -> pa.Table:
         if f["failure_reason"] is not None or f["subject"] not in subjects:
             continue
         image_id = f["image_id"]
-        lrow, drow = lm_by_id.get(image_id), det_by_id.get(image_id)
-        if lrow is None or drow is None or lrow["align_matrix"] is None or lrow["landmarks"] is None:
+        crow, drow = crop_by_id.get(image_id), det_by_id.get(image_id)
+        if crow is None or drow is None:
             dropped[image_id] = "inputs_inconsistent"
             continue
-        decoded = ctx.images.read(uri_by_id[image_id], max_pixels, ctx.storage_options, root)
-        if not decoded.ok:
-            if decoded.reason in TRANSIENT_REASONS:
-                # perhaps a passing storage error: fail the shard (retried; not committed without it)
-                raise OSError(
-                    errno.EIO,
-                    f"cannot read an image the earlier stages read ({decoded.reason}: {decoded.detail}); "
-                    "the shard is not committed without it",
-                    uri_by_id[image_id],
-                )
-            dropped[image_id] = decoded.reason  # the file changed since detection: recorded
+        if crow["failure_reason"] is not None or crow["crop_jpeg"] is None:
+            # the file changed or went bad after the landmarks were found: recorded
+            dropped[image_id] = crow["failure_reason"] or "inputs_inconsistent"
             continue
-        matrix = np.asarray(lrow["align_matrix"], dtype=np.float64).reshape(2, 3)
-        crop = warp_crop(decoded.image, matrix)
-        pts = transform_points(np.asarray(lrow["landmarks"], dtype=np.float64).reshape(68, 2), matrix)
         info = subjects[f["subject"]]
         rows.append(
             {
@@ -203,8 +173,8 @@ def run_shard(inputs: dict[str, pa.Table], ctx: StageContext) -> pa.Table:
                 "subject": f["subject"],
                 "label": info["label"],
                 "split": info["split"],
-                "crop_jpeg": _encode_jpeg(crop, quality),
-                "landmarks_crop": pts.reshape(-1).astype(np.float32).tolist(),
+                "crop_jpeg": crow["crop_jpeg"],
+                "landmarks_crop": crow["landmarks_crop"],
                 "alpha_id": f["alpha_id"],
                 "alpha_exp": f["alpha_exp"],
                 "yaw": f["yaw"],
