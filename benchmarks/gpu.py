@@ -6,6 +6,9 @@ For a machine with a CUDA device (it prints ``{"cuda": false}`` and exits 0 else
 - detect: the torch MTCNN on 250x250 renders, lists of 32 — GPU ms per image, and the same
   rows as on the CPU (box IoU);
 - landmarks: FAN (face-alignment's 2DFAN-4, random weights: speed only) on 256x256 crops, batch 32;
+- embed: dlib's face network in torch (the embed stage's default backend, the real weights) on
+  150x150 chips of renders, batches of 32 — GPU ms per face (network only, and with dlib's chip
+  alignment on the CPU), and the cosine to the CPU's embeddings of the same chips;
 - fit: the batched fit with CuPy against NumPy on the same landmark problems (identity equal to
   float32 tolerance) and both images/s;
 - train: a few steps of the full-width SphereFace-20 encoder and decoders under AMP (float16
@@ -77,6 +80,28 @@ def fan_check(n: int = 64) -> dict:
     with torch.inference_mode():
         ms = cuda_ms(lambda: [net(x) for _ in range(n // 32)])
     return {"faces": n, "gpu_ms_per_face": round(ms / n, 3), "weights": "random (speed only)"}
+
+
+def embed_check(manifest: object, n: int) -> dict:
+    from pipeline.embed.dlib_resnet_torch import TorchResnetBackend, resolve_model
+    from pipeline.landmarks.accuracy import synthetic_renders
+
+    images, truth, _ = synthetic_renders(manifest, n, seed=4)
+    path, sha = resolve_model(manifest.model("dlib_embedding"))
+    gpu = TorchResnetBackend(path, sha, {"device": DEVICE})
+    cpu = TorchResnetBackend(path, sha, {"device": "cpu"})
+    chips = [gpu.chip(im, pts) for im, pts in zip(images, truth, strict=True)]
+    net_ms = cuda_ms(lambda: [gpu.embed_chips(chips[i : i + 32]) for i in range(0, n, 32)])
+    items = list(zip(images, truth, strict=True))
+    stage_ms = cuda_ms(lambda: [gpu.embed(items[i : i + 32]) for i in range(0, n, 32)])
+    a, b = gpu.embed_chips(chips[:32]), cpu.embed_chips(chips[:32])
+    cos = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+    return {
+        "faces": n,
+        "gpu_ms_per_face_network": round(net_ms / n, 3),
+        "ms_per_face_with_alignment": round(stage_ms / n, 3),
+        "cosine_to_cpu_min": round(float(cos.min()), 7),
+    }
 
 
 def fit_check(manifest: object) -> dict:
@@ -190,6 +215,7 @@ def main() -> None:
     for name, fn in (
         ("detect", lambda: detect_check(m, args.renders)),
         ("landmarks_fan", fan_check),
+        ("embed", lambda: embed_check(m, args.renders)),
         ("fit", lambda: fit_check(m)),
         ("train", lambda: train_check(args.train_steps)),
     ):
