@@ -101,3 +101,6 @@ def test_the_store_keeps_a_prefix_within_its_budget(tmp_path):
     assert all(np.array_equal(a, b) for a, b in zip(first, again, strict=True))
     assert not images.read(str(tmp_path / "missing.png")).ok
     assert not images.read(str(tmp_path / "missing.png")).ok and images.decodes == 8  # failures not kept
+    changed = images.read(paths[0], size=(100, 90))  # an earlier stage read it at another size
+    assert changed.reason == "image_changed" and "100x100" in changed.detail
+    assert images.read(paths[0], size=(100, 100)).ok

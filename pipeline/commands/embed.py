@@ -6,7 +6,7 @@ import argparse
 
 from pipeline.commands._stage import add_stage_arguments, run_stage_command
 
-HELP = "face-recognition embedding (dlib's ResNet, offline) of each primary face, for identity screening"
+HELP = "face-recognition embedding (dlib's ResNet, in torch by default; offline) of each primary face, for identity screening"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

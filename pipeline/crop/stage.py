@@ -70,7 +70,8 @@ def run_shard(inputs: dict[str, pa.Table], ctx: StageContext) -> pa.Table:
         if reason:
             row["failure_reason"] = reason
             continue
-        decoded = ctx.images.read(rec["uri"], max_pixels, ctx.storage_options, root)
+        size = (lm.get("image_width"), lm.get("image_height"))
+        decoded = ctx.images.read(rec["uri"], max_pixels, ctx.storage_options, root, size)
         if not decoded.ok:
             if decoded.reason in TRANSIENT_REASONS:
                 raise OSError(
@@ -80,10 +81,6 @@ def run_shard(inputs: dict[str, pa.Table], ctx: StageContext) -> pa.Table:
                     rec["uri"],
                 )
             row["failure_reason"] = decoded.reason
-            continue
-        h, w = decoded.image.shape[:2]
-        if (w, h) != (lm.get("image_width"), lm.get("image_height")):
-            row["failure_reason"] = "image_changed"
             continue
         matrix = np.asarray(lm["align_matrix"], dtype=np.float64).reshape(2, 3)
         pts = np.asarray(lm["landmarks"], dtype=np.float64).reshape(N_POINTS, 2)

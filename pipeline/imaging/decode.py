@@ -28,7 +28,7 @@ import logging
 import os
 import warnings
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import fsspec
 import numpy as np
@@ -62,6 +62,8 @@ REASONS = (
 # Reasons a later attempt may not see (a flaky NFS mount, an object store's hiccup): a stage that
 # meets one after ingest saw the file fails the shard (retried) rather than dropping the image.
 TRANSIENT_REASONS = ("missing", "unreadable")
+# a later stage's reason: the file no longer decodes to the size an earlier stage recorded
+IMAGE_CHANGED = "image_changed"
 
 
 def dataset_root(index: object) -> str | None:
@@ -207,14 +209,15 @@ def read_image(
     return decode_image(data, max_pixels)
 
 
-def max_pixels_from(config: ConfigView | Manifest) -> int:
+class StageParamsSource(Protocol):
+    """A manifest or a stage's view of it (decoding imports neither: they sit above it)."""
+
+    def stage_params(self, stage: str) -> dict: ...
+
+
+def max_pixels_from(config: StageParamsSource) -> int:
     """``stages.decode.max_pixels`` (defaults filled) of a manifest or a stage's view of it."""
     return int(config.stage_params("decode")["max_pixels"])
-
-
-if TYPE_CHECKING:  # annotations only: decoding needs neither module at run time
-    from pipeline.config.manifest import Manifest
-    from pipeline.core.stage import ConfigView
 
 
 class DecodedImages:
@@ -241,9 +244,22 @@ class DecodedImages:
         max_pixels: int = DEFAULT_MAX_PIXELS,
         storage_options: dict | None = None,
         root: str | None = None,
+        size: tuple[int | None, int | None] | None = None,
     ) -> DecodeResult:
         """:func:`read_image`, once per image while the budget lasts. The containment check
-        (``root``) is repeated on every request: it is cheap and a link may change."""
+        (``root``) is repeated on every request: it is cheap and a link may change. ``size``:
+        the (width, height) an earlier stage recorded for the image; another size is the reason
+        ``image_changed`` (the file is not the one that stage read)."""
+        res = self._read(uri, max_pixels, storage_options, root)
+        if res.ok and size is not None:
+            h, w = res.image.shape[:2]
+            if (w, h) != tuple(size):
+                return _fail(IMAGE_CHANGED, f"{uri} is {w}x{h}, an earlier stage read {size[0]}x{size[1]}")
+        return res
+
+    def _read(
+        self, uri: str, max_pixels: int, storage_options: dict | None, root: str | None
+    ) -> DecodeResult:
         if root is not None and not inside_root(uri, root):
             return _fail("symlink_escapes_root", f"{uri} resolves outside {root}")
         key = (uri, max_pixels, root)

@@ -206,13 +206,11 @@ def run_shard(inputs: dict[str, pa.Table], ctx: StageContext) -> pa.Table:
             log.debug("%s: %s", rec["image_id"], exc)
             row["failure_reason"] = "align_failed"
             continue
-        res = ctx.images.read(rec["uri"], max_pixels, storage_options, root)
+        res = ctx.images.read(
+            rec["uri"], max_pixels, storage_options, root, (d.get("width"), d.get("height"))
+        )
         if not res.ok:
             row["failure_reason"] = res.reason
-            continue
-        h, w = res.image.shape[:2]
-        if (w, h) != (d.get("width"), d.get("height")):
-            row["failure_reason"] = "image_changed"
             continue
         pending.append((len(rows) - 1, res.image, np.asarray(d["primary_box"], dtype=np.float64)))
         if len(pending) >= chunk:
