@@ -41,6 +41,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "part of the bias), or with iBUG-convention truth (jaw on the face outline; the fit then marches "
         "the jaw along the outline: stages.fit.contour auto)",
     )
+    p.add_argument(
+        "--real-photos",
+        default=None,
+        metavar="PHOTOS",
+        help="real photographs in subject folders, several per person: the identity prior weight is then "
+        "chosen only among weights whose fits tell these people apart at least as well as weight 1 "
+        "(per-image and split-half identity AUC; `make calibration` uses ../shared/fixtures/faces when present)",
+    )
     p.add_argument("--work-run", default=None, help="run directory for the landmark build (default: OUT.run)")
     p.add_argument(
         "--ground-truth", default=None, help="ground truth file (default: SYNTH_DIR/ground_truth.parquet)"
@@ -73,6 +81,7 @@ def run(args: argparse.Namespace) -> int:
             args.out,
             ground_truth=args.ground_truth,
             convention=args.convention,
+            real_photos=args.real_photos,
             **common,
         )
     if args.json:
@@ -92,6 +101,11 @@ def run(args: argparse.Namespace) -> int:
         print(
             f"  identity prior weight {summary['identity_prior_weight']:g} (identity error mm by weight "
             f"{summary['identity_error_mm_by_prior_weight']}, mean shape {summary['mean_shape_error_mm']})"
+        )
+    if "real_photo_auc_by_prior_weight" in summary:
+        print(
+            f"  on the real photos (per-image / split-half identity AUC by weight): "
+            f"{summary['real_photo_auc_by_prior_weight']}; weights they allow: {summary['weights_real_photos_allow']}"
         )
     print(
         f"manifest: models.landmark_error.{summary['backend']}: "

@@ -6,8 +6,12 @@ the detector's points are compared with the true landmark projections and the tr
 bias/noise model is fitted; then the identity prior weight is chosen on the same faces (the weight
 among :data:`PRIOR_WEIGHTS` whose multi-image fits land nearest the true identities — the noise
 model treats landmarks as independent, a detector's errors are not, and this measures by how much
-to trust them instead of assuming it). The result is written atomically as JSON; its sha256 goes
-into the manifest (``models.landmark_error.<backend>``).
+to trust them instead of assuming it). With real photographs (``real_photos``: subject folders,
+several photos per person) the choice is also held to them: only weights whose fits tell the
+people apart at least as well as weight 1 (the maximum a posteriori weight, the untuned reference)
+— per-image identity AUC and split-half consistency AUC, :mod:`pipeline.evaluate.photo_identity` —
+may be chosen, because renders share two skins and one image model and flatter a fit. The result
+is written atomically as JSON; its sha256 goes into the manifest (``models.landmark_error.<backend>``).
 """
 
 from __future__ import annotations
@@ -118,6 +122,114 @@ def choose_prior_weight(
     return float(best), errors, round(float(np.mean(list(base.values()))), 4)
 
 
+def photo_landmarks(
+    photos: str | Path,
+    backend: str,
+    work: Path,
+    manifest: str | None,
+    overrides: list[str] | None,
+    **build: Any,
+) -> tuple[pa.Table, pa.Table]:
+    """Landmarks of real photos in subject folders: the photos as they are, and each person's photos
+    split into two halves (``<person>__a``, ``<person>__b``; :func:`photo_identity.halves`)."""
+    import shutil
+
+    from pipeline.evaluate.photo_identity import halves
+
+    root = Path(photos).resolve()
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root}: real photos must be a folder of subject folders")
+    by_person = {
+        d.name: sorted(str(p) for p in d.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        for d in sorted(root.iterdir())
+        if d.is_dir()
+    }
+    split = halves(by_person)
+    if len(split) < 2:
+        raise ValueError(f"{root}: real photos need at least two people with two photos or more each")
+    # beside the render run, not inside it: each is a run of its own
+    halves_root = work.with_name(f"{work.name}-halves-photos")
+    shutil.rmtree(halves_root, ignore_errors=True)
+    for person, parts in split.items():
+        for tag, files in zip("ab", parts, strict=True):
+            (halves_root / f"{person}__{tag}").mkdir(parents=True)
+            for f in files:
+                shutil.copyfile(f, halves_root / f"{person}__{tag}" / Path(f).name)
+    tables = []
+    for name, tree in (("photos", root), ("halves", halves_root)):
+        _, _, lms = _build_landmarks(
+            work.with_name(f"{work.name}-{name}"), backend, manifest, overrides, root=str(tree), **build
+        )
+        tables.append(lms)
+    return tables[0], tables[1]
+
+
+def photo_measures(
+    per_image: pa.Table,
+    halves: pa.Table,
+    model: Any,
+    fit_params: dict,
+    error_model: ErrorModel,
+    weights: tuple[float, ...] = PRIOR_WEIGHTS,
+    boot: int = 1000,
+) -> dict[str, dict]:
+    """Per prior weight: the per-image identity AUC and the split-half consistency of the photos."""
+    import array_api_compat.numpy as anp
+
+    from pipeline.evaluate.photo_identity import auc_with_interval, split_half_consistency
+    from pipeline.fit.loop import prepare_model
+    from pipeline.fit.noise import prepare_noise
+    from pipeline.fit.stage import fit_landmark_table, options_from_params
+
+    contour = bool(options_from_params(fit_params).contour)
+    lm = prepare_model(model, anp, contour=contour, dtype=np.float32)
+    noise = prepare_noise(error_model, lm.order, anp, np.float32)
+    out = {}
+    for weight in weights:
+        opt = options_from_params(fit_params | {"identity_prior_weight": weight})
+        rows = _usable(fit_landmark_table(per_image, model, opt, lm=lm, noise=noise, identity="image"))
+        alpha = np.array([r["alpha_id"] for r in rows], np.float64)
+        people = np.array([r["subject"] for r in rows])
+        first: dict[str, list] = {}
+        for r in _usable(fit_landmark_table(halves, model, opt, lm=lm, noise=noise, identity="subject")):
+            first.setdefault(r["subject"], r["alpha_id"])
+        out[f"{weight:g}"] = {
+            "per_image": auc_with_interval(people, alpha / model.id_std, np.random.default_rng(0), boot),
+            "split_half": split_half_consistency(
+                np.array([s.rsplit("__", 1)[0] for s in first]),
+                np.array(list(first.values()), np.float64),
+                model.id_std,
+                lambda a: model.shape(a.astype(np.float32)),
+                np.random.default_rng(0),
+                boot,
+            ),
+        }
+    return out
+
+
+def _usable(fits: pa.Table) -> list[dict]:
+    return [
+        r
+        for r in fits.select(["subject", "alpha_id", "failure_reason"]).to_pylist()
+        if r["failure_reason"] is None and r["alpha_id"] is not None
+    ]
+
+
+def weights_photos_allow(photo: dict[str, dict], reference: str = "1") -> list[str]:
+    """The weights whose per-image and split-half AUCs on the photos are at least weight 1's."""
+    ref = photo[reference]
+
+    def auc(d: dict, key: str) -> float:
+        v = d[key]["auc"]
+        return -np.inf if v is None else v
+
+    return [
+        w
+        for w, d in photo.items()
+        if auc(d, "per_image") >= auc(ref, "per_image") and auc(d, "split_half") >= auc(ref, "split_half")
+    ]
+
+
 def _by_subject(truth: dict[str, dict]) -> dict[str, dict]:
     out: dict[str, dict] = {}
     for r in truth.values():
@@ -173,6 +285,7 @@ def calibrate(
     scheduler: str | None = None,
     progress: bool = False,
     convention: str = "fixed_vertex",
+    real_photos: str | Path | None = None,
 ) -> dict[str, Any]:
     """Measure ``backend``'s error model on a synth folder; write it to ``out``; return a summary.
 
@@ -214,12 +327,26 @@ def calibrate(
     em = fit_error_model(res, pairs["yaw"], backend, convention=convention, made_by=meta)
     fit_params = m.stage_params("fit") | {"contour": convention == "ibug"}
     weight, by_weight, mean_shape = choose_prior_weight(landmarks, truth, model, fit_params, em)
-    em = replace(
-        em,
-        identity_prior_weight=weight,
-        made_by=em.made_by
-        | {"identity_error_mm_by_prior_weight": by_weight, "mean_shape_error_mm": mean_shape},
-    )
+    chosen_by: dict[str, Any] = {
+        "identity_error_mm_by_prior_weight": by_weight,
+        "mean_shape_error_mm": mean_shape,
+    }
+    if real_photos is not None:
+        photos, halves = photo_landmarks(
+            real_photos, backend, work, manifest, overrides, scheduler=scheduler, progress=progress
+        )
+        photo = photo_measures(photos, halves, model, fit_params, em)
+        allowed = weights_photos_allow(photo)
+        weight = float(min(allowed, key=lambda k: (by_weight[k], float(k))))
+        chosen_by |= {
+            "real_photos": str(Path(real_photos).resolve()),
+            "real_photo_auc_by_prior_weight": {
+                w: {"per_image": d["per_image"]["auc"], "split_half": d["split_half"]["auc"]}
+                for w, d in photo.items()
+            },
+            "weights_real_photos_allow": allowed,
+        }
+    em = replace(em, identity_prior_weight=weight, made_by=em.made_by | chosen_by)
     a, b = OUTER_EYE_CORNERS
     lm3 = model.mean.reshape(-1, 3)[model.landmarks]
     iod = float(np.linalg.norm(lm3[a] - lm3[b]))
@@ -237,8 +364,7 @@ def calibrate(
         work,
         len(res),
         error_by_group_iod=group_summary(res, iod),
-        identity_error_mm_by_prior_weight=by_weight,
-        mean_shape_error_mm=mean_shape,
+        **chosen_by,
         **extra,
     )
 
