@@ -40,12 +40,15 @@ format: dev-env
 	$(BIN)/ruff check --fix .
 
 # The shipped dlib landmark error model (pipeline/fit/error_models/dlib.json, docs/fit.md): renders
-# of seed 1 (the demo renders seed 0), calibrated with dlib. Put the sha256 it prints into
-# data_manifest.yaml (models.landmark_error.dlib).
+# of seed 1 (the demo renders seed 0), calibrated with dlib; the identity prior weight held to the
+# real photos of ../shared/fixtures/faces when they are there (REAL_PHOTOS=DIR for others, empty
+# for none). Put the sha256 it prints into data_manifest.yaml (models.landmark_error.dlib).
 CAL_OUT ?= runs/calibration
+REAL_PHOTOS ?= $(wildcard ../shared/fixtures/faces)
 calibration: env
 	$(BIN)/morphset synth --out $(CAL_OUT)/synthetic --subjects 30 --images-per-subject 8 --seed 1 --yaw-range -40 40
-	$(BIN)/morphset calibrate $(CAL_OUT)/synthetic --landmarks dlib --work-run $(CAL_OUT)/run -o pipeline/fit/error_models/dlib.json
+	$(BIN)/morphset calibrate $(CAL_OUT)/synthetic --landmarks dlib --work-run $(CAL_OUT)/run \
+		$(if $(REAL_PHOTOS),--real-photos $(REAL_PHOTOS)) -o pipeline/fit/error_models/dlib.json
 
 test: dev-env lint
 	$(BIN)/python -m pytest -q -ra

@@ -218,3 +218,45 @@ def test_float32_and_float64_fits_agree(model):
         x = np.asarray(a.column(col).to_pylist(), dtype=float)
         y = np.asarray(b.column(col).to_pylist(), dtype=float)
         assert np.allclose(x, y, atol=tol), col
+
+
+def test_identity_shrinkage_scales_each_identity_by_its_image_count_and_keeps_the_rest(model):
+    """1 / (1 + common + per_image / M): the identity's size changes, its direction (every cosine
+    between identities), the poses and the expressions do not."""
+    rows, _ = landmarks_table(model, n_subjects=3, n_images=3, seed=5)
+    rows = rows[:-1]  # p2 has two images, the others three
+    table = to_table(rows)
+    plain = fit_stage.fit_landmark_table(table, model, FitOptions())
+    shrunk = fit_stage.fit_landmark_table(table, model, FitOptions(identity_shrinkage=(0.5, 1.5)))
+    a = np.asarray(plain.column("alpha_id").to_pylist(), float)
+    b = np.asarray(shrunk.column("alpha_id").to_pylist(), float)
+    m = np.asarray(plain.column("subject_images_used").to_pylist(), float)
+    assert set(m) == {2.0, 3.0}
+    assert np.allclose(b, a / (1 + 0.5 + 1.5 / m)[:, None], rtol=1e-6)
+    for col in ("rotation", "alpha_exp", "scale"):
+        assert plain.column(col).equals(shrunk.column(col))
+    # per-image fits: M = 1
+    one = fit_stage.fit_landmark_table(
+        table, model, FitOptions(identity_shrinkage=(0.5, 1.5)), identity="image"
+    )
+    ref = fit_stage.fit_landmark_table(table, model, FitOptions(), identity="image")
+    x, y = (np.asarray(t.column("alpha_id").to_pylist(), float) for t in (one, ref))
+    assert np.allclose(x, y / 3.0, rtol=1e-6)
+    # none: the very same bytes as before the setting existed
+    zero = fit_stage.fit_landmark_table(table, model, FitOptions(identity_shrinkage=(0.0, 0.0)))
+    assert zero.column("alpha_id").equals(plain.column("alpha_id"))
+
+
+def test_identity_shrinkage_comes_from_the_setting_or_the_error_model():
+    from dataclasses import replace
+
+    from pipeline.fit.noise import uniform
+
+    params = load_manifest().stage_params("fit")
+    em = replace(uniform(1.0), identity_shrinkage=(0.2, 0.7))
+    assert fit_stage.options_from_params(params).identity_shrinkage == (0.0, 0.0)
+    assert fit_stage.options_from_params(params, em).identity_shrinkage == (0.2, 0.7)
+    mine = params | {"identity_shrinkage": {"common": 0.0, "per_image": 0.0}}
+    assert fit_stage.options_from_params(mine, em).identity_shrinkage == (0.0, 0.0)
+    with pytest.raises(ManifestError, match="identity_shrinkage"):
+        load_manifest(overrides={"stages.fit.identity_shrinkage": {"common": -1, "per_image": 0}})

@@ -209,6 +209,16 @@ def test_error_model_files_are_checked(tmp_path):
     with pytest.raises(ErrorModelError, match="not found"):
         resolve_error_model({"source": str(tmp_path / "nope.json")}, "dlib")
     assert resolve_error_model(None, "fan") == (None, "models.landmark_error.fan is not set")
+    from dataclasses import replace
+
+    shrunk = tmp_path / "shrunk.json"
+    shrunk.write_bytes(replace(em, identity_shrinkage=(0.3, 0.9)).to_json())
+    assert load_error_model(shrunk).identity_shrinkage == (0.3, 0.9)
+    doc = json.loads(shrunk.read_text())
+    doc["identity_shrinkage"] = {"common": float("nan"), "per_image": 0.9}
+    shrunk.write_text(json.dumps(doc))
+    with pytest.raises(ErrorModelError, match=r"shrunk.json: identity_shrinkage values must be finite"):
+        load_error_model(shrunk)
 
 
 def test_the_shipped_dlib_model_matches_the_manifest():
@@ -282,7 +292,17 @@ def test_calibrate_writes_a_model_the_fit_then_uses(tmp_path, capsys, caplog):
     assert doc["sha256"] == hashlib.sha256(out.read_bytes()).hexdigest()
     em = load_error_model(out)
     assert em.convention == "fixed_vertex" and em.backend == "dlib" and em.identity_prior_weight is not None
-    assert doc["images"] == 12 and set(doc["error_by_group_iod"]) == {"jaw", "brows", "nose", "eyes", "mouth"}
+    # the shrinkage measured on M-subsets of the same faces (M = 1, 2: three images a subject)
+    assert em.identity_shrinkage is not None and min(em.identity_shrinkage) >= 0
+    by_m = doc["identity_shrinkage_by_images"]
+    assert set(by_m) == {"1", "2"} and all(d["error_mm"] <= d["unshrunk_mm"] for d in by_m.values())
+    assert 10 <= doc["images"] <= 12 and set(doc["error_by_group_iod"]) == {
+        "jaw",
+        "brows",
+        "nose",
+        "eyes",
+        "mouth",
+    }
     share = doc["subject_common_share_by_group"]
     assert set(share) == set(doc["error_by_group_iod"]) and all(0 <= v <= 1 for v in share.values())
     run = doc["work_run"]
@@ -310,7 +330,7 @@ def test_calibrate_writes_a_model_the_fit_then_uses(tmp_path, capsys, caplog):
         data, "dlib", tmp_path / "ann.json", work_run=tmp_path / "ann.run", scheduler="sync"
     )
     from_ann = load_error_model(ann["path"])
-    assert from_ann.convention == "ibug" and ann["images"] == 12
+    assert from_ann.convention == "ibug" and ann["images"] == doc["images"]
     summary = calibrate(data, "dlib", tmp_path / "ib.json", work_run=run, convention="ibug", scheduler="sync")
     from_truth = load_error_model(summary["path"])
     measured = from_truth.images_per_bin > 0

@@ -102,6 +102,11 @@ def run(args: argparse.Namespace) -> int:
             f"  identity prior weight {summary['identity_prior_weight']:g} (identity error mm by weight "
             f"{summary['identity_error_mm_by_prior_weight']}, mean shape {summary['mean_shape_error_mm']})"
         )
+    if summary.get("identity_shrinkage"):
+        print(
+            f"  identity shrinkage {summary['identity_shrinkage']} (1 / (1 + common + per_image / M); "
+            f"best factor per M: { ({m: d['factor'] for m, d in summary['identity_shrinkage_by_images'].items()}) })"
+        )
     if "real_photo_auc_by_prior_weight" in summary:
         print(
             f"  on the real photos (per-image / split-half identity AUC by weight): "

@@ -10,8 +10,10 @@ to trust them instead of assuming it). With real photographs (``real_photos``: s
 several photos per person) the choice is also held to them: only weights whose fits tell the
 people apart at least as well as weight 1 (the maximum a posteriori weight, the untuned reference)
 — per-image identity AUC and split-half consistency AUC, :mod:`pipeline.evaluate.photo_identity` —
-may be chosen, because renders share two skins and one image model and flatter a fit. The result
-is written atomically as JSON; its sha256 goes into the manifest (``models.landmark_error.<backend>``).
+may be chosen, because renders share two skins and one image model and flatter a fit. Last, the
+identity shrinkage for that weight is measured on the renders (:func:`measure_shrinkage`: the
+scale toward the mean shape that brings fits of M-image subsets nearest the truth, per M). The
+result is written atomically as JSON; its sha256 goes into the manifest (``models.landmark_error.<backend>``).
 """
 
 from __future__ import annotations
@@ -120,6 +122,84 @@ def choose_prior_weight(
         errors[f"{weight:g}"] = round(float(np.mean(list(per.values()))), 4) if per else float("nan")
     best = min(errors, key=lambda k: (errors[k], float(k)))
     return float(best), errors, round(float(np.mean(list(base.values()))), 4)
+
+
+SHRINK_GRID = tuple(np.round(np.arange(0.05, 1.0001, 0.05), 2))
+
+
+def measure_shrinkage(
+    landmarks: pa.Table,
+    truth: dict[str, dict],
+    model: Any,
+    fit_params: dict,
+    error_model: ErrorModel,
+    ms: tuple[int, ...] = (1, 2, 4, 8),
+    repeats: int = 3,
+    seed: int = 0,
+) -> tuple[tuple[float, float], dict[str, Any]]:
+    """The identity shrinkage (``common``, ``per_image``) that brings the fits of random M-subsets of
+    each subject's images nearest the true identities (all-vertex error, as the report's first
+    table): the best factor per M on :data:`SHRINK_GRID`, then ``1/c - 1 = common + per_image/M``
+    by non-negative least squares. Also returns the per-M factors and errors."""
+    import array_api_compat.numpy as anp
+    from scipy.optimize import nnls
+
+    from pipeline.evaluate.identity_curve import all_vertex_error, identity_shape, subset_draws
+    from pipeline.fit.loop import prepare_model
+    from pipeline.fit.noise import prepare_noise
+    from pipeline.fit.stage import fit_landmark_table, options_from_params
+
+    subjects_true = _by_subject(truth)
+    opt = options_from_params(
+        fit_params | {"identity_shrinkage": {"common": 0.0, "per_image": 0.0}}, error_model
+    )
+    lm = prepare_model(model, anp, contour=opt.contour, dtype=np.float32)
+    noise = prepare_noise(error_model, lm.order, anp, np.float32)
+    subjects = np.asarray(landmarks.column("subject").to_pylist(), dtype=object)
+    usable = np.array([r is None for r in landmarks.column("failure_reason").to_pylist()], bool)
+    usable &= np.array([s in subjects_true for s in subjects], bool)
+    rng = np.random.default_rng(seed)
+    gt = {s: identity_shape(model, r["alpha_id"]) for s, r in subjects_true.items()}
+    per_m: dict[str, dict] = {}
+    for m in ms:
+        rows, names, draws = subset_draws(subjects, usable, m, repeats, rng)
+        if not draws:
+            continue
+        table = landmarks.take(pa.array(rows)).set_column(
+            landmarks.schema.get_field_index("subject"), "subject", pa.array(names, pa.string())
+        )
+        fitted: dict[str, np.ndarray] = {}
+        for r in (
+            fit_landmark_table(table, model, opt, lm=lm, noise=noise)
+            .select(["subject", "alpha_id"])
+            .to_pylist()
+        ):
+            if r["alpha_id"] is not None:
+                fitted.setdefault(r["subject"], np.asarray(r["alpha_id"], np.float64))
+        pairs = [(fitted[name], gt[s]) for name, s in draws if name in fitted]
+        if not pairs:
+            continue
+        errors = {
+            c: float(np.mean([all_vertex_error(identity_shape(model, c * a), g) for a, g in pairs]))
+            for c in SHRINK_GRID
+        }
+        best = min(errors, key=lambda c: (errors[c], -c))
+        per_m[str(m)] = {
+            "factor": float(best),
+            "error_mm": round(errors[best], 4),
+            "unshrunk_mm": round(errors[1.0], 4),
+            "draws": len(pairs),
+        }
+    if not per_m:
+        raise ValueError("no subject has images enough to measure the identity shrinkage")
+    m_arr = np.array([float(k) for k in per_m])
+    y = np.array([1.0 / d["factor"] - 1.0 for d in per_m.values()])
+    design = np.stack([np.ones_like(m_arr), 1.0 / m_arr], axis=1)
+    if len(m_arr) == 1:  # one M: all of it is common
+        coef = np.array([max(y[0], 0.0), 0.0])
+    else:
+        coef, _ = nnls(design, y)
+    return (round(float(coef[0]), 4), round(float(coef[1]), 4)), per_m
 
 
 def photo_landmarks(
@@ -270,6 +350,9 @@ def _write(em: ErrorModel, out: str | Path, work: Path, images: int, **extra: An
             g: round(float(np.mean(em.sigma_mm[list(ix)])), 3) for g, ix in LANDMARK_GROUPS.items()
         },
         "identity_prior_weight": em.identity_prior_weight,
+        "identity_shrinkage": None
+        if em.identity_shrinkage is None
+        else {"common": em.identity_shrinkage[0], "per_image": em.identity_shrinkage[1]},
         "work_run": str(work),
     }
 
@@ -346,7 +429,19 @@ def calibrate(
             },
             "weights_real_photos_allow": allowed,
         }
-    em = replace(em, identity_prior_weight=weight, made_by=em.made_by | chosen_by)
+    else:
+        log.warning(
+            "calibrate: the identity prior weight (%g) was chosen on renders alone; renders share two "
+            "skins and one image model and flatter a fit: pass --real-photos to hold it to real "
+            "photographs (docs/fit.md)",
+            weight,
+        )
+    em = replace(em, identity_prior_weight=weight)
+    shrink, shrink_by_m = measure_shrinkage(
+        landmarks, truth, model, fit_params | {"identity_prior_weight": weight}, em
+    )
+    chosen_by |= {"identity_shrinkage_by_images": shrink_by_m}
+    em = replace(em, identity_shrinkage=shrink, made_by=em.made_by | chosen_by)
     a, b = OUTER_EYE_CORNERS
     lm3 = model.mean.reshape(-1, 3)[model.landmarks]
     iod = float(np.linalg.norm(lm3[a] - lm3[b]))

@@ -17,6 +17,22 @@ from pipeline.fit.xp import namespace_of
 Array = Any
 
 
+def shrinkage(images: Array, common: float, per_image: float) -> Array:
+    """The factor a subject's fitted identity is scaled by toward the mean shape, per subject of
+    ``images`` (its images in the identity): ``1 / (1 + common + per_image / M)``.
+
+    The prior weight sets two things at once: how the fit spreads its trust over the identity
+    components (their pattern) and how far it pulls the whole identity toward the mean (its
+    size). Renders want a strong pull (a detector's errors are shaped like faces and do not
+    average away); real photos want the pattern of the unshrunk maximum a posteriori weight
+    (docs/fit.md). A scale after the fit leaves the pattern — and every cosine between
+    identities — as it was and sets the size alone. ``per_image`` is the part that more images
+    average away, ``common`` the part they do not."""
+    xp = namespace_of(images)
+    m = xp.maximum(images * 1.0, 1.0)
+    return 1.0 / (1.0 + common + per_image / m)
+
+
 def identity_prior(id_std: Array, weight: float) -> Array:
     """Ridge precision ``weight / std**2``."""
     return weight / (id_std * id_std)

@@ -70,6 +70,9 @@ class FitOptions:
     reject_nme: float | None = None
     shape_step: str = "joint"
     gauss_newton: bool = True
+    # (common, per_image): a subject's identity scaled by 1 / (1 + common + per_image / M) after
+    # the fit (M its images in the identity); (0, 0) = none. See pipeline.fit.identity.shrinkage
+    identity_shrinkage: tuple[float, float] = (0.0, 0.0)
 
     def __post_init__(self) -> None:
         if self.max_iterations < 1:
@@ -82,6 +85,8 @@ class FitOptions:
             raise ValueError("prior weights must be >= 0")
         if not self.huber_delta > 0:
             raise ValueError(f"huber_delta must be > 0, got {self.huber_delta}")
+        if len(self.identity_shrinkage) != 2 or not all(v >= 0 for v in self.identity_shrinkage):
+            raise ValueError(f"identity_shrinkage must be two numbers >= 0, got {self.identity_shrinkage}")
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,8 @@ under ``models.landmark_error.<backend>``)::
     {"format": "morphset.landmark_error", "format_version": 1, "backend": "dlib",
      "convention": "fixed_vertex", "yaw_bins_deg": [B centres, ascending],
      "bias_mm": [B][68][2], "sigma_mm": [68], "images_per_bin": [B],
-     "identity_prior_weight": w | null, "made_by": {...}}
+     "identity_prior_weight": w | null, "identity_shrinkage": {"common": a, "per_image": b} | null,
+     "made_by": {...}}
 
 Between bin centres the bias is interpolated linearly in yaw; beyond the outer centres it is
 held. ``sigma_mm`` is the per-landmark noise left after the bias is removed (per axis).
@@ -59,6 +60,9 @@ class ErrorModel:
     made_by: dict
     # the identity prior weight measured best with this model (None: 1, the MAP weight)
     identity_prior_weight: float | None = None
+    # the identity's shrinkage toward the mean shape measured with it: (common, per_image), the
+    # factor 1 / (1 + common + per_image / M) for a subject of M images (None: no shrinkage)
+    identity_shrinkage: tuple[float, float] | None = None
 
     def to_json(self) -> bytes:
         doc = {
@@ -71,6 +75,9 @@ class ErrorModel:
             "sigma_mm": np.round(self.sigma_mm.astype(np.float64), 4).tolist(),
             "images_per_bin": [int(x) for x in self.images_per_bin],
             "identity_prior_weight": self.identity_prior_weight,
+            "identity_shrinkage": None
+            if self.identity_shrinkage is None
+            else {"common": self.identity_shrinkage[0], "per_image": self.identity_shrinkage[1]},
             "made_by": self.made_by,
         }
         return (json.dumps(doc, sort_keys=True, separators=(",", ":")) + "\n").encode()
@@ -130,6 +137,16 @@ def load_error_model(path: str | Path) -> ErrorModel:
     weight = doc.get("identity_prior_weight")
     if weight is not None and (not isinstance(weight, (int, float)) or not weight >= 0):
         raise ErrorModelError(f"{path}: identity_prior_weight must be a number >= 0 or null, got {weight!r}")
+    shrink = doc.get("identity_shrinkage")
+    if shrink is not None:
+        try:
+            shrink = (float(shrink["common"]), float(shrink["per_image"]))
+        except (TypeError, KeyError, ValueError):
+            raise ErrorModelError(
+                f"{path}: identity_shrinkage must be null or {{common: number, per_image: number}}, got {shrink!r}"
+            ) from None
+        if not all(np.isfinite(v) and v >= 0 for v in shrink):
+            raise ErrorModelError(f"{path}: identity_shrinkage values must be finite and >= 0, got {shrink}")
     return ErrorModel(
         str(doc.get("backend", "")),
         doc["convention"],
@@ -139,6 +156,7 @@ def load_error_model(path: str | Path) -> ErrorModel:
         arr("images_per_bin", (b,)).astype(np.int64),
         dict(doc.get("made_by") or {}),
         None if weight is None else float(weight),
+        shrink,
     )
 
 

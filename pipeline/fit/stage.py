@@ -21,6 +21,7 @@ from pipeline.core import workercache
 from pipeline.core.stage import Asset, ConfigView, Stage, StageContext
 from pipeline.embed.identity import ScreenParams, embedding_matrix, screen_identities
 from pipeline.fit.camera import euler_deg
+from pipeline.fit.identity import shrinkage
 from pipeline.fit.loop import FitOptions, FitResult, LandmarkModel, SubjectFits, fit_subjects, prepare_model
 from pipeline.fit.noise import (
     MANIFEST_KEY,
@@ -46,7 +47,8 @@ log = logging.getLogger(__name__)
 
 def options_from_params(params: dict, error_model: ErrorModel | None = None) -> FitOptions:
     """FitOptions from ``stages.fit`` (defaults already filled by the manifest). An identity prior
-    weight of null takes the error model's calibrated one (else 1, the MAP weight)."""
+    weight of null takes the error model's calibrated one (else 1, the MAP weight); so does an
+    identity shrinkage of null (else none)."""
     id_weight = params["identity_prior_weight"]
     if id_weight is None:
         id_weight = error_model.identity_prior_weight if error_model is not None else None
@@ -62,7 +64,17 @@ def options_from_params(params: dict, error_model: ErrorModel | None = None) -> 
         reject_nme=None if params["reject_nme"] is None else float(params["reject_nme"]),
         shape_step=str(params["shape_step"]),
         gauss_newton=bool(params["gauss_newton"]),
+        identity_shrinkage=shrinkage_from_params(params.get("identity_shrinkage"), error_model),
     )
+
+
+def shrinkage_from_params(setting: dict | None, error_model: ErrorModel | None) -> tuple[float, float]:
+    """``stages.fit.identity_shrinkage``: null = the error model's calibrated values, or none."""
+    if setting is None:
+        if error_model is None or error_model.identity_shrinkage is None:
+            return (0.0, 0.0)
+        return error_model.identity_shrinkage
+    return (float(setting["common"]), float(setting["per_image"]))
 
 
 def contour_on(setting: object, error_model: ErrorModel | None) -> bool:
@@ -259,6 +271,10 @@ def fit_landmark_table(
         img["nme"][pr] = res.nme[present]
         img["used"][pr] = r.identity_mask[present]
         img["rejected"][pr] = res.rejected[present]
+
+    # the identity's size, set after the fit (pipeline.fit.identity.shrinkage): the pattern stays
+    in_identity = np.bincount(codes_all[img["used"]], minlength=n_subj).astype(np.float64)
+    sub["alpha_id"] = sub["alpha_id"] * shrinkage(in_identity, *opt.identity_shrinkage)[:, None]
 
     # Per-image outcome after the fit.
     finite = (
