@@ -29,26 +29,6 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
-
-
-def photos_by_person(root: Path) -> dict[str, list[str]]:
-    return {
-        d.name: sorted(str(p) for p in d.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-        for d in sorted(root.iterdir())
-        if d.is_dir()
-    }
-
-
-def halves_tree(root: Path, out: Path) -> None:
-    from pipeline.evaluate.photo_identity import halves
-
-    for person, (a, b) in halves(photos_by_person(root)).items():
-        for tag, files in (("a", a), ("b", b)):
-            (out / f"{person}__{tag}").mkdir(parents=True, exist_ok=True)
-            for f in files:
-                shutil.copyfile(f, out / f"{person}__{tag}" / Path(f).name)
-
 
 def fit_rows(run: Path) -> list[dict]:
     import pyarrow.dataset as pads
@@ -94,13 +74,13 @@ def main() -> None:
         sys.exit(f"{args.photos}: not a folder of subject folders of real photos")
     from pipeline import api
     from pipeline.config.manifest import load_manifest
+    from pipeline.fit.calibrate import write_halves
     from pipeline.models.assets import resolve_morphable_model
 
     model = resolve_morphable_model(load_manifest())
     work = args.work or Path(tempfile.mkdtemp(prefix="real-identity-"))
     halves_root = work / "halves-photos"
-    shutil.rmtree(halves_root, ignore_errors=True)
-    halves_tree(args.photos, halves_root)
+    write_halves(args.photos.resolve(), halves_root)
     runs = {"per_image": work / "per-image", "halves": work / "halves"}
     roots = {"per_image": args.photos, "halves": halves_root}
     modes = {"per_image": "image", "halves": "subject"}

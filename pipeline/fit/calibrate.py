@@ -202,6 +202,31 @@ def measure_shrinkage(
     return (round(float(coef[0]), 4), round(float(coef[1]), 4)), per_m
 
 
+def write_halves(photos: Path, out: Path) -> None:
+    """Each person's photos (subject folders under ``photos``) split into two subjects
+    ``<person>__a`` and ``<person>__b`` under ``out`` (:func:`photo_identity.halves`)."""
+    import shutil
+
+    from pipeline.evaluate.photo_identity import halves
+
+    if not photos.is_dir():
+        raise FileNotFoundError(f"{photos}: real photos must be a folder of subject folders")
+    by_person = {
+        d.name: sorted(str(p) for p in d.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        for d in sorted(photos.iterdir())
+        if d.is_dir()
+    }
+    split = halves(by_person)
+    if len(split) < 2:
+        raise ValueError(f"{photos}: real photos need at least two people with two photos or more each")
+    shutil.rmtree(out, ignore_errors=True)
+    for person, parts in split.items():
+        for tag, files in zip("ab", parts, strict=True):
+            (out / f"{person}__{tag}").mkdir(parents=True)
+            for f in files:
+                shutil.copyfile(f, out / f"{person}__{tag}" / Path(f).name)
+
+
 def photo_landmarks(
     photos: str | Path,
     backend: str,
@@ -211,30 +236,11 @@ def photo_landmarks(
     **build: Any,
 ) -> tuple[pa.Table, pa.Table]:
     """Landmarks of real photos in subject folders: the photos as they are, and each person's photos
-    split into two halves (``<person>__a``, ``<person>__b``; :func:`photo_identity.halves`)."""
-    import shutil
-
-    from pipeline.evaluate.photo_identity import halves
-
+    split into two halves (``<person>__a``, ``<person>__b``; :func:`write_halves`)."""
     root = Path(photos).resolve()
-    if not root.is_dir():
-        raise FileNotFoundError(f"{root}: real photos must be a folder of subject folders")
-    by_person = {
-        d.name: sorted(str(p) for p in d.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-        for d in sorted(root.iterdir())
-        if d.is_dir()
-    }
-    split = halves(by_person)
-    if len(split) < 2:
-        raise ValueError(f"{root}: real photos need at least two people with two photos or more each")
     # beside the render run, not inside it: each is a run of its own
     halves_root = work.with_name(f"{work.name}-halves-photos")
-    shutil.rmtree(halves_root, ignore_errors=True)
-    for person, parts in split.items():
-        for tag, files in zip("ab", parts, strict=True):
-            (halves_root / f"{person}__{tag}").mkdir(parents=True)
-            for f in files:
-                shutil.copyfile(f, halves_root / f"{person}__{tag}" / Path(f).name)
+    write_halves(root, halves_root)
     tables = []
     for name, tree in (("photos", root), ("halves", halves_root)):
         _, _, lms = _build_landmarks(
