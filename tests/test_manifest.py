@@ -82,3 +82,37 @@ def test_stage_defaults_come_from_the_stage_schema():
     m = load_manifest()
     p = m.stage_params("ingest")
     assert p["shard_size"] == 2000 and ".jpg" in p["image_extensions"]
+
+
+@pytest.mark.parametrize(
+    "key, value",
+    [
+        ("stages.detect.min_score", ".nan"),
+        ("stages.fit.reject_nme", ".nan"),
+        ("stages.fit.identity_prior_weight", ".inf"),
+        ("stages.export.val_fraction", "-.inf"),
+    ],
+)
+def test_non_finite_numbers_are_refused_naming_the_key(key, value):
+    """JSON Schema's bounds pass NaN (every comparison with it is false): checked apart."""
+    with pytest.raises(ManifestError, match=rf"{key}: expected a finite number"):
+        load_manifest(overrides=[f"{key}={value}"])
+
+
+def test_a_nan_setting_stops_a_build_before_anything_is_written(tmp_path, capsys):
+    from pipeline.cli import main
+
+    run = tmp_path / "run"
+    rc = main(["build", str(run), "--root", str(tmp_path), "--set", "stages.detect.min_score=.nan"])
+    assert rc == 2 and not run.exists()
+    assert "stages.detect.min_score: expected a finite number, got nan" in capsys.readouterr().err
+
+
+def test_memory_limit_must_be_a_size():
+    for good in ("4GiB", "auto", "0", "500MB", "2.5 GB", "1e9"):
+        assert load_manifest(overrides={"execution.memory_limit": good}).get("execution.memory_limit") == good
+    for bad in ("-5GiB", "lots", "4 gigabytes"):
+        with pytest.raises(
+            ManifestError, match=r"execution.memory_limit: expected memory per worker process"
+        ):
+            load_manifest(overrides={"execution.memory_limit": bad})

@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import functools
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -73,7 +74,21 @@ def _describe(err: jsonschema.ValidationError) -> str:
         return err.message.replace("is a required property", "is required but missing")
     if v == "enum":
         return f"expected one of {err.validator_value}, got {inst!r}"
+    if v == "pattern":
+        return f"expected {err.schema.get('description') or 'a match of ' + repr(err.validator_value)}, got {inst!r}"
     return err.message
+
+
+def _non_finite(value: Any, path: tuple = ()) -> list[tuple[tuple, float]]:
+    """Every NaN or infinite number in a YAML document, with its key path. JSON Schema cannot refuse
+    them: ``minimum``/``maximum`` comparisons with NaN are false, so NaN passes every bound."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return [(path, value)]
+    if isinstance(value, dict):
+        return [hit for k, v in value.items() for hit in _non_finite(v, (*path, k))]
+    if isinstance(value, list):
+        return [hit for i, v in enumerate(value) for hit in _non_finite(v, (*path, i))]
+    return []
 
 
 def validate(data: Any, source: str = "manifest") -> None:
@@ -81,8 +96,9 @@ def validate(data: Any, source: str = "manifest") -> None:
     errors = sorted(
         validator.iter_errors(data), key=lambda e: (len(e.absolute_path), list(map(str, e.absolute_path)))
     )
-    if errors:
-        lines = [f"{source}: {_path_str(e.absolute_path)}: {_describe(e)}" for e in errors[:10]]
+    lines = [f"{source}: {_path_str(p)}: expected a finite number, got {v}" for p, v in _non_finite(data)]
+    if errors or lines:
+        lines += [f"{source}: {_path_str(e.absolute_path)}: {_describe(e)}" for e in errors[:10]]
         more = f"\n  … and {len(errors) - 10} more" if len(errors) > 10 else ""
         raise ManifestError("invalid manifest:\n  " + "\n  ".join(lines) + more)
 
