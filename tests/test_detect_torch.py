@@ -187,3 +187,30 @@ def test_pnet_in_onnxruntime_gives_the_same_faces(renders, faces_dir, manifest):
     assert a.shape == b.shape and np.abs(a - b).max() < 1e-2  # the same rows, to float rounding
     with pytest.raises(ValueError, match="runs on a CPU"):
         TorchMTCNN(weights, "meta", "onnxruntime")
+
+
+def test_an_altered_weights_cache_is_converted_again_not_used(tmp_path, manifest, caplog):
+    """The converted MTCNN cache is trusted only while it hashes to what its conversion recorded:
+    P-Net weights scaled by 0.5 inside it (the boxes would move) are replaced, with a warning."""
+    import logging
+
+    from pipeline.detect.weights import load_npz, weights_npz
+
+    path, sha = weights_npz(manifest.model("mtcnn"), tmp_path)
+    assert path.with_name(path.name + ".sha256").read_text().strip() == sha
+    clean = load_npz(path)
+    tampered = {
+        f"{net}_{i:02d}": (a * 0.5 if net == "pnet" else a)
+        for net, arrs in clean.items()
+        for i, a in enumerate(arrs)
+    }
+    np.savez(path, **tampered)
+    with caplog.at_level(logging.WARNING, logger="pipeline.detect.weights"):
+        again, sha2 = weights_npz(manifest.model("mtcnn"), tmp_path)
+    assert again == path and sha2 == sha and "converting the MTCNN weights again" in caplog.text
+    assert all(np.array_equal(a, b) for a, b in zip(load_npz(path)["pnet"], clean["pnet"], strict=True))
+    path.with_name(path.name + ".sha256").unlink()  # a cache with no record is not trusted either
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="pipeline.detect.weights"):
+        assert weights_npz(manifest.model("mtcnn"), tmp_path) == (path, sha)
+    assert "no recorded sha256" in caplog.text

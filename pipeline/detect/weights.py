@@ -4,14 +4,17 @@ The wheel ships them as joblib pickles (``mtcnn/assets/weights/{p,r,o}net.lz4``:
 around a pickled list of float32 arrays). Each file's sha256 is checked against the manifest
 (``models.mtcnn.members``) first; then a restricted unpickler admits only joblib's array wrapper,
 ``numpy.ndarray`` and ``numpy.dtype`` (anything else, and any object-dtype array, is refused), and
-the arrays are cached as one ``.npz`` (read back with ``allow_pickle=False``). The package is
+the arrays are cached as one ``.npz`` (read back with ``allow_pickle=False``) whose sha256 the
+conversion records beside it and every use checks. The package is
 located without importing it (its ``__init__`` imports TensorFlow).
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import io
+import logging
 import pickle
 from pathlib import Path
 
@@ -19,6 +22,8 @@ import numpy as np
 
 from pipeline.storage.atomic import atomic_write
 from pipeline.storage.hashing import sha256_file
+
+log = logging.getLogger(__name__)
 
 NETS = ("pnet", "rnet", "onet")
 MEMBER = "mtcnn/assets/weights/{}.lz4"
@@ -104,17 +109,35 @@ def read_weights(model: dict) -> dict[str, list[np.ndarray]]:
 
 
 def weights_npz(model: dict, cache_dir: Path) -> tuple[Path, str]:
-    """The verified weights converted once into ``<cache_dir>/mtcnn-<hash>.npz``; (path, sha256)."""
+    """The verified weights converted once into ``<cache_dir>/mtcnn-<hash>.npz``; (path, sha256).
+
+    The conversion records the ``.npz``'s own sha256 beside it (``…npz.sha256``), written after the
+    file: the cache is trusted only while it still hashes to what the conversion wrote from the
+    verified wheel members. An altered, truncated or unrecorded cache is converted again (with a
+    warning naming it), never used."""
     members = model.get("members") or {}
     key = "-".join(members.get(MEMBER.format(n), "none")[:8] for n in NETS)
     path = Path(cache_dir) / f"mtcnn-{key}.npz"
-    if not path.is_file():
-        arrays = read_weights(model)
-        buf = io.BytesIO()
-        np.savez(buf, **{f"{net}_{i:02d}": a for net, arrs in arrays.items() for i, a in enumerate(arrs)})
-        path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(path, buf.getvalue())
-    return path, sha256_file(path)
+    record = path.with_name(path.name + ".sha256")
+    if path.is_file():
+        want = record.read_text(encoding="ascii", errors="replace").strip() if record.is_file() else None
+        got = sha256_file(path)
+        if got == want:
+            return path, got
+        log.warning(
+            "%s: %s; converting the MTCNN weights again from the verified wheel",
+            path,
+            "no recorded sha256" if want is None else f"sha256 {got[:12]}… is not the recorded {want[:12]}…",
+        )
+    arrays = read_weights(model)
+    buf = io.BytesIO()
+    np.savez(buf, **{f"{net}_{i:02d}": a for net, arrs in arrays.items() for i, a in enumerate(arrs)})
+    data = buf.getvalue()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, data)
+    digest = hashlib.sha256(data).hexdigest()
+    atomic_write(record, (digest + "\n").encode())
+    return path, digest
 
 
 def load_npz(path: str | Path) -> dict[str, list[np.ndarray]]:
