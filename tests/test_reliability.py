@@ -383,3 +383,22 @@ def test_train_refuses_an_altered_export_shard_naming_it(reference, tmp_path, ca
     assert str(p) in err and "sha256 differs" in err and "Traceback" not in err
     assert main(["build", str(run), *SYNC]) == 0  # invalidated by train: export recomputes it
     assert export_rows(run) == export_rows(reference)
+
+
+def test_train_refuses_a_damaged_or_missing_export_shard_and_never_trains_on_part(
+    reference, tmp_path, capsys
+):
+    """A cut-short export shard: `train` exits non-zero naming it (and it is invalidated); asked
+    again, it names the shard now missing; after `build` redoes it, training runs."""
+    run = copy_run(reference, tmp_path)
+    victim = sorted((run / "export").glob("part-00001-*.parquet"))[0]
+    data = victim.read_bytes()
+    victim.write_bytes(data[: len(data) * 3 // 4])
+    assert main(["train", str(run), "--tiny", "--epochs", "1"]) != 0
+    assert str(victim) in capsys.readouterr().err
+    assert main(["train", str(run), "--tiny", "--epochs", "1"]) != 0
+    assert "export shard(s) 00001 of 3 not committed" in capsys.readouterr().err
+    assert not (run / "train").exists() or not any((run / "train").rglob("*.pt"))
+    assert main(["build", str(run), *SYNC]) == 0
+    assert export_rows(run) == export_rows(reference)
+    assert main(["train", str(run), "--tiny", "--epochs", "1"]) == 0

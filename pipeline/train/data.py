@@ -66,7 +66,24 @@ def scan_trainset(run_root: str, storage_options: dict | None = None) -> Trainse
     """List the committed shards, check schema version and model metadata agree, count rows."""
     store = ShardStore(run_root, "export", storage_options)
     schema = load_schema("trainset")
-    shards = [s for s in store.shards_with_sidecar() if store.is_done(s)]
+    shards = store.shards_with_sidecar()
+    for s in shards:
+        # every committed shard whole (size and sha256, once per training run: row groups are
+        # streamed later, unhashed): a damaged one is refused, never skipped — training on the
+        # rest would train on part of the set without a word
+        bad = store.check(s)
+        if bad is not None:
+            store.invalidate(s)  # the next `morphset build` recomputes it
+            raise CorruptShard(*bad)
+    # every shard of the run's index exported (where the run has one: a trainset may travel alone)
+    index = ShardStore(run_root, "ingest", storage_options).shards_with_sidecar()
+    missing = sorted(set(index) - set(shards))
+    if shards and missing:
+        raise FileNotFoundError(
+            f"{store.dir}: export shard(s) {', '.join(f'{i:05d}' for i in missing[:10])}"
+            f"{' …' if len(missing) > 10 else ''} of {len(index)} not committed (the training set is "
+            "incomplete); run `morphset build` on the run first"
+        )
     if not shards:
         raise FileNotFoundError(
             f"{store.dir}: no committed trainset shards (part-NNNNN-<split>.parquet with its "
@@ -75,10 +92,6 @@ def scan_trainset(run_root: str, storage_options: dict | None = None) -> Trainse
     paths, units, meta = [], [], None
     max_label, n_train, n_val = -1, 0, 0
     for s in shards:
-        bad = store.check(s)  # once per training run: row groups are streamed later, unhashed
-        if bad is not None:
-            store.invalidate(s)
-            raise CorruptShard(*bad)
         for path in store.data_paths(s):
             with store.fs.open(path, "rb") as f:
                 pf = pq.ParquetFile(f)
