@@ -289,6 +289,11 @@ class ShardStore:
                 return path, why
         return None
 
+    def data_bytes(self, shard: int) -> int:
+        """The committed shard's data size as its sidecar recorded it (0 if not committed)."""
+        sc = self.sidecar(shard)
+        return 0 if sc is None else sum(int(r.get("bytes", 0)) for _, r in self._file_records(shard, sc))
+
     def invalidate(self, shard: int) -> None:
         """Make a committed shard not done (its sidecar goes; the data file is rewritten later)."""
         if self.fs.exists(self.sidecar_path(shard)):
