@@ -169,3 +169,17 @@ def test_fsspec_urls_are_read(tmp_path):
     p = tmp_path / "b.png"
     p.write_bytes(data)
     assert read_image(p.as_uri()).ok
+
+
+def test_an_oversized_file_is_refused_from_its_size_before_it_is_read(tmp_path, monkeypatch):
+    """A 1.5 GB (sparse) .jpg: refused as file_too_large from a stat, no byte of it read."""
+    import pipeline.imaging.decode as decode
+
+    big = tmp_path / "huge.jpg"
+    with open(big, "wb") as f:
+        f.truncate(1536 << 20)
+    reads = []
+    monkeypatch.setattr(decode, "read_bytes", lambda *a, **k: reads.append(a) or b"")
+    res = decode.read_image(str(big))
+    assert res.reason == "file_too_large" and "stages.decode.max_pixels" in res.detail and reads == []
+    assert decode.max_file_bytes(40_000_000) < (1536 << 20)

@@ -418,3 +418,29 @@ def test_train_refuses_a_damaged_or_missing_export_shard_and_never_trains_on_par
     assert main(["build", str(run), *SYNC]) == 0
     assert export_rows(run) == export_rows(reference)
     assert main(["train", str(run), "--tiny", "--epochs", "1"]) == 0
+
+
+def test_one_oversized_file_is_its_own_reason_and_the_shard_goes_on(data, tmp_path):
+    """A 1.5 GB sparse .jpg among a subject's photos is never read into a worker: it is recorded as
+    file_too_large and every other image of its shard is processed."""
+    import pyarrow.dataset as pads
+
+    root = tmp_path / "root"
+    shutil.copytree(data, root)
+    subject = sorted(p for p in root.iterdir() if p.is_dir())[0]
+    with open(subject / "huge.jpg", "wb") as f:
+        f.truncate(1536 << 20)
+    run = tmp_path / "run"
+    assert main(["build", str(run), "--dataset", "synthetic", "--root", str(root), "--landmarks", "dlib",
+                 "--until", "detect", *SYNC]) == 0  # fmt: skip
+    rows = pads.dataset(str(run / "detect"), format="parquet").to_table().to_pylist()
+    reasons = {r["image_id"]: r["failure_reason"] for r in rows}
+    assert reasons.pop(f"{subject.name}/huge.jpg") == "file_too_large"
+    assert reasons and sum(v is None for v in reasons.values()) >= len(reasons) - 1
+
+
+def test_a_run_location_with_a_url_chain_is_refused_and_nothing_written(data, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["ingest", "run::x", "--root", str(data)]) == 2
+    assert "'::' chains fsspec URLs" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []

@@ -8,6 +8,8 @@ failure (the stage writes it to ``failure_reason``; the store counts rows by it)
 - ``not_an_image``    no image format recognised
 - ``too_many_pixels`` width x height above ``max_pixels`` (decompression-bomb guard; checked from
   the header, before any pixel is decoded)
+- ``file_too_large`` (``read_image`` only) more bytes than any image within ``max_pixels`` needs
+  (:func:`max_file_bytes`; checked from the file's size before anything is read)
 - ``truncated``       the header is fine but the pixel data ends early or is corrupt
 - ``decode_error``    anything else the decoder refuses (unsupported mode, invalid size ...)
 - ``missing`` / ``unreadable``  (``read_image`` only) the file is gone or cannot be read
@@ -53,6 +55,7 @@ REASONS = (
     "empty_file",
     "not_an_image",
     "too_many_pixels",
+    "file_too_large",
     "truncated",
     "decode_error",
     "missing",
@@ -171,6 +174,25 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> DecodeRes
     return DecodeResult(rgb)
 
 
+def max_file_bytes(max_pixels: int) -> int:
+    """The largest file an image within ``max_pixels`` can need: 8 bytes a pixel (16-bit RGBA
+    stored raw) and 16 MiB of metadata. A larger file is refused from its size alone, so that one
+    huge file never reaches a worker's memory."""
+    return 8 * int(max_pixels) + (16 << 20)
+
+
+def file_size(uri: str, storage_options: dict | None = None) -> int | None:
+    """The file's size from a stat (None when the file system cannot say)."""
+    try:
+        fs, path = fsspec.core.url_to_fs(uri, **(storage_options or {}))
+        size = fs.size(path)
+    except FileNotFoundError:
+        raise
+    except (OSError, ValueError, NotImplementedError):
+        return None
+    return None if size is None else int(size)
+
+
 def read_bytes(uri: str, storage_options: dict | None = None) -> bytes:
     """Read a whole file through fsspec (local path or URL)."""
     with fsspec.open(uri, "rb", **(storage_options or {})) as f:
@@ -201,6 +223,13 @@ def read_image(
     if root is not None and not inside_root(uri, root):
         return _fail("symlink_escapes_root", f"{uri} resolves outside {root}")
     try:
+        size = file_size(uri, storage_options)
+        if size is not None and size > max_file_bytes(max_pixels):
+            return _fail(
+                "file_too_large",
+                f"{uri}: {size} bytes, more than an image of at most {max_pixels} pixels needs "
+                f"({max_file_bytes(max_pixels)}; stages.decode.max_pixels)",
+            )
         data = read_bytes(uri, storage_options)
     except FileNotFoundError as exc:
         return _fail("missing", str(exc))

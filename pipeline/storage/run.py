@@ -105,6 +105,12 @@ class Run:
     """One run's location and files."""
 
     def __init__(self, location: str | os.PathLike, storage_options: dict | None = None) -> None:
+        if "::" in os.fspath(location):
+            # fsspec reads "a::b" as a chain of file systems and would write into "a"
+            raise ValueError(
+                f"run location {os.fspath(location)!r}: '::' chains fsspec URLs (e.g. simplecache::s3://…), "
+                "which a run cannot be written through; name the run without '::'"
+            )
         self.url = absolute_location(location)
         self.storage_options = storage_options
         self.fs, root = fsspec.core.url_to_fs(self.url, **(storage_options or {}))
