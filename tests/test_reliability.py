@@ -444,3 +444,29 @@ def test_a_run_location_with_a_url_chain_is_refused_and_nothing_written(data, tm
     assert main(["ingest", "run::x", "--root", str(data)]) == 2
     assert "'::' chains fsspec URLs" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_status_adds_up_for_every_stage_and_dropped_subjects_have_a_reason(data, tmp_path, capsys):
+    """Per stage: input images = output rows without a reason + recorded failures. A subject left
+    with fewer usable images than min_images_per_subject has its images recorded, not lost."""
+    run = tmp_path / "run"
+    # every subject of the rendered set has 3 images: asking for 4 drops them all from the export
+    assert main(["build", str(run), "--dataset", "synthetic", "--root", str(data), "--landmarks", "dlib",
+                 "--shard-size", "3", "--set", "stages.export.min_images_per_subject=3", *SYNC]) == 0  # fmt: skip
+    capsys.readouterr()
+    assert main(["status", str(run), "--json"]) == 0
+    status = json.loads(capsys.readouterr().out)
+    images = status["ingest"]["rows"]
+    for stage in ("detect", "landmarks", "embed", "crop", "fit"):
+        st = status[stage]
+        ok = st["rows"] - sum(st["failures"].values())  # these stages keep a row per image
+        assert st["rows"] == images and ok >= 0, stage
+    exp = status["export"]
+    assert exp["rows"] + sum(exp["failures"].values()) == images
+    # now a minimum no subject reaches: every usable image is recorded as such
+    assert main(["build", str(run), "--set", "stages.export.min_images_per_subject=4", *SYNC]) == 0
+    capsys.readouterr()
+    assert main(["status", str(run), "--json"]) == 0
+    exp = json.loads(capsys.readouterr().out)["export"]
+    assert exp["rows"] == 0 and sum(exp["failures"].values()) == images
+    assert exp["failures"].get("too_few_images_in_subject", 0) > 0

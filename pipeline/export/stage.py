@@ -21,6 +21,7 @@ from pipeline.storage.run import Run
 
 LABELS_FILE = "_labels.json"
 EXCLUDED = "excluded_subject"
+TOO_FEW_IMAGES = "too_few_images_in_subject"
 
 
 class SubjectListError(ValueError):
@@ -155,7 +156,12 @@ def run_shard(inputs: dict[str, pa.Table], ctx: StageContext) -> pa.Table:
         if f["failure_reason"] is None and f["subject"] in excluded:
             dropped[f["image_id"]] = EXCLUDED  # usable, but its subject is on the exclusion list
             continue
-        if f["failure_reason"] is not None or f["subject"] not in subjects:
+        if f["failure_reason"] is None and f["subject"] not in subjects:
+            # usable, but its subject kept fewer than min_images_per_subject usable images
+            dropped[f["image_id"]] = TOO_FEW_IMAGES
+            continue
+        if f["failure_reason"] is not None:
+            dropped[f["image_id"]] = f["failure_reason"]  # carried forward, as every stage does
             continue
         image_id = f["image_id"]
         crow, drow = crop_by_id.get(image_id), det_by_id.get(image_id)
