@@ -100,3 +100,26 @@ def test_failed_marker_is_cleared_by_a_successful_write(tmp_path):
     assert not store.is_done(1)
     store.write(1, from_rows(ROWS, schema), schema, "fp", "ph", 0.1)
     assert store.failure(1) is None and store.is_done(1, "fp")
+
+
+def test_a_sidecar_naming_a_file_outside_its_shard_counts_as_not_done(tmp_path, caplog):
+    """``files[].name`` is joined to the stage folder: a name with a path in it, or another
+    shard's file, makes the sidecar malformed (not done, with a warning): no read or hash ever
+    leaves the stage folder."""
+    import json
+    import logging
+
+    schema = load_schema("index")
+    store = ShardStore(str(tmp_path), "ingest")
+    store.write(2, from_rows(ROWS, schema), schema, "fp", "ph", 0.1)
+    good = json.loads(open(store.sidecar_path(2)).read())
+    for name in ("../../outside.parquet", "/etc/passwd", "part-00003.parquet", "sub/part-00002.parquet"):
+        doc = {**good, "files": [{"name": name, "bytes": 1, "sha256": "0" * 64}]}
+        with open(store.sidecar_path(2), "w") as f:
+            json.dump(doc, f)
+        with caplog.at_level(logging.WARNING, logger="pipeline.storage.store"):
+            assert store.sidecar(2) is None and not store.is_done(2), name
+    assert "not this shard's in its stage folder" in caplog.text  # warned (once per sidecar)
+    with open(store.sidecar_path(2), "w") as f:
+        json.dump(good, f)
+    assert store.is_done(2, "fp") and store.check(2) is None

@@ -46,6 +46,8 @@ from pipeline.storage.atomic import atomic_write, remove_temporaries
 log = logging.getLogger(__name__)
 META_DIR = "_meta"
 PART_RE = re.compile(r"part-(\d{5})\.json$")
+# what a sidecar may name as a data file of its shard: a bare name in the stage folder
+DATA_NAME_RE = re.compile(r"part-(\d{5})(-[A-Za-z0-9_]+)?\.parquet")
 ROW_GROUP_SIZE = 2048  # bounded row groups: column selection never reads more than this many rows of bytes
 
 
@@ -243,6 +245,17 @@ class ShardStore:
         if not isinstance(doc, dict) or any(k not in doc for k in SIDECAR_KEYS):
             _warn_once(path, f"malformed sidecar (expected an object with {', '.join(SIDECAR_KEYS)})")
             return None
+        files = doc.get("files")
+        if files is not None:
+            names = (
+                [f.get("name") if isinstance(f, dict) else None for f in files]
+                if isinstance(files, list)
+                else [None]
+            )
+            bad = [n for n in names if not isinstance(n, str) or not _own_data_file(n, shard)]
+            if bad:
+                _warn_once(path, f"names data files {bad[:3]} that are not this shard's in its stage folder")
+                return None
         return doc
 
     def failure(self, shard: int) -> dict | None:
@@ -373,6 +386,11 @@ def _mismatch(sidecar: dict, data: bytes) -> str | None:
 
 
 _WARNED: set[str] = set()
+
+
+def _own_data_file(name: str, shard: int) -> bool:
+    m = DATA_NAME_RE.fullmatch(name)
+    return m is not None and int(m.group(1)) == shard
 
 
 def _warn_once(path: str, why: str) -> None:
