@@ -61,6 +61,8 @@ def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
 def _classify(
     fs: fsspec.AbstractFileSystem, path: str, root: str, info: dict, extensions: set[str]
 ) -> str | None:
+    if info.get("type") == "directory":
+        return "not_a_file"
     name = path.rsplit("/", 1)[-1]
     if _is_local(fs):
         # every component resolved: a symlinked directory anywhere on the path counts, not only
@@ -104,8 +106,16 @@ def scan_subject_folders(root: str, extensions: list[str], storage_options: dict
             scan.stray_files.append(_nfc(name))
             continue
         subject = _nfc(name)
-        found = fs.find(item["name"], detail=True, withdirs=False)
-        files = sorted((p, i) for p, i in found.items() if not p.rsplit("/", 1)[-1].startswith("."))
+        found = fs.find(item["name"], detail=True, withdirs=True)
+        # a directory only counts when it is named like an image (photo.jpg/): it is recorded as
+        # not_a_file rather than passed over without a word; other folders just hold files
+        files = sorted(
+            (p, i)
+            for p, i in found.items()
+            if not p.rsplit("/", 1)[-1].startswith(".")
+            and p.rstrip("/") != item["name"].rstrip("/")
+            and (i.get("type") != "directory" or posixpath.splitext(p.rstrip("/"))[1].lower() in exts)
+        )
         if not files:
             scan.empty_subjects.append(subject)
             continue
