@@ -317,15 +317,25 @@ def overlap(
 
 def verify(run: str | os.PathLike, storage_options: dict | None = None) -> dict[str, Any]:
     """Check every committed shard's data file against the size and sha256 in its sidecar. A
-    corrupt shard is invalidated (its sidecar removed), so the next build recomputes it."""
+    corrupt shard is invalidated (its sidecar removed), so the next build recomputes it. A run on
+    read-only storage is checked all the same, and reported (``read_only``) without invalidating."""
+    import contextlib
+    import errno
+
     from pipeline.core.registry import BUILD_ORDER
 
     r = Run(run, storage_options)
-    r.migrate_layout()
     if not r.exists():
         raise FileNotFoundError(f"{r.url}: no such run")
-    out: dict[str, Any] = {"run": r.url, "stages": {}, "corrupt": []}
-    with r.lock("verify"):
+    out: dict[str, Any] = {"run": r.url, "stages": {}, "corrupt": [], "read_only": False}
+    with contextlib.ExitStack() as stack:
+        try:
+            r.migrate_layout()
+            stack.enter_context(r.lock("verify"))
+        except OSError as exc:
+            if exc.errno not in (errno.EROFS, errno.EACCES, errno.EPERM):
+                raise
+            out["read_only"] = True  # nothing can be invalidated: checked and reported only
         for stage in BUILD_ORDER:
             store = r.store(stage)
             verified, corrupt = 0, []
@@ -339,7 +349,8 @@ def verify(run: str | os.PathLike, storage_options: dict | None = None) -> dict[
                     continue
                 corrupt.append(shard)
                 out["corrupt"].append({"stage": stage, "shard": shard, "path": path, "why": why})
-                store.invalidate(shard)
+                if not out["read_only"]:
+                    store.invalidate(shard)
             out["stages"][stage] = {"verified": verified, "corrupt": corrupt}
     return out
 

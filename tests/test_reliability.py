@@ -470,3 +470,24 @@ def test_status_adds_up_for_every_stage_and_dropped_subjects_have_a_reason(data,
     exp = json.loads(capsys.readouterr().out)["export"]
     assert exp["rows"] == 0 and sum(exp["failures"].values()) == images
     assert exp["failures"].get("too_few_images_in_subject", 0) > 0
+
+
+def test_verify_checks_a_read_only_run_and_reports_without_writing(reference, tmp_path, capsys, monkeypatch):
+    import errno as _errno
+
+    from pipeline.storage.run import Run
+
+    run = copy_run(reference, tmp_path)
+    p = run / "fit" / "part-00001.parquet"
+    flip_byte(p, len(p.read_bytes()) // 2, 0x08)
+
+    def refused(self, *a, **k):
+        raise OSError(_errno.EROFS, "Read-only file system", str(run))
+
+    monkeypatch.setattr(Run, "lock", refused)
+    monkeypatch.setattr(Run, "migrate_layout", lambda self: 0)
+    before = sorted(str(q) for q in run.rglob("*"))
+    assert main(["verify", str(run)]) == 1
+    err = capsys.readouterr().err
+    assert str(p) in err and "read-only run: not invalidated" in err
+    assert sorted(str(q) for q in run.rglob("*")) == before  # nothing written, nothing removed

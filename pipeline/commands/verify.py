@@ -24,9 +24,11 @@ def run(args: argparse.Namespace) -> int:
     else:
         for stage, st in result["stages"].items():
             print(f"{stage:>9}: {st['verified']} shard(s) verified, {len(st['corrupt'])} corrupt")
+        done = (
+            "read-only run: not invalidated; a build on writable storage recomputes it"
+            if result["read_only"]
+            else "invalidated: the next build recomputes it"
+        )
         for c in result["corrupt"]:
-            print(
-                f"corrupt: {c['path']}: {c['why']} (invalidated: the next build recomputes it)",
-                file=sys.stderr,
-            )
+            print(f"corrupt: {c['path']}: {c['why']} ({done})", file=sys.stderr)
     return 1 if result["corrupt"] else 0
