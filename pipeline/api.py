@@ -156,15 +156,16 @@ def ingest(
 
 
 @contextlib.contextmanager
-def _executor(m: Manifest, stages: list[str]) -> Iterator[tuple[Any, dict]]:
-    """(executor, verified assets): model files resolved on the driver, then the cluster opened —
-    both before any work, so a missing model or an unreachable scheduler costs nothing."""
+def _executor(m: Manifest, stages: list[str], assets: dict | None = None) -> Iterator[tuple[Any, dict]]:
+    """(executor, verified assets): model files resolved on the driver (unless ``assets`` already
+    are), then the cluster opened — both before any work, so a missing model or an unreachable
+    scheduler costs nothing."""
     from dags.build import DaskExecutor
     from dags.cluster import open_client
     from pipeline.core.registry import config_view, get_stage
     from pipeline.core.runner import SyncExecutor, resolve_assets
 
-    assets = resolve_assets(m, stages)
+    assets = resolve_assets(m, stages) if assets is None else assets
     gpu_stages = set(m.get("execution.gpu_stages", []) or [])
     resources = {
         s: ({"GPU": 1} if s in gpu_stages else get_stage(s).resources_for(config_view(m, s))) for s in stages
@@ -246,9 +247,12 @@ def build(
     )
     m = res.manifest
     stages = BUILD_ORDER[1 : BUILD_ORDER.index(until) + 1]
+    from pipeline.core.runner import resolve_assets
     from pipeline.core.runner import run_stages as run_planned
 
-    with r.lock("build"), _executor(m, stages) as (executor, assets):
+    # the models first: a build refused over a model leaves no run folder behind
+    verified_assets = resolve_assets(m, stages)
+    with r.lock("build"), _executor(m, stages, verified_assets) as (executor, assets):
         ing = run_ingest(m, r.url, res.dataset, mode=mode, storage_options=storage_options)
         r.write_record(res.record)
         stage_mode = "resume" if mode == "extend" else mode

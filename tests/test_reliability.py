@@ -491,3 +491,11 @@ def test_verify_checks_a_read_only_run_and_reports_without_writing(reference, tm
     err = capsys.readouterr().err
     assert str(p) in err and "read-only run: not invalidated" in err
     assert sorted(str(q) for q in run.rglob("*")) == before  # nothing written, nothing removed
+
+
+def test_a_build_refused_over_a_model_hash_leaves_no_run_folder(data, tmp_path, capsys):
+    run = tmp_path / "run"
+    rc = main(["build", str(run), "--dataset", "synthetic", "--root", str(data), "--landmarks", "dlib",
+               "--set", "models.dlib_landmarks.sha256=" + "a" * 64, *SYNC])  # fmt: skip
+    assert rc == 2 and "models.dlib_landmarks" in capsys.readouterr().err
+    assert not run.exists()
