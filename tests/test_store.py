@@ -123,3 +123,22 @@ def test_a_sidecar_naming_a_file_outside_its_shard_counts_as_not_done(tmp_path, 
     with open(store.sidecar_path(2), "w") as f:
         json.dump(good, f)
     assert store.is_done(2, "fp") and store.check(2) is None
+
+
+def test_the_atomic_write_fsyncs_a_local_file_through_fsspec_before_the_rename(tmp_path, monkeypatch):
+    """The store writes local runs through fsspec too: their files are synced before the rename
+    (a crash must not leave the final name on an empty file); a memory file system has nothing to sync."""
+    import fsspec
+
+    import pipeline.storage.atomic as atomic
+
+    synced, renamed = [], []
+    real_fsync, fs = atomic.os.fsync, fsspec.filesystem("file")
+    real_mv = fs.mv
+    monkeypatch.setattr(atomic.os, "fsync", lambda fd: synced.append(len(renamed)) or real_fsync(fd))
+    monkeypatch.setattr(fs, "mv", lambda a, b, **k: renamed.append(b) or real_mv(a, b, **k))
+    target = str(tmp_path / "x" / "part-00000.parquet")
+    atomic.atomic_write(target, b"data", fs=fs)
+    assert synced == [0] and renamed == [target] and open(target, "rb").read() == b"data"
+    atomic.atomic_write("/mem/part-00000.parquet", b"data", fs=fsspec.filesystem("memory"))
+    assert synced == [0]

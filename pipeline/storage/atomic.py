@@ -42,8 +42,8 @@ def _write_to(f: IO[bytes], content: bytes | str | Writer) -> None:
 
 def atomic_write(target: str | Path, content: bytes | str | Writer, fs: Any = None) -> None:
     """Write ``content`` (bytes, text as UTF-8, or a function that writes into a binary file) to
-    ``target`` atomically. ``fs``: an fsspec filesystem for ``target`` (default: the local disk,
-    with an fsync before the rename)."""
+    ``target`` atomically. ``fs``: an fsspec filesystem for ``target`` (default: the local disk);
+    a local file is fsynced before the rename either way."""
     if fs is None:
         path = Path(target)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -70,6 +70,7 @@ def atomic_write(target: str | Path, content: bytes | str | Writer, fs: Any = No
     try:
         with fs.open(tmp, "wb") as f:
             _write_to(f, content)
+            _sync(f)
         fs.mv(tmp, target)
     except BaseException as exc:
         try:
@@ -79,6 +80,17 @@ def atomic_write(target: str | Path, content: bytes | str | Writer, fs: Any = No
             pass
         _raise_for_target(exc, target)
         raise
+
+
+def _sync(f: IO[bytes]) -> None:
+    """fsync a file that is a local one before the rename, as the local branch does (a crash must
+    not leave the new name on an empty file); object stores commit on close and have no fileno."""
+    try:
+        fileno = f.fileno()
+    except (AttributeError, OSError, ValueError):  # io.UnsupportedOperation is both
+        return
+    f.flush()
+    os.fsync(fileno)
 
 
 def _raise_for_target(exc: BaseException, target: str) -> None:
