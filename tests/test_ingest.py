@@ -109,6 +109,11 @@ def test_list_file_layout(tmp_path):
     bad.write_text("a/000.jpg,alice\na/001.jpg\n")
     with pytest.raises(IngestError, match=r"bad\.csv:2: expected 'path,subject'"):
         run_ingest(_manifest(root, layout="list-file", list_file=str(bad)), run, "t")
+    # a quoted path spanning two lines: errors after it name the physical line, not the record
+    spans = tmp_path / "spans.csv"
+    spans.write_text('"a/000.jpg",alice\n"odd\nname.jpg",bob\n\na/001.jpg\n')
+    with pytest.raises(IngestError, match=r"spans\.csv:5: expected 'path,subject'"):
+        run_ingest(_manifest(root, layout="list-file", list_file=str(spans)), run, "t")
 
 
 def test_missing_root_is_a_clear_error(tmp_path):

@@ -143,7 +143,11 @@ def scan_list_file(
         raise IngestError(f"{list_file}: not UTF-8 text ({exc})") from None
     scan = Scan(entries=[])
     seen: set[str] = set()
-    for lineno, row in enumerate(csv.reader(io.StringIO(text)), start=1):
+    reader = csv.reader(io.StringIO(text))
+    end = 0
+    for row in reader:
+        # the physical line the record starts on (a quoted field may span lines)
+        lineno, end = end + 1, reader.line_num
         if not row or all(not c.strip() for c in row) or row[0].lstrip().startswith("#"):
             continue
         if lineno == 1 and [c.strip().lower() for c in row] == ["path", "subject"]:
