@@ -68,6 +68,8 @@ def test_bad_tree_is_recorded_not_crashed(tmp_path):
     (root / "alice" / ".DS_Store").write_bytes(b"junk")
     (root / "alice" / "folder.jpg").mkdir()  # a directory named like an image: recorded, not skipped
     (root / "alice" / "more").mkdir()  # a plain sub-folder holds files; it is no entry itself
+    (root / "bob").mkdir()
+    os.symlink(root / "alice" / "001.jpg", root / "bob" / "borrowed.jpg")  # alice's photo, another person
     _tree(root / "alice" / "more", {"nested": 1})
     run = str(tmp_path / "run")
     r = run_ingest(_manifest(root), run, "t")
@@ -82,8 +84,16 @@ def test_bad_tree_is_recorded_not_crashed(tmp_path):
     assert "alice/.DS_Store" not in reasons
     assert reasons["alice/folder.jpg"] == "not_a_file"
     assert reasons["alice/more/nested/000.jpg"] is None and "alice/more" not in reasons
+    assert reasons["bob/borrowed.jpg"] == "linked_from_another_subject"  # never two people's
+    assert reasons["alice/001.jpg"] is None
     assert r.empty_subjects == ["empty_subject"] and r.stray_files == ["stray.jpg"]
-    assert r.failures == {"empty_file": 1, "not_an_image": 1, "not_a_file": 1, "symlink_escapes_root": 1}
+    assert r.failures == {
+        "empty_file": 1,
+        "linked_from_another_subject": 1,
+        "not_an_image": 1,
+        "not_a_file": 1,
+        "symlink_escapes_root": 1,
+    }
 
 
 def test_list_file_layout(tmp_path):

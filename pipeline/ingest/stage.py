@@ -124,6 +124,23 @@ def scan_subject_folders(root: str, extensions: list[str], storage_options: dict
             reason = _classify(fs, path, rpath, info, exts)
             uri = path if _is_local(fs) else fs.unstrip_protocol(path)
             scan.entries.append(Entry(rel, subject, uri, info.get("size"), _mtime(info), reason))
+    return _one_subject_per_file(scan, fs)
+
+
+def _one_subject_per_file(scan: Scan, fs: fsspec.AbstractFileSystem) -> Scan:
+    """A file reached under two subjects (a symlinked folder or file inside the root) would put one
+    photo into two people: it stays with the first subject (sorted order) and its other entries get
+    the reason ``linked_from_another_subject``. Local file systems only (object stores have no links)."""
+    if not _is_local(fs):
+        return scan
+    owner: dict[str, str] = {}
+    for e in scan.entries:
+        if e.reason is not None:
+            continue
+        real = os.path.realpath(e.uri)
+        first = owner.setdefault(real, e.subject)
+        if first != e.subject:
+            e.reason = "linked_from_another_subject"
     return scan
 
 
@@ -175,7 +192,7 @@ def scan_list_file(
         reason = _classify(fs, path, rpath, info, exts)
         uri = path if _is_local(fs) else fs.unstrip_protocol(path)
         scan.entries.append(Entry(rel, subject, uri, info.get("size"), _mtime(info), reason))
-    return scan
+    return _one_subject_per_file(scan, fs)
 
 
 def assign_labels(subjects: list[str], existing: dict[str, int] | None = None) -> dict[str, int]:
