@@ -27,6 +27,25 @@ from pipeline.errors import MorphsetError
 log = logging.getLogger("morphset.cluster")
 
 
+@contextlib.contextmanager
+def _workers_ignore_ctrl_c() -> Iterator[None]:
+    """Worker processes started inside this block ignore SIGINT: Ctrl-C in a terminal signals the
+    whole process group, and the driver alone handles it (cancels, keeps what is committed, says
+    so in one line); workers that also took it printed a KeyboardInterrupt traceback each. An
+    ignored signal is inherited across the spawn and Python keeps it ignored."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield  # only the main thread may change signal handlers
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def worker_malloc_environ() -> dict:
     """The environment Dask's nanny gives a worker process before it starts, without
     ``MALLOC_TRIM_THRESHOLD_``. Dask sets it (65536) to hand freed memory back to the system;
@@ -138,7 +157,10 @@ def open_client(manifest: Manifest, echo: bool = True) -> Iterator[object | None
         "MKL_NUM_THREADS": "1",
     }
     os.environ.update({k: os.environ.get(k, v) for k, v in env.items()})
-    with dask.config.set({"distributed.nanny.pre-spawn-environ": worker_malloc_environ()}):
+    with (
+        dask.config.set({"distributed.nanny.pre-spawn-environ": worker_malloc_environ()}),
+        _workers_ignore_ctrl_c(),
+    ):
         cluster = LocalCluster(
             n_workers=n_workers,
             threads_per_worker=ex.get("threads_per_worker", 1),

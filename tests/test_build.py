@@ -349,7 +349,10 @@ def test_bad_images_are_recorded_and_the_build_succeeds(reference, dataset, tmp_
     assert len(export_rows(run)) >= len(reference[1])  # the good images are all there
 
 
-def test_ctrl_c_stops_cleanly_and_the_rerun_completes(reference, dataset, tmp_path):
+@pytest.mark.parametrize("to", ["driver", "process-group"])
+def test_ctrl_c_stops_cleanly_and_the_rerun_completes(reference, dataset, tmp_path, to):
+    """Ctrl-C in a terminal signals the whole process group (driver, nannies, workers): one line,
+    no traceback from any of them."""
     _, want = reference
     run = tmp_path / "run"
     proc = subprocess.Popen(
@@ -362,7 +365,10 @@ def test_ctrl_c_stops_cleanly_and_the_rerun_completes(reference, dataset, tmp_pa
     )
     try:
         assert _wait_for(str(run / "_meta" / "detect" / "part-00000.json"), proc)
-        proc.send_signal(signal.SIGINT)  # what Ctrl-C sends to the driver
+        if to == "driver":
+            proc.send_signal(signal.SIGINT)
+        else:
+            os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
         _, err = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:

@@ -499,3 +499,43 @@ def test_a_build_refused_over_a_model_hash_leaves_no_run_folder(data, tmp_path, 
                "--set", "models.dlib_landmarks.sha256=" + "a" * 64, *SYNC])  # fmt: skip
     assert rc == 2 and "models.dlib_landmarks" in capsys.readouterr().err
     assert not run.exists()
+
+
+def test_a_storage_fault_on_a_dask_cluster_is_tried_once_and_logs_no_failed_task(
+    reference, tmp_path, monkeypatch, caplog
+):
+    """A full disk is not a passing fault: on a Dask cluster (threads of this process, so the
+    fault can be injected) each shard meets it once — no retry — and no worker logs a failed
+    task; the build stops with the one StorageFault."""
+    import errno
+    import logging
+
+    from distributed import Client, LocalCluster
+
+    import pipeline.storage.atomic as atomic
+    from dags.build import DaskExecutor
+    from pipeline.config.manifest import load_manifest
+    from pipeline.core.runner import StorageFault, run_stages
+    from pipeline.storage.run import Run
+
+    run = copy_run(reference, tmp_path)
+    real, attempts = atomic._write_to, []
+
+    def full(f, content):
+        name = str(getattr(f, "path", getattr(f, "name", "")))
+        if f"{os.sep}fit{os.sep}" in name and "_meta" not in name:
+            attempts.append(name.rsplit("-", 1)[-1])  # the shard's file name (temporaries are unique)
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(f, content)
+
+    monkeypatch.setattr(atomic, "_write_to", full)
+    m = load_manifest(overrides={"stages.landmarks.backend": "dlib", "stages.fit.max_iterations": 7})
+    with (
+        LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None) as cluster,
+        Client(cluster) as client,
+        caplog.at_level(logging.ERROR, logger="distributed"),
+        pytest.raises(StorageFault, match="No space left"),
+    ):
+        run_stages(Run(run), m, ["fit"], DaskExecutor(client, retries=2), progress=False)
+    assert 1 <= len(attempts) <= 3 and len(set(attempts)) == len(attempts)  # one try per shard, never again
+    assert "Compute Failed" not in caplog.text and "Traceback" not in caplog.text
