@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from pipeline.core.runner import Outcome, ShardTask, outcomes
+from pipeline.errors import ClusterLost
 
 if TYPE_CHECKING:
     from distributed import Client
@@ -29,10 +30,63 @@ class DaskExecutor:
     annotation is applied only when some worker of the cluster declares that resource (a task
     that asks for a resource no worker has would wait for ever)."""
 
-    def __init__(self, client: Client, retries: int = 2, resources: dict[str, dict] | None = None) -> None:
+    def __init__(
+        self,
+        client: Client,
+        retries: int = 2,
+        resources: dict[str, dict] | None = None,
+        no_worker_timeout_s: float = 120.0,
+    ) -> None:
         self.client = client
         self.retries = retries
         self.resources = resources or {}
+        self.no_worker_timeout_s = no_worker_timeout_s
+
+    def _workers(self) -> int:
+        try:
+            return len(self.client.scheduler_info().get("workers", {}))
+        except Exception as exc:  # the scheduler no longer answers
+            raise ClusterLost(
+                f"lost the Dask scheduler ({type(exc).__name__}: {exc}); committed shards are kept, "
+                "run the build again to resume"
+            ) from None
+
+    def _check_scheduler(self) -> None:
+        if self.client.status not in ("running", "connecting"):
+            raise ClusterLost(
+                f"lost the Dask scheduler (client {self.client.status}); committed shards are kept, "
+                "run the build again to resume"
+            )
+        self._workers()
+
+    def _completed(self, futures: list) -> Iterator:
+        """Futures as they finish; a cluster left without a worker for ``no_worker_timeout_s`` (or
+        without its scheduler) stops the build with one :class:`ClusterLost` instead of waiting."""
+        from distributed import as_completed
+
+        pending = as_completed(futures)
+        alone_since: float | None = None
+        checked = 0.0
+        while not pending.is_empty():
+            batch = pending.next_batch(block=False)
+            if batch:
+                alone_since = None
+                yield from batch
+                continue
+            now = time.monotonic()
+            if now - checked >= 1.0:
+                checked = now
+                if self._workers():
+                    alone_since = None
+                else:
+                    alone_since = alone_since or now
+                    if now - alone_since >= self.no_worker_timeout_s:
+                        raise ClusterLost(
+                            f"no Dask worker for {self.no_worker_timeout_s:g} s (all gone or none joined "
+                            f"{self.client.scheduler.address}); committed shards are kept, run the build "
+                            "again to resume"
+                        )
+            time.sleep(0.05)
 
     def _declared(self) -> set[str]:
         info = self.client.scheduler_info()
@@ -48,8 +102,6 @@ class DaskExecutor:
         return out
 
     def execute(self, task: ShardTask, chains: dict[int, list[tuple[str, ...]]]) -> Iterator[Outcome]:
-        from distributed import as_completed
-
         declared = self._declared() if self.resources else set()
         token = uuid.uuid4().hex[:8]
         meta: dict[str, tuple[tuple[str, ...], int]] = {}
@@ -74,7 +126,7 @@ class DaskExecutor:
                 prev = fut
         submitted = time.perf_counter()
         try:
-            for fut in as_completed(futures):
+            for fut in self._completed(futures):
                 g, i = meta[fut.key]
                 up = prev_of.get(fut.key)
                 upstream_failed = up is not None and up.status in ("error", "cancelled")
@@ -88,6 +140,7 @@ class DaskExecutor:
                 elif fut.status == "cancelled":
                     # Not cancelled by us (that only happens on Ctrl-C, below): the scheduler gave up
                     # on it, e.g. lost inputs. The shard is not done; say so and exit non-zero.
+                    self._check_scheduler()
                     exc, tb = RuntimeError("task cancelled by the Dask scheduler (lost worker or data)"), ""
                 else:
                     yield from outcomes(fut.result(), i, submitted, time.perf_counter())

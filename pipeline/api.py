@@ -174,7 +174,8 @@ def _executor(m: Manifest, stages: list[str], assets: dict | None = None) -> Ite
         if client is None:
             yield SyncExecutor(), assets
         else:
-            yield DaskExecutor(client, int(m.get("execution.retries", 2)), resources), assets
+            wait = float(m.get("execution.no_worker_timeout_s", 120) or 120)
+            yield DaskExecutor(client, int(m.get("execution.retries", 2)), resources, wait), assets
 
 
 def _run_with_executor(r: Run, m: Manifest, stages: list[str], mode: str, progress: bool) -> dict:

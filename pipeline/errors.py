@@ -7,3 +7,8 @@ class MorphsetError(Exception):
     """A run-time condition the user must fix (not a usage error, not a bug)."""
 
     exit_code = 1
+
+
+class ClusterLost(MorphsetError):
+    """The Dask cluster can no longer run the build: no worker for a while, or the scheduler gone.
+    Committed shards are kept; the build resumes when run again."""

@@ -294,3 +294,34 @@ def test_stages_declare_gpu_only_when_their_configuration_uses_one():
     assert STAGES["embed"].resources_for(config_view(m, "embed")) == {"GPU": 1}  # torch, device auto
     m = load_manifest(overrides={**cpu, "stages.embed.device": "auto", "stages.embed.backend": "dlib-resnet"})
     assert STAGES["embed"].resources_for(config_view(m, "embed")) == {}  # dlib's own network: CPU only
+
+
+def _slow(stages: tuple[str, ...], shard: int, *upstream: object) -> list[dict]:
+    import time
+
+    time.sleep(4)
+    return [{"stage": s, "result": {"stage": s, "shard": shard}} for s in stages]
+
+
+def test_a_cluster_left_without_workers_stops_with_one_error_instead_of_waiting():
+    import threading
+    import time
+
+    from distributed import Client, LocalCluster
+
+    from dags.build import DaskExecutor
+    from pipeline.errors import ClusterLost
+
+    with (
+        LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None) as cluster,
+        Client(cluster) as client,
+    ):
+        threading.Timer(0.5, lambda: cluster.scale(0)).start()
+        t0 = time.monotonic()
+        with pytest.raises(ClusterLost, match=r"no Dask worker for 1 s"):
+            list(
+                DaskExecutor(client, retries=0, no_worker_timeout_s=1).execute(
+                    _slow, {0: [("fit",)], 1: [("fit",)]}
+                )
+            )
+        assert time.monotonic() - t0 < 30

@@ -539,3 +539,28 @@ def test_a_storage_fault_on_a_dask_cluster_is_tried_once_and_logs_no_failed_task
         run_stages(Run(run), m, ["fit"], DaskExecutor(client, retries=2), progress=False)
     assert 1 <= len(attempts) <= 3 and len(set(attempts)) == len(attempts)  # one try per shard, never again
     assert "Compute Failed" not in caplog.text and "Traceback" not in caplog.text
+
+
+def test_a_shard_committed_before_its_task_was_lost_is_not_reported_failed(reference, tmp_path):
+    """The scheduler or a worker lost after a task committed its shard: the task comes back
+    cancelled, but the shard is done for its inputs and parameters — counted done, not failed."""
+    from pipeline.config.manifest import load_manifest
+    from pipeline.core.runner import Outcome, SyncExecutor, run_stages
+    from pipeline.storage.run import Run
+
+    class LosesReports(SyncExecutor):
+        def execute(self, task, chains):
+            for out in super().execute(task, chains):
+                if out.result is not None and out.shard == 0:
+                    out = Outcome(
+                        out.stage, out.shard, error=RuntimeError("task cancelled by the Dask scheduler")
+                    )
+                yield out
+
+    run = copy_run(reference, tmp_path)
+    m = load_manifest(overrides={"stages.landmarks.backend": "dlib", "stages.fit.max_iterations": 8})
+    report = run_stages(Run(run), m, ["fit"], LosesReports(), progress=False)
+    fit = report["stages"]["fit"]
+    assert fit["shards_failed"] == 0 and report["failed_shards"] == []
+    assert fit["shards_computed"] == 2 and fit["shards_skipped"] == 1
+    assert not list((run / "_meta" / "fit").glob("*.failed.json"))

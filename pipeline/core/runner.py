@@ -466,6 +466,11 @@ def _run_plan(
                 fault = storage_fault(out.error)
                 if fault is not None:
                     raise fault from out.error  # stops the executor (Dask futures are cancelled)
+                committed = _committed(run, manifest, out)
+                if committed is not None:  # the work was done and committed; only its report was lost
+                    st.last_end = time.perf_counter()
+                    _record(st, {**committed, "skipped": True}, bars[out.stage])
+                    continue
                 record_failure(run, manifest, out, st)
                 failed.add((out.stage, out.shard))
             else:
@@ -475,6 +480,17 @@ def _run_plan(
         stream.close()  # an executor cancels what is still running (Ctrl-C, a storage fault)
         for b in bars.values():
             b.close()
+
+
+def _committed(run: Run, manifest: Manifest, out: Outcome) -> dict | None:
+    """The sidecar of a shard a failed task had committed after all for its current inputs and
+    parameters (a worker or the scheduler lost after the commit), else None."""
+    try:
+        fp = run.shard_fingerprint(manifest, out.stage, out.shard)
+        store = run.store(out.stage)
+        return store.sidecar(out.shard) if fp is not None and store.is_done(out.shard, fp) else None
+    except (OSError, ValueError):
+        return None
 
 
 def _record(stats: StageStats, result: dict, bar: Any) -> None:
