@@ -144,7 +144,11 @@ def test_download_is_verified_and_atomic(torch_home, random_checkpoint):
 
 
 def test_manifest_file_path_and_corrupt_checkpoint(tmp_path, random_checkpoint):
-    m = load_manifest(overrides={"models.fan.file": str(random_checkpoint)})  # no sha256: not checked
+    # no sha256 and no hash prefix in the name: nothing vouches for the file, so it is refused
+    with pytest.raises(WeightsError, match="no sha256 to check"):
+        preflight(load_manifest(overrides={"models.fan.file": str(random_checkpoint)}))
+    sha = sha256_file(random_checkpoint)
+    m = load_manifest(overrides={"models.fan.file": str(random_checkpoint), "models.fan.sha256": sha})
     assert str(random_checkpoint) in preflight(m)
     with pytest.raises(WeightsError, match="not found"):
         preflight(load_manifest(overrides={"models.fan.file": str(tmp_path / "nope.pth.tar")}))

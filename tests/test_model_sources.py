@@ -228,7 +228,7 @@ def test_matlab_v73_files_are_read_as_hdf5(tmp_path):
     np.testing.assert_array_equal(read_mat(p)["trimIndex"], a)
 
 
-def test_manifest_entry_converts_once_into_the_cache_and_checks_sha(bfm2009, tmp_path):
+def test_manifest_entry_converts_once_into_the_cache_and_checks_sha(bfm2009, tmp_path, caplog):
     files, raw = bfm2009
     cache = tmp_path / "cache"
     entry = {
@@ -244,7 +244,11 @@ def test_manifest_entry_converts_once_into_the_cache_and_checks_sha(bfm2009, tmp
     entry = man.model("morphable_model")
     entry.pop("members", None)
     entry["sha256"] = None
-    m1 = load_model_entry(entry, cache)
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="pipeline.models.sources"):
+        m1 = load_model_entry(entry, cache)
+    assert "sha256 is not set: used unchecked" in caplog.text  # allowed, never without a word
     cached = cache / "bfm2009-test.npz"
     assert cached.is_file()
     assert load_npz(cached).source_sha256 == m1.source_sha256

@@ -23,7 +23,8 @@ class WeightsError(FileNotFoundError):
 
 
 def verify_sha256(path: Path, expected: str | None, what: str, prefix_ok: bool = False) -> str:
-    """Return the file's sha256; raise :class:`WeightsError` if it does not match ``expected``.
+    """Return the file's sha256; raise :class:`WeightsError` if it does not match ``expected``,
+    or if there is nothing to match it against.
 
     ``prefix_ok``: ``expected`` may be a hex prefix (torch hub's file-name convention).
     """
@@ -31,6 +32,11 @@ def verify_sha256(path: Path, expected: str | None, what: str, prefix_ok: bool =
         actual = sha256_file(path)
     except OSError as exc:
         raise WeightsError(f"{what}: cannot read {path}: {exc}") from None
+    if not expected:  # a check the manifest does not vouch for is no check
+        raise WeightsError(
+            f"{what}: no sha256 to check {path} against ({actual}); put the file's sha256 in the "
+            "manifest (or, for a torch hub checkpoint, keep the hash prefix in its name)"
+        )
     if expected:
         exp = expected.lower()
         good = actual.startswith(exp) if prefix_ok else actual == exp

@@ -243,6 +243,12 @@ def load_model_entry(entry: dict, cache_dir: Path) -> MorphableModel:
             f"models.morphable_model.source: {source!r}: expected pypi:<requirement> or a path to a converted .npz "
             "(or a BFM 2009 .mat / BFM 2017 .h5, see docs/models.md)"
         )
+    if not entry.get("sha256") and path.is_file():
+        log.warning(
+            "%s: models.morphable_model.sha256 is not set: the converted model is used unchecked; put its "
+            "sha256 in the manifest to have it checked",
+            path,
+        )
     if entry.get("sha256"):
         if not path.is_file():
             raise ModelError(f"{path}: morphable model file not found")

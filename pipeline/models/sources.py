@@ -24,6 +24,7 @@ the same convention as the default model. Nothing is unpickled; MATLAB v7.3 file
 from __future__ import annotations
 
 import hashlib
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -34,9 +35,12 @@ from pipeline.models.triangulation import face_normals
 # A face is ~150 mm wide: a mean shape whose widest extent exceeds this is in micrometres.
 _MICROMETRE_EXTENT = 2000.0
 _MIN_MM_EXTENT = 50.0
+log = logging.getLogger(__name__)
 
 
 # --- reading files ---------------------------------------------------------------------------
+
+
 def read_mat(path: str | Path) -> dict[str, np.ndarray]:
     """Numeric variables of a MATLAB file (v5/v7 via scipy, v7.3 via h5py), no objects."""
     import scipy.io
@@ -471,10 +475,17 @@ def load_user_model(entry: dict, where: str = "models.morphable_model") -> Morph
     source = Path(entry["source"]).expanduser()
     if not source.is_file():
         raise ModelError(f"{source}: {where}.source: file not found")
-    if entry.get("sha256"):
-        sha = sha256_file(source)
-        if sha != entry["sha256"]:
-            raise ModelError(f"{source}: sha256 {sha} does not match {where}.sha256 {entry['sha256']}")
+    sha = sha256_file(source)
+    if not entry.get("sha256"):
+        # the user's own file: allowed without a hash, but never without a word
+        log.warning(
+            "%s: %s.sha256 is not set: used unchecked (sha256 %s); put it in the manifest to have it checked",
+            source,
+            where,
+            sha,
+        )
+    elif sha != entry["sha256"]:
+        raise ModelError(f"{source}: sha256 {sha} does not match {where}.sha256 {entry['sha256']}")
     if not entry.get("landmarks"):
         raise ModelError(f"{where}.landmarks: required for {source.name} (a file of 68 vertex indices)")
     name = entry.get("name")
