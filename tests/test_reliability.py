@@ -564,3 +564,36 @@ def test_a_shard_committed_before_its_task_was_lost_is_not_reported_failed(refer
     assert fit["shards_failed"] == 0 and report["failed_shards"] == []
     assert fit["shards_computed"] == 2 and fit["shards_skipped"] == 1
     assert not list((run / "_meta" / "fit").glob("*.failed.json"))
+
+
+def test_a_corrupt_input_keeps_its_own_message_and_blocks_what_follows_on_a_cluster(reference, tmp_path):
+    """With the build's up-front hashing off, a stage meets the corrupt input itself: on a Dask
+    cluster with retries the error stays the sha256 one (a second try would only say "not done"),
+    and the shard's later stage is not reported failed."""
+    from distributed import Client, LocalCluster
+
+    from dags.build import DaskExecutor
+    from pipeline.config.manifest import load_manifest
+    from pipeline.core.runner import run_stages
+    from pipeline.storage.run import Run
+
+    run = copy_run(reference, tmp_path)
+    p = run / "landmarks" / "part-00001.parquet"
+    flip_byte(p, len(p.read_bytes()) // 2, 0x20)
+    m = load_manifest(
+        overrides={
+            "stages.landmarks.backend": "dlib",
+            "stages.fit.max_iterations": 6,  # the fit and the export must run again
+            "execution.verify_committed": False,
+        }
+    )
+    with (
+        LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None) as cluster,
+        Client(cluster) as client,
+    ):
+        report = run_stages(Run(run), m, ["fit", "export"], DaskExecutor(client, retries=2), progress=False)
+    assert report["failed_shards"] == ["fit/00001"]
+    (err,) = report["stages"]["fit"]["errors"]
+    assert str(p) in err and "sha256 differs" in err and "not done" not in err
+    assert report["stages"]["export"]["shards_failed"] == 0
+    assert not (run / "_meta" / "export" / "part-00001.failed.json").exists()
