@@ -52,12 +52,15 @@ class DaskExecutor:
             ) from None
 
     def _check_scheduler(self) -> None:
-        if self.client.status not in ("running", "connecting"):
+        """A cancelled task may mean the scheduler is gone: ask it (one RPC, a few seconds at
+        most) and stop the build with one :class:`ClusterLost` if it does not answer."""
+        try:
+            self.client.sync(self.client.scheduler.identity, callback_timeout=5)
+        except Exception as exc:
             raise ClusterLost(
-                f"lost the Dask scheduler (client {self.client.status}); committed shards are kept, "
-                "run the build again to resume"
-            )
-        self._workers()
+                f"lost the Dask scheduler ({type(exc).__name__}: {exc or 'no answer'}; client "
+                f"{self.client.status}); committed shards are kept, run the build again to resume"
+            ) from None
 
     def _completed(self, futures: list) -> Iterator:
         """Futures as they finish; a cluster left without a worker for ``no_worker_timeout_s`` (or

@@ -325,3 +325,26 @@ def test_a_cluster_left_without_workers_stops_with_one_error_instead_of_waiting(
                 )
             )
         assert time.monotonic() - t0 < 30
+
+
+def test_a_lost_scheduler_is_one_error_not_a_failure_per_shard():
+    import threading
+
+    from distributed import Client, LocalCluster
+
+    from dags.build import DaskExecutor
+    from pipeline.errors import ClusterLost
+
+    cluster = LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None)
+    client = Client(cluster)
+    try:
+        threading.Timer(0.5, lambda: cluster.loop.add_callback(cluster.scheduler.close)).start()
+        ex = DaskExecutor(client, retries=0, no_worker_timeout_s=60)
+        with pytest.raises(ClusterLost, match="lost the Dask scheduler"):
+            list(ex.execute(_slow, {0: [("fit",)], 1: [("fit",)], 2: [("fit",)]}))
+    finally:
+        try:
+            client.close(timeout=5)
+            cluster.close(timeout=5)
+        except Exception:  # the scheduler is already gone: closing what is left may complain
+            pass
