@@ -248,12 +248,14 @@ def build(
     )
     m = res.manifest
     stages = BUILD_ORDER[1 : BUILD_ORDER.index(until) + 1]
-    from pipeline.core.runner import resolve_assets
+    from pipeline.core.runner import resolve_assets, verify_committed
     from pipeline.core.runner import run_stages as run_planned
 
     # the models first: a build refused over a model leaves no run folder behind
     verified_assets = resolve_assets(m, stages)
     with r.lock("build"), _executor(m, stages, verified_assets) as (executor, assets):
+        if mode != "overwrite" and m.get("execution.verify_committed", True):
+            verify_committed(r, ["ingest"])  # a damaged index shard is written again by the ingest below
         ing = run_ingest(m, r.url, res.dataset, mode=mode, storage_options=storage_options)
         r.write_record(res.record)
         stage_mode = "resume" if mode == "extend" else mode
