@@ -343,22 +343,8 @@ def verify(run: str | os.PathLike, storage_options: dict | None = None) -> dict[
             if exc.errno not in (errno.EROFS, errno.EACCES, errno.EPERM):
                 raise
             out["read_only"] = True  # nothing can be invalidated: checked and reported only
-        for stage in BUILD_ORDER:
-            store = r.store(stage)
-            verified, corrupt = 0, []
-            for shard in store.shards_with_sidecar():
-                bad = store.check(shard)
-                if bad is None:
-                    verified += 1
-                    continue
-                path, why = bad
-                if why == "not committed":  # a malformed sidecar: already not done
-                    continue
-                corrupt.append(shard)
-                out["corrupt"].append({"stage": stage, "shard": shard, "path": path, "why": why})
-                if not out["read_only"]:
-                    store.invalidate(shard)
-            out["stages"][stage] = {"verified": verified, "corrupt": corrupt}
+        checked = r.check_committed(BUILD_ORDER, invalidate=not out["read_only"])
+        out["stages"], out["corrupt"] = checked["stages"], checked["corrupt"]
     return out
 
 

@@ -402,31 +402,20 @@ def verify_committed(run: Run, stages: list[str]) -> dict:
     stages' files (docs/reliability.md: ~1 s per GB of sha256 on one core, plus the reading);
     ``execution.verify_committed: false`` skips it (then only a size change is caught here)."""
     t0 = time.perf_counter()
-    checked, nbytes, bad = 0, 0, []
-    for s in stages:
-        store = run.store(s)
-        for i in store.shards_with_sidecar():
-            size = store.data_bytes(i)
-            if store.sidecar(i) is None:  # malformed: not done already
-                continue
-            why = store.check(i)
-            checked += 1
-            nbytes += size
-            if why is not None:
-                store.invalidate(i)
-                log.warning("%s: %s; invalidated, this build recomputes it", *why)
-                bad.append(f"{s}/{i:05d}")
+    result = run.check_committed(stages)
+    for c in result["corrupt"]:
+        log.warning("%s: %s; invalidated, this build recomputes it", c["path"], c["why"])
     return {
-        "shards": checked,
-        "bytes": nbytes,
+        "shards": sum(st["verified"] + len(st["corrupt"]) for st in result["stages"].values()),
+        "bytes": result["bytes"],
         "seconds": round(time.perf_counter() - t0, 3),
-        "invalidated": bad,
+        "invalidated": [f"{c['stage']}/{c['shard']:05d}" for c in result["corrupt"]],
     }
 
 
 def decodes_per_image(stats: dict[str, StageStats]) -> float | None:
     """Decodes this build did per image it computed, over the stages that read pixels (1.0 when
-    detect, landmarks, embed and export share one decode per image; None if none of them ran)."""
+    detect, landmarks, embed and crop share one decode per image; None if none of them ran)."""
     pixel = [st for st in stats.values() if st.decodes is not None]
     images = max((st.computed_images for st in pixel), default=0)
     return round(sum(st.decodes or 0 for st in pixel) / images, 3) if images else None
