@@ -30,7 +30,7 @@ def test_perfect_separation():
     scores, same, folds = _folded([0.9, 0.8, 0.7], [0.2, 0.1, 0.0], 10)
     rep = verification_report(scores, same, folds)
     s = rep["summary"]
-    assert s["accuracy_pct"] == {"mean": 100.0, "std": 0.0}
+    assert s["accuracy_pct"] == {"mean": 100.0, "std": 0.0, "n_pairs": 60}
     assert s["100_minus_eer_pct"]["mean"] == 100.0
     assert s["auc"]["mean"] == 1.0
     assert s["tar_at_far_0.1_pct"]["mean"] == 100.0
@@ -109,3 +109,26 @@ def test_fusion_is_sum_of_per_fold_zscores():
     fused = fuse_scores([a, b], folds)
     assert fused.tolist() == pytest.approx([-2.0, 2.0, -2.0, 2.0])
     assert normalise_per_fold(a, folds).tolist() == pytest.approx([-1, 1, -1, 1])
+
+
+def test_intervals_resample_subjects():
+    """ci95 over subjects: wide with few subjects, narrow with many; covers the estimate."""
+    rng = np.random.default_rng(0)
+
+    def run(n_subjects: int) -> dict:
+        people = np.arange(n_subjects).repeat(4).astype(str)
+        i, j = np.triu_indices(len(people), 1)
+        keep = rng.random(len(i)) < min(1.0, 600 / len(i))
+        i, j = i[keep], j[keep]
+        same = people[i] == people[j]
+        scores = np.where(same, 0.6, 0.3) + rng.normal(0, 0.2, len(i))
+        folds = np.arange(len(i)) % 5
+        return verification_report(scores, same, folds, people[i], people[j], seed=1)["summary"]
+
+    few, many = run(4), run(40)
+    for s in (few, many):
+        lo, hi = s["auc"]["ci95"]
+        assert lo < hi and lo <= s["auc"]["mean"] + 0.05 and s["auc"]["mean"] - 0.05 <= hi
+    width = lambda s: s["accuracy_pct"]["ci95"][1] - s["accuracy_pct"]["ci95"][0]  # noqa: E731
+    assert width(few) > 2 * width(many)
+    assert few["accuracy_pct"]["n_subjects"] == 4 and many["auc"]["n_subjects"] == 40

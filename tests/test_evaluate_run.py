@@ -179,6 +179,7 @@ def test_evaluate_writes_report_with_all_sections(toy, capsys):
         "reconstruction",
         "fit-quality",
         "picture-sheet",
+        "provenance",
         "notes",
     ]
     assert p.h2 == [
@@ -188,6 +189,7 @@ def test_evaluate_writes_report_with_all_sections(toy, capsys):
         "3D reconstruction accuracy",
         "Fit quality",
         "Picture sheet",
+        "Provenance",
         "Notes",
     ]
     # self-contained: every image is embedded
@@ -212,12 +214,12 @@ def test_evaluate_writes_report_with_all_sections(toy, capsys):
     assert sum(r["liu_mean_mm"]["n"] for r in full["per_expression"]) == 47
 
     ver = doc["verification"]
-    assert ver["pairs"]["n_folds"] == 10 and (run / "eval" / "pairs.csv").is_file()
+    assert ver["pair_sets"]["fit"]["n_folds"] == 10 and (run / "eval" / "pairs.csv").is_file()
     res = ver["results"]["fit α_id"]
     # the multi-image fit shares α_id within a subject: not presented as a verification result
     assert res["identical_feature_same_pairs"] == 1.0 and res["withheld"] == "identical by construction"
     assert "summary" not in res and any("identical features" in n for n in doc["notes"])
-    assert "Not shown, identical by construction: fit α_id" in page.read_text(encoding="utf-8")
+    assert "Not shown: fit α_id: identical by construction" in page.read_text(encoding="utf-8")
     assert any("no trained encoder" in n for n in doc["notes"])
 
     samples = pq.read_table(run / "eval" / "samples.parquet")
@@ -411,10 +413,14 @@ def test_evaluate_with_encoder(toy, tmp_path):
     doc = json.loads((run / "eval" / "report.json").read_text())
     results = doc["verification"]["results"]
     assert {"fit α_id", "encoder c_id", "encoder α_id", "encoder c_id + encoder α_id (fused)"} <= set(results)
-    assert (
-        results["encoder c_id"]["pairs_used"]
-        == doc["verification"]["pairs"]["n_pairs"] - results["encoder c_id"]["pairs_missing_features"]
-    )
+    enc = results["encoder c_id"]
+    pair_set = doc["verification"]["pair_sets"][enc["pair_set"]]
+    assert enc["pairs_used"] == pair_set["n_pairs"] - enc["pairs_missing_features"]
+    # pairs drawn within the subjects the encoder has features for: both classes, every pair used
+    assert enc["pairs_missing_features"] == 0 and 0 < enc["n_same"] < enc["n_pairs"]
+    lo, hi = enc["summary"]["accuracy_pct"]["ci95"]
+    assert 0 <= lo <= hi <= 100
+    assert enc["summary"]["auc"]["ci95"] is not None
     rec = doc["reconstruction"]["results"]
     assert rec["encoder/full"]["measured"] == 47 and rec["encoder/identity"]["measured"] == 47
     assert "encoder: full" in doc["picture_sheet"]["columns"]
@@ -437,9 +443,35 @@ def test_directory_items_average_their_images(tmp_path, monkeypatch):
         "pairs": str(pairs),
         "sheet_rows": 0,
         "genova": False,
+        "min_pairs_per_class": 4,
     }
     evrun.evaluate_run(str(run), load_manifest(), params)
     res = json.loads((run / "eval" / "report.json").read_text())["verification"]["results"]["fit α_id"]
     assert res["pairs_used"] == 8 and res["pairs_missing_features"] == 1
     assert res["identical_feature_same_pairs"] == 0.0  # per-image α_id: shown as a result
     assert res["summary"]["auc"]["mean"] == 1.0  # noise 0.3 against subjects 3.0 apart
+
+    # too few pairs of a class: not a result, and the page says why
+    evrun.evaluate_run(str(run), load_manifest(), params | {"min_pairs_per_class": 5})
+    doc = json.loads((run / "eval" / "report.json").read_text())
+    res = doc["verification"]["results"]["fit α_id"]
+    assert "summary" not in res and "fewer than 5 of each" in res["not_shown"]
+    assert not any(h["figure"].startswith("verification") for h in doc["headline"])
+    page = (run / "eval" / "report.html").read_text(encoding="utf-8")
+    assert "Not shown: fit α_id: 4 same-person and 4 different-person pairs" in page
+
+
+def test_generated_pairs_stay_within_the_measured_subjects(tmp_path, monkeypatch):
+    """Few subjects (a demo's validation split): pairs are drawn within them, distinct, with both
+    classes in every fold, so the row measures something (it had 0 different pairs before)."""
+    from pipeline.evaluate.pairs import generate_pairs
+
+    items = {f"s{k}": [f"s{k}/{i}.png" for i in range(8)] for k in range(3)}
+    p = generate_pairs(items, n_folds=10, pairs_per_fold=30, seed=0)
+    keys = {tuple(sorted(ab)) for ab in zip(p.a, p.b, strict=True)}
+    assert len(keys) == len(p)  # no pair twice
+    assert p.same.sum() == (~p.same).sum() == 3 * 28  # every distinct same-person pair, balanced
+    for k in range(10):
+        assert 0 < p.same[p.fold == k].sum() < (p.fold == k).sum()
+    subj = {x.split("/")[0] for x in p.a + p.b}
+    assert subj == set(items)

@@ -3,6 +3,7 @@ shows every section. Skipped where no Chromium is installed (`.ci/run` installs 
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 from html.parser import HTMLParser
@@ -49,6 +50,9 @@ class Dom(HTMLParser):
         self.sections: dict[str, int] = {}  # id -> blocks inside (tables, images, paragraphs)
         self._current: str | None = None
         self.images: list[str] = []
+        self.tables: dict[str, list[list[list[str]]]] = {}  # section -> tables -> rows -> cells
+        self.text: list[str] = []
+        self._cell: list[str] | None = None
 
     def handle_starttag(self, tag, attrs):
         a = dict(attrs)
@@ -59,12 +63,28 @@ class Dom(HTMLParser):
             self.sections[self._current] += 1
         if tag == "img":
             self.images.append(a.get("src", ""))
+        if tag == "table" and self._current:
+            self.tables.setdefault(self._current, []).append([])
+        elif tag == "tr" and self._current in self.tables:
+            self.tables[self._current][-1].append([])
+        elif tag in ("td", "th"):
+            self._cell = []
+
+    def handle_endtag(self, tag):
+        if tag in ("td", "th") and self._cell is not None and self._current in self.tables:
+            self.tables[self._current][-1][-1].append("".join(self._cell).strip())
+            self._cell = None
+
+    def handle_data(self, data):
+        self.text.append(data)
+        if self._cell is not None:
+            self._cell.append(data)
 
 
 def test_report_renders_in_a_browser_without_console_errors(tmp_path, monkeypatch, capsys):
     model = toy_model()
     monkeypatch.setattr(evrun, "load_model", lambda manifest: (model, None))
-    run, gt = make_run(tmp_path, model)
+    run, gt = make_run(tmp_path, model, per_image_identity=True)  # per-image α_id: a verification row
     assert main(["evaluate", str(run), "--ground-truth", str(gt), "--no-genova"]) == 0
     page = Path(capsys.readouterr().out.strip().splitlines()[-1])
     url = page.resolve().as_uri()
@@ -85,3 +105,18 @@ def test_report_renders_in_a_browser_without_console_errors(tmp_path, monkeypatc
     empty = [sid for sid, n in parsed.sections.items() if n == 0]
     assert not empty, f"sections with nothing in them: {empty}"
     assert len(parsed.images) >= 4 and all(s.startswith("data:image/png;base64,") for s in parsed.images)
+
+    # no degenerate figure: every verification row has both classes, an AUC and an interval; no
+    # number printed in rounding-noise notation (8.6e-15 for a zero)
+    (header, *rows), *_ = parsed.tables["verification"]
+    assert rows, "no verification row"
+    for row in rows:
+        cell = dict(zip(header, row, strict=True))
+        same, different = (int(x) for x in cell["pairs (same / different)"].split(" / "))
+        assert same > 0 and different > 0, cell
+        assert cell["AUC"] != "–" and cell["accuracy 95% CI"].startswith("["), cell
+    assert not re.search(r"\d\.?\d*e[-+]\d", " ".join(parsed.text)), "a number in e-notation"
+    (header, *rows), *_ = parsed.tables["summary"]
+    for row in rows:
+        cell = dict(zip(header, row, strict=True))
+        assert cell["value"] not in ("–", "nan"), cell

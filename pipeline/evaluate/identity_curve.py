@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
+from pipeline.evaluate.bootstrap import ci95_ratio
 from pipeline.evaluate.reconstruction import liu_error, similarity_transform
 from pipeline.models.morphable_model import MorphableModel
 
@@ -36,6 +37,8 @@ class CurvePoint:
     mean_all_mm: float
     fit_liu_mm: float
     mean_liu_mm: float
+    ci95_all: list[float] | None = None  # of ratio_all, subjects drawn with replacement
+    ci95_liu: list[float] | None = None
 
     @property
     def ratio_all(self) -> float:
@@ -56,7 +59,13 @@ class CurvePoint:
             "fit_liu_mm": round(self.fit_liu_mm, 4),
             "mean_shape_liu_mm": round(self.mean_liu_mm, 4),
             "ratio_liu": round(self.ratio_liu, 4),
+            "ratio_all_vertices_ci95": _rounded(self.ci95_all),
+            "ratio_liu_ci95": _rounded(self.ci95_liu),
         }
+
+
+def _rounded(ci: list[float] | None) -> list[float] | None:
+    return None if ci is None else [round(ci[0], 4), round(ci[1], 4)]
 
 
 def subset_draws(
@@ -128,8 +137,9 @@ def identity_curve(
         for r in fits.select(["subject", "alpha_id"]).to_pylist():
             if r["alpha_id"] is not None:
                 alpha_of.setdefault(r["subject"], np.asarray(r["alpha_id"]))
-        fit_all, fit_liu, base_all, base_liu = [], [], [], []
+        fit_all, fit_liu, base_all, base_liu, people = [], [], [], [], []
         for name, s in draws:
+            people.append(s)
             a = alpha_of.get(name)
             if a is None:  # the fit failed on this draw: it counts as the mean shape
                 a = np.zeros(model.k_id)
@@ -147,6 +157,8 @@ def identity_curve(
                 mean_all_mm=float(np.mean(base_all)),
                 fit_liu_mm=float(np.mean(fit_liu)),
                 mean_liu_mm=float(np.mean(base_liu)),
+                ci95_all=ci95_ratio(np.array(fit_all), np.array(base_all), np.array(people), seed),
+                ci95_liu=ci95_ratio(np.array(fit_liu), np.array(base_liu), np.array(people), seed),
             )
         )
     return points

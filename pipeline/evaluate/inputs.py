@@ -183,6 +183,20 @@ def load_truth(path: str | Path) -> SyntheticTruth | ScanTruth:
     return load_synthetic_truth(p)
 
 
+def load_export_items(
+    run_root: str, storage_options: dict | None = None, splits: set[str] | None = None
+) -> tuple[list[str], list[str]]:
+    """(image ids, subjects) of the run's training set, optionally only rows of ``splits``; no
+    crop is read."""
+    store = ShardStore(run_root, "export", storage_options)
+    shards = store.shards_with_sidecar()
+    if not shards:
+        return [], []
+    flt = pc.field("split").isin(sorted(splits)) if splits is not None else None
+    t = store.dataset(load_schema("trainset"), shards).to_table(columns=["image_id", "subject"], filter=flt)
+    return t.column("image_id").to_pylist(), t.column("subject").to_pylist()
+
+
 def load_export_crops(
     run_root: str,
     image_ids: set[str] | None = None,

@@ -201,9 +201,11 @@ def read_pairs(path: str | Path, n_folds: int = 10) -> PairList:
 def generate_pairs(
     items_by_subject: dict[str, list[str]], n_folds: int = 10, pairs_per_fold: int = 30, seed: int = 0
 ) -> PairList:
-    """Deterministic balanced pairs in the LFW style: each fold holds ``pairs_per_fold`` matched and as
-    many mismatched pairs. Subjects are split across folds (as in LFW View 2, a subject appears in one
-    fold only) whenever there are at least as many eligible subjects as folds."""
+    """Deterministic balanced pairs in the LFW style: each fold holds up to ``pairs_per_fold``
+    matched and as many mismatched pairs, no pair twice. Subjects are split across folds (as in LFW
+    View 2, a subject appears in one fold only) whenever there are at least as many eligible subjects
+    as folds; with fewer, folds share subjects (never pairs). A few subjects have few distinct pairs:
+    a fold then holds fewer (the caller decides whether what is left measures anything)."""
     subjects = sorted(s for s, items in items_by_subject.items() if items)
     multi = [s for s in subjects if len(items_by_subject[s]) >= 2]
     if len(multi) < 1 or len(subjects) < 2:
@@ -220,24 +222,46 @@ def generate_pairs(
         fold_subjects = [order_multi[k::n_folds] + order_single[k::n_folds] for k in range(n_folds)]
     else:
         fold_subjects = [order_multi + order_single] * n_folds
-    a, b, same, fold = [], [], [], []
-    for k in range(n_folds):
-        subs = fold_subjects[k]
+    seen: set[tuple[str, str]] = set()
+
+    def draw(subs: list[str], matched: bool, n: int) -> list[tuple[str, str]]:
+        """Up to n distinct pairs never drawn before (rejection of repeats, bounded where few exist)."""
         subs_multi = [s for s in subs if len(items_by_subject[s]) >= 2]
-        for _ in range(pairs_per_fold):
-            s = subs_multi[rng.integers(len(subs_multi))]
-            i, j = rng.choice(len(items_by_subject[s]), size=2, replace=False)
-            a.append(items_by_subject[s][i])
-            b.append(items_by_subject[s][j])
-            same.append(True)
-            fold.append(k)
-        for _ in range(pairs_per_fold):
-            s1, s2 = rng.choice(len(subs), size=2, replace=False)
-            l1, l2 = items_by_subject[subs[s1]], items_by_subject[subs[s2]]
-            a.append(l1[rng.integers(len(l1))])
-            b.append(l2[rng.integers(len(l2))])
-            same.append(False)
-            fold.append(k)
+        out: list[tuple[str, str]] = []
+        for _ in range(20 * n):
+            if len(out) == n:
+                break
+            if matched:
+                items = items_by_subject[subs_multi[rng.integers(len(subs_multi))]]
+                i, j = rng.choice(len(items), size=2, replace=False)
+                x, y = items[i], items[j]
+            else:
+                s1, s2 = rng.choice(len(subs), size=2, replace=False)
+                l1, l2 = items_by_subject[subs[s1]], items_by_subject[subs[s2]]
+                x, y = l1[rng.integers(len(l1))], l2[rng.integers(len(l2))]
+            key = (x, y) if x <= y else (y, x)
+            if key not in seen:
+                seen.add(key)
+                out.append((x, y))
+        return out
+
+    if disjoint:
+        folds = [(draw(fs, True, pairs_per_fold), draw(fs, False, pairs_per_fold)) for fs in fold_subjects]
+    else:
+        # folds share subjects: draw both classes from all of them, as many different pairs as
+        # same ones, and deal them round-robin so every fold holds both classes
+        matched = draw(fold_subjects[0], True, n_folds * pairs_per_fold)
+        mismatched = draw(fold_subjects[0], False, len(matched))
+        matched = matched[: len(mismatched)]
+        folds = [(matched[k::n_folds], mismatched[k::n_folds]) for k in range(n_folds)]
+    a, b, same, fold = [], [], [], []
+    for k, (m, d) in enumerate(folds):
+        for pairs, label in ((m, True), (d, False)):
+            for x, y in pairs:
+                a.append(x)
+                b.append(y)
+                same.append(label)
+                fold.append(k)
     return PairList(a, b, np.array(same, bool), np.array(fold, np.int64), "generated")
 
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 from sklearn.metrics import roc_auc_score
 
-BOOTSTRAP = 1000
+from pipeline.evaluate.bootstrap import BOOTSTRAP, bootstrap_pairs
 
 
 @dataclass(frozen=True)
@@ -60,25 +60,10 @@ def bootstrap_people(
     rng: np.random.Generator,
     n: int = BOOTSTRAP,
 ) -> tuple[float, float] | None:
-    """95 % interval of ``statistic(pair indices, pair weights)`` over people drawn with replacement.
-
-    A pair of two different people counts once per (draw of the one, draw of the other); a pair
-    within one person once per draw of that person; pairs between two draws of the same person are
-    left out (they would pair each photo with itself). Weights are those multiplicities."""
-    names, code = np.unique(people, return_inverse=True)
-    pa, pb = code[pairs.i], code[pairs.j]
-    values = []
-    for _ in range(n):
-        counts = np.bincount(rng.integers(0, len(names), len(names)), minlength=len(names))
-        w = np.where(pa == pb, counts[pa], counts[pa] * counts[pb]).astype(np.float64)
-        keep = w > 0
-        v = statistic(np.flatnonzero(keep), w[keep])
-        if v is not None and np.isfinite(v):
-            values.append(v)
-    if len(values) < n // 2:
-        return None
-    lo, hi = np.percentile(values, [2.5, 97.5])
-    return float(lo), float(hi)
+    """95 % interval of ``statistic(pair indices, pair weights)`` over people drawn with
+    replacement (:func:`pipeline.evaluate.bootstrap.bootstrap_pairs`)."""
+    people = np.asarray(people)
+    return bootstrap_pairs(people[pairs.i], people[pairs.j], statistic, rng, n)
 
 
 def _weighted_auc(same: np.ndarray, scores: np.ndarray, weights: np.ndarray) -> float | None:

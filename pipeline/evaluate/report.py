@@ -33,6 +33,7 @@ SECTIONS = (
     ("reconstruction", "3D reconstruction accuracy"),
     ("fit-quality", "Fit quality"),
     ("picture-sheet", "Picture sheet"),
+    ("provenance", "Provenance"),
     ("notes", "Notes"),
 )
 
@@ -295,14 +296,29 @@ def figure_bytes(spec: FigureData, fmt: str = "png") -> bytes | None:
 
 
 # --- HTML -----------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Interval:
+    """A 95 % interval as a table cell: ``[lo, hi]``; ``None`` (not measurable) shows as a dash."""
+
+    bounds: list[float] | tuple[float, float] | None
+
+
+# below this magnitude a float is rounding noise of a zero (a spread that is zero by construction)
+ZERO = 1e-9
+
+
 def _fmt(v: Any) -> str:
     if v is None:
         return "–"
+    if isinstance(v, Interval):
+        return "–" if v.bounds is None else f"[{_fmt(float(v.bounds[0]))}, {_fmt(float(v.bounds[1]))}]"
     if isinstance(v, bool):
         return "yes" if v else "no"
     if isinstance(v, int | np.integer):
         return str(int(v))
     if isinstance(v, float | np.floating):
+        if math.isfinite(float(v)) and abs(float(v)) < ZERO:
+            return "0"
         return (
             "–"
             if not math.isfinite(float(v))

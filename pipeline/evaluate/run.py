@@ -39,6 +39,7 @@ from pipeline.evaluate.inputs import (
     SyntheticTruth,
     fits_model_sha256,
     load_export_crops,
+    load_export_items,
     load_fits,
     load_index_uris,
     load_thumbnail,
@@ -167,26 +168,45 @@ class NoPairsInRun(MorphsetError):
     """A pairs file none of whose images is in the run (another dataset, other naming)."""
 
 
-def _pairs(ctx: Context) -> tuple[PairList, bool]:
-    if ctx.params.get("pairs"):
-        pairs = read_pairs(ctx.params["pairs"], ctx.params["n_folds"])
-        named = set(pairs.a) | set(pairs.b)
-        known = {str(i) for i in ctx.fits["image_id"]} if len(ctx.fits) else set()
-        missing = sorted(named - known)
-        if named and len(missing) == len(named):
-            raise NoPairsInRun(
-                f"{ctx.params['pairs']}: none of its {len(named)} image names is in {ctx.run_root} "
-                f"({len(missing)} missing, e.g. {missing[0]!r}; the run's images are named like "
-                f"{next(iter(sorted(known)), 'nothing')!r})"
-            )
-        return pairs, False
-    good = ctx.fitted
+@dataclass
+class PairSet:
+    """Pairs and the feature sources measured on them. Generated pairs are drawn within the
+    subjects a source has features for (every fitted subject for the fit; the encoder's split for
+    the encoder), so both classes are there; a pairs file serves every source."""
+
+    key: str  # "fit" | "encoder" | "file"
+    pairs: PairList
+    generated: bool
+    measured_on: str  # the set, in words
+    sources: list[str]  # feature sources reported on these pairs
+    file: str | None = None  # RUN/eval/<file> for generated pairs
+
+
+def read_pair_file(ctx: Context) -> PairList:
+    pairs = read_pairs(ctx.params["pairs"], ctx.params["n_folds"])
+    named = set(pairs.a) | set(pairs.b)
+    known = {str(i) for i in ctx.fits["image_id"]} if len(ctx.fits) else set()
+    missing = sorted(named - known)
+    if named and len(missing) == len(named):
+        raise NoPairsInRun(
+            f"{ctx.params['pairs']}: none of its {len(named)} image names is in {ctx.run_root} "
+            f"({len(missing)} missing, e.g. {missing[0]!r}; the run's images are named like "
+            f"{next(iter(sorted(known)), 'nothing')!r})"
+        )
+    return pairs
+
+
+def generated_pairs(ctx: Context, image_ids: list[str], subjects: list[str], what: str) -> PairList | None:
+    """Pairs drawn within these images' subjects; None (with a note) where they cannot be drawn."""
     items: dict[str, list[str]] = {}
-    for subject, image_id in zip(good["subject"], good["image_id"], strict=True):
+    for subject, image_id in zip(subjects, image_ids, strict=True):
         items.setdefault(str(subject), []).append(str(image_id))
     items = {k: sorted(v) for k, v in items.items()}
-    pairs = generate_pairs(items, ctx.params["n_folds"], ctx.params["pairs_per_fold"], ctx.params["seed"])
-    return pairs, True
+    try:
+        return generate_pairs(items, ctx.params["n_folds"], ctx.params["pairs_per_fold"], ctx.params["seed"])
+    except ValueError as exc:
+        ctx.notes.append(f"verification on {what} skipped: {exc}")
+        return None
 
 
 def feature_sources(ctx: Context, encoder_feats: dict[str, np.ndarray], encoder_ids: list[str]) -> dict:
@@ -203,102 +223,153 @@ def feature_sources(ctx: Context, encoder_feats: dict[str, np.ndarray], encoder_
     return sources
 
 
-def verification_section(ctx: Context, pairs: PairList, generated: bool, sources: dict) -> dict:
+def _subject_of(ctx: Context) -> Callable[[str], str]:
+    """The subject of a pair item: the fits' subject of an image id, else the item's first folder
+    (a YouTube Faces video ``name/number``)."""
+    by_id = {str(i): str(s) for i, s in zip(ctx.fits["image_id"], ctx.fits["subject"], strict=True)}
+    return lambda item: by_id.get(item) or item.strip("/").split("/")[0]
+
+
+def _scores(pairs: PairList, ids: list[str], feats: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    fa, ok_a = item_features(pairs.a, ids, feats)
+    fb, ok_b = item_features(pairs.b, ids, feats)
+    valid = ok_a & ok_b
+    s = np.full(len(pairs), np.nan)
+    s[valid] = cosine_scores(fa[valid], fb[valid])
+    return s, valid
+
+
+def verification_section(ctx: Context, pair_sets: list[PairSet], sources: dict) -> dict:
+    """Verification of each source on its pair set. A row is a result only where its pairs hold
+    both classes with at least ``min_pairs_per_class`` each; otherwise the page says why."""
     sec = "verification"
-    out: dict = {
-        "pairs": {
-            "source": "generated (pairs.csv)" if generated else pairs.source,
+    minimum = int(ctx.params["min_pairs_per_class"])
+    subject_of = _subject_of(ctx)
+    out: dict = {"pair_sets": {}, "results": {}, "min_pairs_per_class": minimum}
+    rows, curves, not_shown = [], {}, []
+    for ps in pair_sets:
+        pairs = ps.pairs
+        out["pair_sets"][ps.key] = {
+            "source": f"generated ({ps.file})" if ps.generated else pairs.source,
+            "measured_on": ps.measured_on,
             "n_pairs": len(pairs),
             "n_same": int(pairs.same.sum()),
             "n_folds": pairs.n_folds,
-        },
-        "results": {},
-    }
-    ctx.add(
-        sec,
-        rp.Paragraph(
-            f"{len(pairs)} pairs ({int(pairs.same.sum())} same) in {pairs.n_folds} folds from "
-            f"{out['pairs']['source']}. Cosine similarity; accuracy with the threshold chosen on the other "
-            "folds; mean ± std over folds."
-        ),
-    )
-    scores_by: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-    withheld: dict[str, float] = {}
-    for name, (ids, feats) in sources.items():
-        fa, ok_a = item_features(pairs.a, ids, feats)
-        fb, ok_b = item_features(pairs.b, ids, feats)
-        valid = ok_a & ok_b
-        s = np.full(len(pairs), np.nan)
-        s[valid] = cosine_scores(fa[valid], fb[valid])
-        same_v = pairs.same[valid]
-        identical = float(np.mean(s[valid][same_v] > 1 - 1e-9)) if same_v.any() else 0.0
-        if identical > IDENTICAL_BY_CONSTRUCTION:
-            # a feature shared by all images of a subject (the multi-image fit's α_id) makes same
-            # pairs identical: its scores measure the labels, not recognition
-            withheld[name] = identical
-            out["results"][name] = {
-                "withheld": "identical by construction",
-                "identical_feature_same_pairs": identical,
-                "pairs_used": int(valid.sum()),
-                "pairs_missing_features": int((~valid).sum()),
-            }
-            ctx.notes.append(
-                f"verification with {name} not shown: {100 * identical:.0f}% of same-subject pairs have "
-                "identical features (the multi-image fit shares α_id within a subject), so its scores are "
-                "not a measure of recognition; build with --set stages.fit.identity=image for per-image "
-                "α_id, or use the encoder's c_id."
-            )
-            continue
-        scores_by[name] = (s, valid)
-    fusion = list(ctx.params["fusion"])
-    missing = [n for n in fusion if n not in scores_by]
-    if missing and len(missing) < len(fusion):  # all missing = no encoder, already noted
-        ctx.notes.append(f"score fusion of {fusion} skipped: no usable features for {missing}")
-    if len(fusion) == 2 and not missing:
-        valid = scores_by[fusion[0]][1] & scores_by[fusion[1]][1]
-        fused = np.full(len(pairs), np.nan)
-        fused[valid] = fuse_scores([scores_by[n][0][valid] for n in fusion], pairs.fold[valid])
-        scores_by[" + ".join(fusion) + " (fused)"] = (fused, valid)
-    rows, curves = [], {}
-    for name, (s, valid) in scores_by.items():
-        res: dict = {"pairs_used": int(valid.sum()), "pairs_missing_features": int((~valid).sum())}
-        same_v = pairs.same[valid]
-        if same_v.any() and name in sources:  # cosine sources only (fused scores are z-scores)
-            res["identical_feature_same_pairs"] = float(np.mean(s[valid][same_v] > 1 - 1e-9))
-        try:
-            rep = verification_report(s[valid], same_v, pairs.fold[valid])
-        except ValueError as exc:
-            res["error"] = str(exc)
-            out["results"][name] = res
-            ctx.notes.append(f"verification with {name}: {exc}")
-            continue
-        res.update(rep)
-        curves[name] = (rep["roc"]["fpr"], rep["roc"]["tpr"])
-        out["results"][name] = res
-        sm = rep["summary"]
-        rows.append(
-            {
-                "features": name,
-                "pairs": int(valid.sum()),
-                "accuracy %": sm["accuracy_pct"],
-                "100 − EER %": sm["100_minus_eer_pct"],
-                "AUC": sm["auc"],
-                "TAR@FAR=10% (%)": sm["tar_at_far_0.1_pct"],
-                "TAR@FAR=1% (%)": sm["tar_at_far_0.01_pct"],
-            }
-        )
-    if withheld:
+            "features": list(ps.sources),
+        }
         ctx.add(
             sec,
             rp.Paragraph(
-                "Not shown, identical by construction: "
-                + "; ".join(f"{n} ({100 * v:.0f}% of same pairs identical)" for n, v in withheld.items())
-                + ". The multi-image fit gives every image of a subject the same α_id."
+                f"{', '.join(ps.sources)}: {len(pairs)} pairs ({int(pairs.same.sum())} same, "
+                f"{int((~pairs.same).sum())} different) in {pairs.n_folds} folds, "
+                f"{'generated within' if ps.generated else 'from ' + pairs.source + ', on'} {ps.measured_on}."
             ),
         )
-    ctx.add(sec, rp.Table(rows))
-    if curves:
+        scores_by: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        for name in ps.sources:
+            if name not in sources:
+                continue
+            s, valid = _scores(pairs, *sources[name])
+            same_v = pairs.same[valid]
+            identical = float(np.mean(s[valid][same_v] > 1 - 1e-9)) if same_v.any() else 0.0
+            if identical > IDENTICAL_BY_CONSTRUCTION:
+                # a feature shared by all images of a subject (the multi-image fit's α_id) makes same
+                # pairs identical: its scores measure the labels, not recognition
+                out["results"][name] = {
+                    "pair_set": ps.key,
+                    "withheld": "identical by construction",
+                    "identical_feature_same_pairs": identical,
+                    "pairs_used": int(valid.sum()),
+                    "pairs_missing_features": int((~valid).sum()),
+                }
+                not_shown.append(
+                    f"{name}: identical by construction ({100 * identical:.0f}% of same pairs identical; "
+                    "the multi-image fit gives every image of a subject the same α_id)"
+                )
+                ctx.notes.append(
+                    f"verification with {name} not shown: {100 * identical:.0f}% of same-subject pairs have "
+                    "identical features (the multi-image fit shares α_id within a subject), so its scores are "
+                    "not a measure of recognition; build with --set stages.fit.identity=image for per-image "
+                    "α_id, or use the encoder's c_id."
+                )
+                continue
+            scores_by[name] = (s, valid)
+        fusion = list(ctx.params["fusion"])
+        if len(fusion) == 2 and all(n in scores_by for n in fusion):
+            valid = scores_by[fusion[0]][1] & scores_by[fusion[1]][1]
+            fused = np.full(len(pairs), np.nan)
+            fused[valid] = fuse_scores([scores_by[n][0][valid] for n in fusion], pairs.fold[valid])
+            scores_by[" + ".join(fusion) + " (fused)"] = (fused, valid)
+        elif len(fusion) == 2 and any(n in scores_by for n in fusion):
+            ctx.notes.append(f"score fusion of {fusion} skipped: not both measured on {ps.measured_on}")
+        for name, (s, valid) in scores_by.items():
+            res: dict = {
+                "pair_set": ps.key,
+                "pairs_used": int(valid.sum()),
+                "pairs_missing_features": int((~valid).sum()),
+            }
+            same_v = pairs.same[valid]
+            n_same, n_diff = int(same_v.sum()), int((~same_v).sum())
+            if same_v.any() and name in sources:  # cosine sources only (fused scores are z-scores)
+                res["identical_feature_same_pairs"] = float(np.mean(s[valid][same_v] > 1 - 1e-9))
+            if min(n_same, n_diff) < minimum:
+                why = (
+                    f"{n_same} same-person and {n_diff} different-person pairs have features, fewer than "
+                    f"{minimum} of each (stages.evaluate.min_pairs_per_class)"
+                )
+                res["not_shown"] = why
+                out["results"][name] = res
+                not_shown.append(f"{name}: {why}")
+                continue
+            items_a = [subject_of(x) for x, ok in zip(pairs.a, valid, strict=True) if ok]
+            items_b = [subject_of(x) for x, ok in zip(pairs.b, valid, strict=True) if ok]
+            try:
+                rep = verification_report(
+                    s[valid],
+                    same_v,
+                    pairs.fold[valid],
+                    np.array(items_a),
+                    np.array(items_b),
+                    ctx.params["seed"],
+                )
+            except ValueError as exc:
+                res["not_shown"] = str(exc)
+                out["results"][name] = res
+                not_shown.append(f"{name}: {exc}")
+                continue
+            res.update(rep)
+            res["measured_on"] = ps.measured_on
+            curves[name] = (rep["roc"]["fpr"], rep["roc"]["tpr"])
+            out["results"][name] = res
+            sm = rep["summary"]
+            rows.append(
+                {
+                    "features": name,
+                    "measured on": ps.measured_on,
+                    "pairs (same / different)": f"{n_same} / {n_diff}",
+                    "accuracy %": sm["accuracy_pct"],
+                    "accuracy 95% CI": rp.Interval(sm["accuracy_pct"].get("ci95")),
+                    "AUC": sm["auc"],
+                    "AUC 95% CI": rp.Interval(sm["auc"].get("ci95")),
+                    "100 − EER %": sm["100_minus_eer_pct"],
+                    "TAR@FAR=10% (%)": sm["tar_at_far_0.1_pct"],
+                    "TAR@FAR=1% (%)": sm["tar_at_far_0.01_pct"],
+                }
+            )
+    ctx.add(
+        sec,
+        rp.Paragraph(
+            "Cosine similarity; accuracy with the threshold chosen on the other folds; mean ± std over "
+            "folds; 95% intervals by drawing subjects with replacement (1,000 draws)."
+        ),
+    )
+    if not_shown:
+        ctx.add(sec, rp.Paragraph("Not shown: " + "; ".join(not_shown) + "."))
+    if rows:
+        ctx.add(sec, rp.Table(rows))
         ctx.figure(sec, "roc", rp.Roc(curves))
+    else:
+        ctx.add(sec, rp.Paragraph("No feature source has pairs enough to measure verification."))
     return out
 
 
@@ -532,7 +603,9 @@ def sheet_section(ctx: Context, truth: SyntheticTruth | ScanTruth | None) -> dic
     return {"images": ids, "columns": columns}
 
 
-def needed_images(ctx: Context, pairs: PairList | None, truth: SyntheticTruth | ScanTruth | None) -> set[str]:
+def needed_images(
+    ctx: Context, pair_lists: list[PairList | None], truth: SyntheticTruth | ScanTruth | None
+) -> set[str]:
     """The run's images the encoder must see: pair items (a directory item covers its images), ground
     truth images or scanned subjects' images, and the picture sheet. Decoding only these keeps memory
     bounded on a CASIA-sized export."""
@@ -540,15 +613,14 @@ def needed_images(ctx: Context, pairs: PairList | None, truth: SyntheticTruth | 
     subjects = np.asarray(ctx.fits["subject"]).astype(str)
     exact = set(ids)
     need: set[str] = set()
-    if pairs is not None:
-        for item in {*pairs.a, *pairs.b}:
-            if item in exact:
-                need.add(item)
-            else:
-                prefix = item.rstrip("/") + "/"
-                lo = bisect.bisect_left(ids, prefix)
-                hi = bisect.bisect_left(ids, prefix + "\U0010ffff")
-                need.update(ids[lo:hi])
+    for item in {x for p in pair_lists if p is not None for x in (*p.a, *p.b)}:
+        if item in exact:
+            need.add(item)
+        else:
+            prefix = item.rstrip("/") + "/"
+            lo = bisect.bisect_left(ids, prefix)
+            hi = bisect.bisect_left(ids, prefix + "\U0010ffff")
+            need.update(ids[lo:hi])
     if isinstance(truth, SyntheticTruth):
         need.update(str(i) for i in truth.table["image_id"])
     elif isinstance(truth, ScanTruth):
@@ -669,46 +741,180 @@ def identity_curve_section(ctx: Context, truth: SyntheticTruth, manifest: Manife
     return {"verdict": text, "points": [p.as_dict() for p in points], "split": "all subjects"}
 
 
+# --- provenance ------------------------------------------------------------------------------------
+def provenance(
+    run_root: str,
+    manifest: Manifest,
+    params: dict,
+    model: MorphableModel | None,
+    storage_options: dict | None,
+) -> dict:
+    """What made these figures: the package version, the run's dataset and landmark backend, the
+    morphable model's and the landmark error model's sha256, the encoder's checkpoint, the seeds
+    and the settings of the stages that produced the labels."""
+    from pipeline.storage.run import Run, RunError
+
+    try:
+        record = Run(run_root, storage_options).read_record()
+    except (RunError, OSError, ValueError):
+        record = None
+    backend = str(manifest.stage_params("landmarks")["backend"])
+    fit = manifest.stage_params("fit")
+    error_model = manifest.get(f"models.landmark_error.{backend}") if fit.get("error_model") else None
+    encoder = None
+    if params.get("encoder"):
+        meta = Path(params["encoder"]) / "export" / "encoder.json"
+        encoder = {"path": str(params["encoder"])}
+        if meta.is_file():
+            import json
+
+            doc = json.loads(meta.read_text(encoding="utf-8"))
+            keep = ("state_sha256", "torchscript_sha256", "model_sha256", "epochs", "identification")
+            encoder.update({k: doc[k] for k in keep if k in doc})
+    return {
+        "morphset_version": __version__,
+        "built_with_version": record.morphset_version if record else None,
+        "dataset": record.dataset if record else None,
+        "dataset_root": record.root if record else None,
+        "landmark_backend": backend,
+        "detect_backend": manifest.stage_params("detect").get("backend"),
+        "embed_backend": manifest.stage_params("embed").get("backend"),
+        "morphable_model": {"name": model.name, "sha256": model.sha256} if model is not None else None,
+        "landmark_error_model": error_model if isinstance(error_model, dict) else None,
+        "encoder": encoder,
+        "seeds": {
+            "evaluate": params.get("seed"),
+            "export_split_salt": manifest.stage_params("export").get("split_salt"),
+            "train": manifest.stage_params("train").get("seed"),
+        },
+        "overrides": dict(record.overrides) if record else {},
+        "settings": {
+            "fit": fit,
+            "export": manifest.stage_params("export"),
+            "evaluate": dict(params),
+        },
+    }
+
+
+def provenance_section(ctx: Context, prov: dict) -> None:
+    em = prov.get("landmark_error_model") or {}
+    mm = prov.get("morphable_model") or {}
+    enc = prov.get("encoder") or {}
+    rows = [
+        {
+            "": "morphset version (evaluated / built)",
+            "value": f"{prov['morphset_version']} / {prov['built_with_version'] or '–'}",
+        },
+        {"": "dataset", "value": f"{prov['dataset'] or '–'} ({prov['dataset_root'] or '–'})"},
+        {
+            "": "backends: detect / landmarks / embed",
+            "value": f"{prov['detect_backend']} / {prov['landmark_backend']} / {prov['embed_backend']}",
+        },
+        {"": "morphable model", "value": f"{mm.get('name', '–')} sha256 {mm.get('sha256', '–')}"},
+        {"": "landmark error model", "value": f"{em.get('path', 'none')} sha256 {em.get('sha256', '–')}"},
+        {
+            "": "encoder",
+            "value": enc.get("path", "none")
+            + (f" weights sha256 {enc['state_sha256']}" if enc.get("state_sha256") else ""),
+        },
+        {
+            "": "seeds: evaluate / train / export split salt",
+            "value": " / ".join(str(prov["seeds"][k]) for k in ("evaluate", "train", "export_split_salt")),
+        },
+        {
+            "": "build overrides",
+            "value": ", ".join(f"{k}={v}" for k, v in sorted(prov["overrides"].items())) or "none",
+        },
+    ]
+    ctx.add(
+        "provenance",
+        rp.Table(rows),
+        rp.Paragraph("Every setting: report.json, key provenance.settings.", muted=True),
+    )
+
+
 # --- the whole evaluation ------------------------------------------------------------------------------
 def summary_section(ctx: Context, doc: dict) -> None:
-    rows = [
-        {"": "run", "value": doc["run"]},
-        {"": "images fitted", "value": f"{doc['fit_quality']['fitted']} / {doc['fit_quality']['images']}"},
+    """The headline figures, each with its 95 % interval (subjects drawn with replacement), its
+    sample count and the set it was measured on; ``doc["headline"]`` holds the same as data."""
+    fq = doc["fit_quality"]
+    fitted_on = f"every fitted subject ({fq['subjects_fitted']})"
+    head: list[dict] = [
+        {"figure": "images fitted", "value": f"{fq['fitted']} / {fq['images']}", "measured_on": "the run"},
     ]
-    reasons = doc["fit_quality"].get("rejected_by_reason", {})
+    reasons = fq.get("rejected_by_reason", {})
     if any(k.startswith("identity_") for k in reasons):
-        rows.append(
+        head.append(
             {
-                "": "identity screening: outliers / ambiguous images",
+                "figure": "identity screening: outliers / ambiguous images",
                 "value": f"{reasons.get('identity_outlier', 0)} / {reasons.get('identity_ambiguous', 0)}",
+                "measured_on": "the run",
             }
         )
-    if doc.get("identity_curve", {}).get("points"):
-        last = doc["identity_curve"]["points"][-1]
-        rows.append(
-            {
-                "": f"fit identity ÷ mean shape at M = {last['m']} (all vertices / Liu 95 mm)",
-                "value": f"{last['ratio_all_vertices']:.3g} / {last['ratio_liu']:.3g}",
-            }
-        )
-    if "encoder_split" in doc:
-        es = doc["encoder_split"]
-        rows.append(
-            {
-                "": "encoder measured on",
-                "value": f"{es['split']} split: {es['images']} images of {es['subjects']} subjects",
-            }
-        )
+    for p in doc.get("identity_curve", {}).get("points", [])[-1:]:
+        for metric, key in (("all vertices", "ratio_all_vertices"), ("Liu 95 mm", "ratio_liu")):
+            head.append(
+                {
+                    "figure": f"fit identity ÷ mean shape at M = {p['m']} ({metric})",
+                    "mean": p[key],
+                    "ci95": p[f"{key}_ci95"],
+                    "n": f"{p['draws']} fits of {p['subjects']} subjects",
+                    "measured_on": "every subject with M usable images",
+                }
+            )
     for name, res in doc.get("verification", {}).get("results", {}).items():
         sm = res.get("summary")
-        if sm:
-            rows.append({"": f"verification accuracy % ({name})", "value": sm["accuracy_pct"]})
+        if not sm:
+            continue
+        for metric, key in (("accuracy %", "accuracy_pct"), ("AUC", "auc")):
+            head.append(
+                {
+                    "figure": f"verification {metric} ({name})",
+                    "mean": sm[key]["mean"],
+                    "ci95": sm[key].get("ci95"),
+                    "n": f"{res['pairs_used']} pairs of {sm[key].get('n_subjects', '?')} subjects",
+                    "measured_on": res.get("measured_on", ""),
+                }
+            )
+    on_of = {"fit": fitted_on}
+    if "encoder_split" in doc:
+        es = doc["encoder_split"]
+        on_of["encoder"] = f"{es['split']} split ({es['subjects']} subjects)"
     for name, e in doc.get("reconstruction", {}).get("results", {}).items():
-        if e["overall"].get("liu_mean_mm", {}).get("n"):
-            rows.append({"": f"Liu error mm ({name})", "value": _ms(e["overall"]["liu_mean_mm"])})
-        if e["overall"].get("genova_mm", {}).get("n"):
-            rows.append({"": f"Genova error mm ({name})", "value": _ms(e["overall"]["genova_mm"])})
-    ctx.add("summary", rp.Table(rows))
+        for metric, key in (("Liu error mm", "liu_mean_mm"), ("Genova error mm", "genova_mm")):
+            st = e["overall"].get(key, {})
+            if st.get("n"):
+                head.append(
+                    {
+                        "figure": f"{metric} ({rp.readable(name)})",
+                        "mean": st["mean"],
+                        "ci95": st.get("ci95"),
+                        "n": f"{st['n']} samples of {st.get('subjects', '?')} subjects",
+                        "measured_on": on_of.get(name.split("/")[0], "every subject with ground truth"),
+                    }
+                )
+    doc["headline"] = head
+    ctx.add(
+        "summary",
+        rp.Table(
+            [
+                {
+                    "figure": h["figure"],
+                    "value": h.get("value", h.get("mean")),
+                    "95% CI": rp.Interval(h.get("ci95")) if "mean" in h else "",
+                    "n": h.get("n", ""),
+                    "measured on": h["measured_on"],
+                }
+                for h in head
+            ]
+        ),
+        rp.Paragraph(
+            "95% intervals: 1,000 draws of the measured subjects with replacement (a subject's images "
+            "and pairs go together). Encoder figures are measured on the subjects held out of its "
+            "training; fit figures on every subject of the run.",
+            muted=True,
+        ),
+    )
 
 
 @dataclass
@@ -720,7 +926,7 @@ class Evaluation:
     blocks: dict[str, list[rp.Block]]
     figures: dict[str, rp.FigureData]
     samples: list[dict] | None = None
-    generated_pairs: PairList | None = None
+    generated_pairs: list[PairSet] = field(default_factory=list)
 
 
 def evaluate_run(
@@ -738,8 +944,8 @@ def evaluate_run(
     out_dir = Path(root) / "eval"
     ev = compute_evaluation(run_root, manifest, params, storage_options, progress)
     out_dir.mkdir(parents=True, exist_ok=True)
-    if ev.generated_pairs is not None:
-        write_csv_pairs(ev.generated_pairs, out_dir / "pairs.csv")
+    for ps in ev.generated_pairs:
+        write_csv_pairs(ps.pairs, out_dir / (ps.file or f"pairs-{ps.key}.csv"))
     if ev.samples is not None:
         buf = io.BytesIO()
         pq.write_table(from_rows(ev.samples, load_schema("evaluation")), buf)
@@ -779,16 +985,19 @@ def compute_evaluation(
     truth = load_truth(params["ground_truth"]) if params.get("ground_truth") else None
     if truth is not None and model is None:
         raise FileNotFoundError(f"reconstruction accuracy needs the morphable model: {why}")
-    try:
-        pairs, generated = _pairs(ctx)
-    except ValueError as exc:
-        if params.get("pairs"):
-            raise  # a pairs file the user named is malformed: say so
-        pairs, generated = None, True  # too few subjects to generate pairs: note it, evaluate the rest
-        ctx.notes.append(f"verification skipped: {exc}")
+    file_pairs = read_pair_file(ctx) if params.get("pairs") else None
+    pair_sets: list[PairSet] = []
+    fit_sources = ["fit α_id"]
+    if file_pairs is None:
+        good = ctx.fitted
+        fit_on = f"every fitted subject ({len(set(good['subject']))} subjects, {len(good)} images)"
+        fit_pairs = generated_pairs(ctx, list(good["image_id"]), list(good["subject"]), fit_on)
+        if fit_pairs is not None:
+            pair_sets.append(PairSet("fit", fit_pairs, True, fit_on, fit_sources, "pairs.csv"))
 
     encoder_feats: dict[str, np.ndarray] = {}
     encoder_ids: list[str] = []
+    encoder_sources = ["encoder c_id", "encoder α_id"]
     if params.get("encoder"):
         from pipeline.train.inference import load_encoder
 
@@ -800,22 +1009,35 @@ def compute_evaluation(
             )
         encoder.batch_size = params["batch_size"]
         ctx.encoder = encoder
-        progress("encoder: decoding crops")
-        needed = needed_images(ctx, pairs, truth)
         split = ctx.params.get("encoder_split", "val")
-        ids, subj, crops = load_export_crops(
-            run_root, needed, storage_options, {"val"} if split == "val" else None
-        )
-        if split == "val" and not ids:
+        splits = {"val"} if split == "val" else None
+        item_ids, item_subjects = load_export_items(run_root, storage_options, splits)
+        if split == "val" and not item_ids:
             ctx.notes.append(
                 "the export has no validation split: the encoder is evaluated on the subjects it was trained on"
             )
-            split = "all"
-            ids, subj, crops = load_export_crops(run_root, needed, storage_options)
+            split, splits = "all", None
+            item_ids, item_subjects = load_export_items(run_root, storage_options)
+        encoder_on = (
+            f"the validation split ({len(set(item_subjects))} subjects held out of training, "
+            f"{len(item_ids)} images)"
+            if split == "val"
+            else f"every exported image ({len(set(item_subjects))} subjects, {len(item_ids)} images)"
+        )
+        if file_pairs is None and item_ids:
+            enc_pairs = generated_pairs(ctx, item_ids, item_subjects, encoder_on)
+            if enc_pairs is not None:
+                pair_sets.append(
+                    PairSet("encoder", enc_pairs, True, encoder_on, encoder_sources, f"pairs-{split}.csv")
+                )
+        progress("encoder: decoding crops")
+        needed = needed_images(ctx, [ps.pairs for ps in pair_sets] + [file_pairs], truth)
+        ids, subj, crops = load_export_crops(run_root, needed, storage_options, splits)
         doc["encoder_split"] = {
             "split": split,
-            "images": len(ids),
-            "subjects": len(set(subj)),
+            "images": len(item_ids),
+            "subjects": len(set(item_subjects)),
+            "images_decoded": len(ids),
             "note": "encoder figures: "
             + (
                 "validation subjects only (held out of training)"
@@ -825,9 +1047,7 @@ def compute_evaluation(
             + "; fit figures: every subject of the run",
         }
         ctx.notes.append(
-            f"encoder figures are measured on {len(ids)} images of {len(set(subj))} subjects "
-            f"({'the validation split, subjects the encoder was not trained on' if split == 'val' else 'all exported images'}); "
-            "fit figures on every subject of the run"
+            f"encoder figures are measured on {encoder_on}; fit figures on every subject of the run"
         )
         if not ids:
             ctx.notes.append(f"{run_root}/export has no committed shards: encoder predictions skipped")
@@ -848,11 +1068,14 @@ def compute_evaluation(
         ctx.notes.append(
             "no trained encoder given (--encoder): encoder predictions and c_id verification skipped"
         )
+    if file_pairs is not None:
+        on = "the pairs' images"
+        pair_sets.append(PairSet("file", file_pairs, False, on, fit_sources + encoder_sources))
 
     progress("verification")
-    if pairs is not None:
+    if pair_sets:
         doc["verification"] = verification_section(
-            ctx, pairs, generated, feature_sources(ctx, encoder_feats, encoder_ids)
+            ctx, pair_sets, feature_sources(ctx, encoder_feats, encoder_ids)
         )
 
     if truth is not None and model is not None:
@@ -870,11 +1093,11 @@ def compute_evaluation(
         samples = None
         ctx.notes.append("no ground truth given (--ground-truth): reconstruction accuracy not measured")
 
+    doc["provenance"] = provenance(run_root, manifest, params, model, storage_options)
+    provenance_section(ctx, doc["provenance"])
     progress("picture sheet")
     doc["picture_sheet"] = sheet_section(ctx, truth)
     summary_section(ctx, doc)
     doc["notes"] = ctx.notes
     ctx.add("notes", *([rp.Paragraph(n) for n in ctx.notes] or [rp.Paragraph("none")]))
-    return Evaluation(
-        doc, ctx.blocks, ctx.figures, samples, pairs if pairs is not None and generated else None
-    )
+    return Evaluation(doc, ctx.blocks, ctx.figures, samples, [ps for ps in pair_sets if ps.generated])

@@ -6,6 +6,7 @@ from collections import Counter
 
 import numpy as np
 
+from pipeline.evaluate.bootstrap import ci95_mean
 from pipeline.evaluate.reconstruction import (
     YAW_BINS,
     expression_bin_label,
@@ -16,16 +17,24 @@ from pipeline.evaluate.reconstruction import (
 METRICS = ("liu_mean_mm", "liu_rms_mm", "genova_mm")
 
 
-def _stats(values: list) -> dict[str, float | int]:
+def _stats(values: list, people: list | None = None) -> dict:
     x = np.array([np.nan if v is None else v for v in values], dtype=np.float64)
-    x = x[np.isfinite(x)]
-    if not len(x):
+    ok = np.isfinite(x)
+    if not ok.any():
         return {"n": 0, "mean": float("nan"), "std": float("nan")}
-    return {"n": int(len(x)), "mean": float(x.mean()), "std": float(x.std())}
+    out = {"n": int(ok.sum()), "mean": float(x[ok].mean()), "std": float(x[ok].std())}
+    if people is not None:
+        kept = np.asarray(people, dtype=object)[ok]
+        out["subjects"] = len(set(kept.tolist()))
+        out["ci95"] = ci95_mean(x[ok], kept)
+    return out
 
 
-def group_stats(rows: list[dict]) -> dict[str, dict]:
-    return {m: _stats([r.get(m) for r in rows]) for m in METRICS}
+def group_stats(rows: list[dict], intervals: bool = False) -> dict[str, dict]:
+    """Per metric: n, mean, std, and with ``intervals`` the subjects and the 95 % interval of the
+    mean over subjects drawn with replacement."""
+    people = [r.get("subject") for r in rows] if intervals else None
+    return {m: _stats([r.get(m) for r in rows], people) for m in METRICS}
 
 
 def summarise_errors(samples: list[dict], expression_edges_mm: list[float]) -> dict[str, dict]:
@@ -45,7 +54,7 @@ def summarise_errors(samples: list[dict], expression_edges_mm: list[float]) -> d
             "failures": dict(
                 sorted(Counter(r["failure_reason"] for r in rows if r.get("failure_reason")).items())
             ),
-            "overall": group_stats(ok),
+            "overall": group_stats(ok, intervals=True),
         }
         if any(r.get("yaw_bin") is not None for r in ok):
             entry["per_yaw"] = [
