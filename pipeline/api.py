@@ -13,6 +13,7 @@ arguments), so a later call on a run needs no arguments beyond the run.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -21,7 +22,7 @@ from typing import Any
 
 from pipeline.config.manifest import Manifest
 from pipeline.config.resolve import DatasetChoice, Resolved, resolve
-from pipeline.storage.run import Run
+from pipeline.storage.run import Run, RunError
 
 __all__ = [
     "BuildReport",
@@ -256,7 +257,7 @@ def build(
     with r.lock("build"), _executor(m, stages, verified_assets) as (executor, assets):
         if mode != "overwrite" and m.get("execution.verify_committed", True):
             verify_committed(r, ["ingest"])  # a damaged index shard is written again by the ingest below
-        ing = run_ingest(m, r.url, res.dataset, mode=mode, storage_options=storage_options)
+        ing = run_ingest(m, r.url, res.dataset, mode=mode, storage_options=storage_options, progress=progress)
         r.write_record(res.record)
         stage_mode = "resume" if mode == "extend" else mode
         report = run_planned(r, m, stages, executor, mode=stage_mode, progress=progress, assets=assets)
@@ -382,19 +383,30 @@ def train(
     from pipeline.train.config import parse_epochs, resolve_params
 
     r = Run(run)
+    if "://" in r.url and out is None:
+        # checkpoints are written with torch to a local folder; never one named after the URL
+        raise RunError(
+            f"{r.url}: train reads the export through fsspec but writes its checkpoints to a local "
+            "folder: give --out DIR"
+        )
     r.migrate_layout()
     res = resolve(r, manifest, overrides)
     flags = parse_epochs(epochs) if isinstance(epochs, str) else dict(epochs or {})
     train_sets = {k: v for k, v in res.new_overrides.items() if k.startswith("stages.train.")}
-    params = resolve_params(res.manifest, tiny, config, train_sets, flags)
+    out_dir = Path(out) if out else Path(r.url) / "train"
+    saved = out_dir / "config.json"
+    if resume and not (tiny or config or train_sets or flags) and saved.is_file():
+        # a resumed run continues with the settings it started with (--tiny and all): nothing to repeat
+        params = json.loads(saved.read_text(encoding="utf-8"))
+    else:
+        params = resolve_params(res.manifest, tiny, config, train_sets, flags)
     if print_config:
         return params
-    if "://" not in r.url and not Path(r.url).is_dir():
+    if not r.exists():
         raise FileNotFoundError(f"{r.url}: run directory not found")
     from pipeline.train.loop import resolve_model
     from pipeline.train.loop import train as train_loop
 
-    out_dir = Path(out) if out else Path(r.url) / "train"
     return train_loop(r.url, params, resolve_model(res.manifest), out_dir, resume=resume)
 
 
@@ -406,8 +418,9 @@ def evaluate(
     genova: bool | None = None,
     overrides: list[str] | dict[str, Any] | None = None,
     manifest: str | None = None,
-) -> Path:
-    """Measure a run (verification, 3D error, fit quality); returns the path of ``RUN/eval/report.html``."""
+) -> Path | str:
+    """Measure a run (verification, 3D error, fit quality); returns the path of ``RUN/eval/report.html``
+    (its URL for a run at an fsspec URL)."""
     from pipeline.evaluate.run import evaluate_run
 
     flags: dict[str, Any] = {}
@@ -425,6 +438,11 @@ def evaluate(
         # the dataset's own protocol (LFW pairs.txt) rather than generated pairs
         params["pairs"] = m.dataset(res.dataset).get("pairs") or None
     trained = Path(r.url) / "train"
-    if not params.get("encoder") and (trained / "export" / "encoder.json").is_file():
+    if "://" not in r.url and not params.get("encoder") and (trained / "export" / "encoder.json").is_file():
         params["encoder"] = str(trained)  # the run's own trained encoder
-    return evaluate_run(r.url, m, params)
+    if not params.get("ground_truth") and res.dataset in m.data["datasets"]:
+        # a synthetic dataset's truth lies under its own root: nothing to repeat on the command line
+        root = m.dataset(res.dataset).get("root")
+        if root and "://" not in str(root) and (Path(root) / "ground_truth.parquet").is_file():
+            params["ground_truth"] = str(Path(root) / "ground_truth.parquet")
+    return evaluate_run(r.url, m, params, r.storage_options)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -70,7 +71,7 @@ def build(run: Path, root: Path, *extra: str) -> subprocess.CompletedProcess:
 
 
 def export_rows(run: Path) -> list[tuple]:
-    files = sorted(glob.glob(str(run / "export" / "*.parquet")))
+    files = sorted(glob.glob(str(run / "export" / "data" / "*.parquet")))
     t = pads.dataset(files).to_table(
         columns=["image_id", "label", "split", "crop_jpeg", "alpha_id", "alpha_exp", "yaw"]
     )
@@ -95,9 +96,21 @@ def visible_temporaries(run: Path) -> list[str]:
 
 @pytest.fixture(scope="module")
 def reference(dataset, tmp_path_factory) -> tuple[Path, list[tuple]]:
+    """The uninterrupted build, its stderr going to a file as in a batch job (progress on)."""
     run = tmp_path_factory.mktemp("ref") / "run"
-    proc = build(run, dataset)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    log = run.parent / "build.log"
+    cmd = [c for c in _cmd(run, dataset, "--workers", "2") if c != "--no-progress"]
+    with open(log, "w") as err:
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, env=ENV)
+        # a shard's line is in the log while the build still runs (not all at the end)
+        seen_while_running = False
+        while proc.poll() is None:
+            if re.search(r"detect: 1/\d+ shards, part-\d{5} committed", log.read_text()):
+                seen_while_running = proc.poll() is None
+                break
+            time.sleep(0.05)
+        assert proc.wait(timeout=600) == 0, log.read_text()
+    (run.parent / "seen_while_running").write_text(str(seen_while_running))
     rows = export_rows(run)
     assert len(rows) >= SUBJECTS * IMAGES * 0.8  # most renders are detected, landmarked and fitted
     assert len({r[0] for r in rows}) == len(rows)
@@ -112,6 +125,22 @@ def test_reference_build_reports_and_status(reference):
         st = report["status"][stage]
         assert st["done"] == st["shards"] == SUBJECTS * IMAGES // SHARD
     assert report["images_per_second"] > 0
+
+
+def test_a_batch_job_log_has_a_line_per_committed_shard_while_it_runs(reference):
+    run, _ = reference
+    text = (run.parent / "build.log").read_text()
+    assert (run.parent / "seen_while_running").read_text() == "True", text
+    shards = SUBJECTS * IMAGES // SHARD
+    assert re.search(
+        rf"ingest: {shards}/{shards} shards, part-\d{{5}} written, {SHARD} images, 0 failed", text
+    )
+    for stage in ("detect", "landmarks", "crop", "fit", "export"):
+        lines = re.findall(rf"^\S+Z {stage}: (\d+)/{shards} shards, part-\d{{5}} committed.*$", text, re.M)
+        assert [int(k) for k in lines] == list(range(1, shards + 1)), (stage, text)
+    last = re.findall(r"^\S+Z detect: .*$", text, re.M)[-1]
+    assert "img/s" in last and "ETA 0:00:00" in last
+    assert "\r" not in text  # no bar redrawn into the file
 
 
 def test_rerun_does_no_work(reference, dataset):

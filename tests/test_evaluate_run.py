@@ -367,7 +367,7 @@ def _write_export(run: Path, model: MorphableModel) -> None:
                 "subject": fits["subject"][i],
                 "label": 0,
                 "split": "train",
-                "crop_jpeg": buf.getvalue(),
+                "crop_jpeg": {"bytes": buf.getvalue(), "path": None},
                 "landmarks_crop": [0.0] * 136,
                 "alpha_id": fits["alpha_id"][i].tolist(),
                 "alpha_exp": fits["alpha_exp"][i].tolist(),
@@ -475,3 +475,24 @@ def test_generated_pairs_stay_within_the_measured_subjects(tmp_path, monkeypatch
         assert 0 < p.same[p.fold == k].sum() < (p.fold == k).sum()
     subj = {x.split("/")[0] for x in p.a + p.b}
     assert subj == set(items)
+
+
+def test_evaluate_and_train_take_an_fsspec_url_run(tmp_path, monkeypatch, capsys):
+    """A run at a URL is evaluated in place (the report written there); train refuses to write its
+    checkpoints into a local folder named after the URL and says what to give instead."""
+    import fsspec
+
+    model = toy_model()
+    monkeypatch.setattr(evrun, "load_model", lambda manifest: (model, None))
+    monkeypatch.chdir(tmp_path)
+    run, _ = make_run(tmp_path, model, n_subjects=4)
+    fs = fsspec.filesystem("memory")
+    fs.put(str(run), "/urlrun", recursive=True)
+    params = load_manifest().stage_params("evaluate") | {"sheet_rows": 0, "n_folds": 2, "pairs_per_fold": 4}
+    page = evrun.evaluate_run("memory://urlrun", load_manifest(), params)
+    assert page == "memory://urlrun/eval/report.html"
+    assert fs.exists("/urlrun/eval/report.json") and fs.exists("/urlrun/eval/report.html")
+    assert main(["train", "memory://urlrun"]) == 2
+    err = capsys.readouterr().err
+    assert "writes its checkpoints to a local folder: give --out DIR" in err and len(err.splitlines()) == 1
+    assert not list(tmp_path.glob("memory*"))  # nothing named after the URL

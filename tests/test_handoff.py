@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import shutil
 
+import numpy as np
 import pytest
 
 from pipeline import api
@@ -103,11 +104,10 @@ def test_the_bare_export_folder_opens_in_every_common_reader(tmp_path, monkeypat
     from pipeline.synthetic.trainset import write_synthetic_trainset
 
     run = tmp_path / "run"
-    write_synthetic_trainset(
-        str(run), toy_model(6, 3, 0, 7.0), n_subjects=6, images_per_subject=4, n_shards=3, val_subjects=2
-    )
+    model = toy_model(6, 3, 0, 7.0)
+    write_synthetic_trainset(str(run), model, n_subjects=6, images_per_subject=4, n_shards=3, val_subjects=2)
     Run(run).store("export").write_json("_labels.json", {"subjects": {}})  # stage-level files too
-    d = str(run / "export")
+    d = str(run / "export" / "data")
     rows = Run(run).table("export", ["image_id", "split"]).to_pylist()
     want = sorted(r["image_id"] for r in rows)
     got = {
@@ -118,17 +118,63 @@ def test_the_bare_export_folder_opens_in_every_common_reader(tmp_path, monkeypat
         "duckdb": [r[0] for r in duckdb.sql(f"select image_id from read_parquet('{d}')").fetchall()],
     }
     assert {name: sorted(ids) for name, ids in got.items()} == {name: want for name in got}
-    # Hugging Face reads the split from the file names: train and validation, each row once
-    hf = load_dataset("parquet", data_dir=d)
+    # Hugging Face on the whole folder (card, model/, data/): the split from the file names, each
+    # row once, typed by the files' features metadata
+    hf = load_dataset("parquet", data_dir=str(run / "export"))
     assert sorted(hf) == ["train", "validation"]
     for split, ours in (("train", "train"), ("validation", "val")):
         assert sorted(hf[split]["image_id"]) == sorted(r["image_id"] for r in rows if r["split"] == ours)
         assert set(hf[split]["split"]) == {ours}
+    features = hf["train"].features
+    assert type(features["crop_jpeg"]).__name__ == "Image"
+    assert type(features["label"]).__name__ == "ClassLabel"
+    assert features["label"].names == [f"s{k:04d}" for k in range(6)]
+    assert features["landmarks_crop"].length == 136
+    first = hf["train"][0]
+    assert first["crop_jpeg"].size == (96, 112)  # a PIL image, width x height
+    assert features["label"].int2str(first["label"]) == first["subject"]
     # each column's meaning and unit travel with the data (schemas/trainset.yaml)
-    schema = pq.read_schema(sorted((run / "export").glob("*.parquet"))[0])
+    schema = pq.read_schema(sorted((run / "export" / "data").glob("*.parquet"))[0])
     assert schema.field("yaw").metadata == {b"morphset.doc": b"degrees", b"morphset.unit": b"deg"}
     assert schema.field("scale").metadata[b"morphset.unit"] == b"px/mm"
     assert b"identity coefficients" in schema.field("alpha_id").metadata[b"morphset.doc"]
+
+
+def test_the_export_folder_is_a_dataset_card_and_a_model(tmp_path):
+    """RUN/export/README.md parses as a Hugging Face dataset card (no network); the model beside the
+    data turns labels into shapes with NumPy alone, and its sha256 is the one the card names."""
+    import hashlib
+
+    import yaml
+    from huggingface_hub import DatasetCard
+
+    from pipeline.storage.run import Run
+    from pipeline.synthetic.toy import toy_model
+    from pipeline.synthetic.trainset import write_synthetic_trainset
+
+    run = tmp_path / "run"
+    model = toy_model(6, 3, 0, 7.0)
+    write_synthetic_trainset(str(run), model, n_subjects=5, images_per_subject=3, n_shards=2, val_subjects=1)
+    card = DatasetCard.load(run / "export" / "README.md")
+    assert card.data.license == "other" and card.data.license_name == "bfm-academic"
+    assert [c["split"] for c in card.data.configs[0]["data_files"]] == ["train", "validation"]
+    feats = {f["name"]: f for f in card.data.dataset_info["features"]}
+    assert feats["crop_jpeg"]["dtype"] == "image"
+    assert feats["label"]["dtype"]["class_label"]["names"][0] == "s0000"
+    splits = {s["name"]: s["num_examples"] for s in card.data.dataset_info["splits"]}
+    assert splits == {"train": 12, "validation": 3}
+    for column in ("alpha_id", "yaw", "scale", "crop_jpeg"):
+        assert f"| `{column}` |" in card.text  # every column's meaning and unit
+    assert "Rz(roll)" in card.text and "Liu" in card.text and "Paysan" in card.text
+
+    record = yaml.safe_load((run / "export" / "model" / "model.json").read_text())
+    data = (run / "export" / "model" / "morphable_model.npz").read_bytes()
+    assert hashlib.sha256(data).hexdigest() == record["file_sha256"]
+    assert record["file_sha256"] in card.text and record["model_sha256"] == model.sha256
+    m = np.load(run / "export" / "model" / "morphable_model.npz", allow_pickle=False)
+    row = Run(run).table("export", ["alpha_id", "alpha_exp"]).to_pylist()[0]
+    shape = (m["mean"] + m["id_basis"] @ row["alpha_id"] + m["exp_basis"] @ row["alpha_exp"]).reshape(-1, 3)
+    np.testing.assert_allclose(shape, model.shape(row["alpha_id"], row["alpha_exp"]), atol=1e-3)
 
 
 def test_a_run_of_the_old_layout_is_migrated(tmp_path, capsys, caplog):
@@ -141,12 +187,13 @@ def test_a_run_of_the_old_layout_is_migrated(tmp_path, capsys, caplog):
     write_synthetic_trainset(
         str(run), toy_model(6, 3, 0, 7.0), n_subjects=4, images_per_subject=2, n_shards=2
     )
-    for p in (run / "_meta" / "export").iterdir():
+    # the oldest layout: sidecars beside the data, the data in the stage folder itself
+    for p in [*(run / "_meta" / "export").iterdir(), *(run / "export" / "data").iterdir()]:
         p.rename(run / "export" / p.name)
     assert Run(run).store("export").shards_with_sidecar() == []  # unreadable as it stands
     assert main(["verify", str(run)]) == 0
-    assert "moved 2 sidecar file(s)" in caplog.text
-    assert sorted(p.name for p in (run / "export").iterdir()) == [
+    assert "moved 4 file(s) into the current layout" in caplog.text
+    assert sorted(p.name for p in (run / "export" / "data").iterdir()) == [
         "part-00000-train.parquet",
         "part-00001-train.parquet",
     ]

@@ -103,7 +103,7 @@ def test_planted_photos_are_identity_outliers(train_run, capsys):
     assert len(genuine) <= 0.02 * (len(embedded) - len(planted))
     # kept out of the identity and out of the training set
     assert all(not r["used"] for r in fits if r["image_id"] in hit)
-    export = pads.dataset(str(run / "export"), format="parquet").to_table(columns=["image_id"])
+    export = pads.dataset(str(run / "export" / "data"), format="parquet").to_table(columns=["image_id"])
     assert not set(hit) & set(export.column("image_id").to_pylist())
     # counted where a user looks
     st = api.status(run)
@@ -142,7 +142,7 @@ def test_overlap_lists_exactly_the_shared_people_and_export_leaves_them_out(
 
     assert main(["export", str(run), "--exclude-subjects", str(out), *SYNC]) == 0
     subjects = set(
-        pads.dataset(str(run / "export"), format="parquet")
+        pads.dataset(str(run / "export" / "data"), format="parquet")
         .to_table(columns=["subject"])
         .column("subject")
         .to_pylist()

@@ -42,7 +42,7 @@ def _build(run: Path, faces: Path, overrides: dict | None = None, until: str | N
 
 
 def _stage_bytes(run: Path, stage: str) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted((run / stage).glob("*.parquet"))}
+    return {p.name: p.read_bytes() for p in sorted((run / stage).glob("**/*.parquet"))}
 
 
 def test_each_image_is_decoded_once_and_the_output_is_that_of_a_decode_per_stage(faces, tmp_path):

@@ -50,7 +50,7 @@ def copy_run(reference: Path, tmp_path: Path) -> Path:
 
 
 def export_rows(run: Path) -> list[tuple]:
-    t = pads.dataset(sorted(glob.glob(str(run / "export" / "*.parquet")))).to_table(
+    t = pads.dataset(sorted(glob.glob(str(run / "export" / "data" / "*.parquet")))).to_table(
         columns=["image_id", "crop_jpeg", "alpha_id"]
     )
     return sorted(
@@ -116,7 +116,7 @@ def test_a_truncated_committed_shard_is_not_done_and_is_recomputed(reference, tm
 def test_a_truncated_export_shard_is_recomputed_not_reported_done(reference, tmp_path, capsys):
     run = copy_run(reference, tmp_path)
     want = export_rows(reference)
-    p = run / "export" / "part-00000-train.parquet"
+    p = run / "export" / "data" / "part-00000-train.parquet"
     p.write_bytes(p.read_bytes()[:-50])
     assert main(["build", str(run), *SYNC, "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["stages"]["export"]["shards_computed"] == 1
@@ -396,7 +396,7 @@ def api_refuses_zero_workers(tmp_path: Path, data: Path) -> bool:
 
 def test_train_refuses_an_altered_export_shard_naming_it(reference, tmp_path, capsys):
     run = copy_run(reference, tmp_path)
-    p = run / "export" / "part-00001-train.parquet"
+    p = run / "export" / "data" / "part-00001-train.parquet"
     flip_byte(p, len(p.read_bytes()) // 3, 0x10)
     assert main(["train", str(run), "--tiny", "--epochs", "1,0,0"]) == 1
     err = capsys.readouterr().err
@@ -411,7 +411,7 @@ def test_train_refuses_a_damaged_or_missing_export_shard_and_never_trains_on_par
     """A cut-short export shard: `train` exits non-zero naming it (and it is invalidated); asked
     again, it names the shard now missing; after `build` redoes it, training runs."""
     run = copy_run(reference, tmp_path)
-    victim = sorted((run / "export").glob("part-00001-*.parquet"))[0]
+    victim = sorted((run / "export" / "data").glob("part-00001-*.parquet"))[0]
     data = victim.read_bytes()
     victim.write_bytes(data[: len(data) * 3 // 4])
     assert main(["train", str(run), "--tiny", "--epochs", "1"]) != 0

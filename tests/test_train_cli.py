@@ -89,3 +89,9 @@ def test_tiny_run_end_to_end_then_resume(run, capsys):
     # resuming a finished run changes nothing but re-exports
     assert cli.main([*argv, "--resume"]) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["epochs"] == 3
+    # nothing to repeat: a bare --resume continues with the settings the run started with (--tiny…)
+    assert cli.main(["train", str(run), "--resume"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["epochs"] == 3
+    assert cli.main(["train", str(run), "--resume", "--print-config"]) == 0
+    printed = capsys.readouterr().out
+    assert '"width_multiplier": 0.125' in printed and '"recon_vertices": 50' in printed

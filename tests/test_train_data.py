@@ -119,9 +119,9 @@ def test_uncommitted_shards_are_ignored(tmp_path, model):
 
 def test_corrupt_crop_is_skipped_not_fatal(tmp_path, model):
     rows = synthetic_rows(model, 2, 3, seed=0)
-    rows[2]["crop_jpeg"] = b"not a jpeg"
+    rows[2]["crop_jpeg"] = {"bytes": b"not a jpeg", "path": None}
     ok, small = cv2.imencode(".jpg", np.zeros((50, 50, 3), np.uint8))
-    rows[4]["crop_jpeg"] = small.tobytes()  # decodable, wrong size
+    rows[4]["crop_jpeg"] = {"bytes": small.tobytes(), "path": None}  # decodable, wrong size
     schema = load_schema("trainset")
     ShardStore(str(tmp_path), "export").write(
         0, from_rows(rows, schema), schema, "f", "p", 0, model_metadata(model)

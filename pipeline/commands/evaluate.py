@@ -64,8 +64,12 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         import json
 
-        doc = json.loads((page.parent / "report.json").read_text(encoding="utf-8"))
-        print(json.dumps({"report_html": str(page), "report_json": str(page.parent / "report.json"), **doc}))
+        import fsspec
+
+        report_json = str(page).rsplit("/", 1)[0] + "/report.json"  # a local path or an fsspec URL
+        with fsspec.open(report_json, "r", encoding="utf-8") as f:
+            doc = json.load(f)
+        print(json.dumps({"report_html": str(page), "report_json": report_json, **doc}))
     else:
         print(page)
     return 0

@@ -54,6 +54,9 @@ _PRIMITIVES = {
     "float16": pa.float16(),
     "float32": pa.float32(),
     "float64": pa.float64(),
+    # an encoded image as Hugging Face datasets stores one (its Image feature): the file's bytes
+    # and an optional path
+    "image": pa.struct([("bytes", pa.binary()), ("path", pa.string())]),
 }
 _LIST_RE = re.compile(r"^list<(?P<inner>.+)>(\[(?P<size>\d+)\])?$")
 
@@ -82,6 +85,9 @@ class StageSchema:
     # one data file per value of this column in each shard (``files_by: {column, values}``)
     files_by: str | None = None
     file_values: tuple[str, ...] = ()
+    # columns declared ``nullable: false``: a null is refused on write even where the Arrow field
+    # is stored nullable (``arrow_nullable: true``)
+    required: frozenset[str] = frozenset()
 
     @property
     def columns(self) -> list[str]:
@@ -118,7 +124,10 @@ def load_schema(name: str) -> StageSchema:
     cols = raw.get("columns")
     if not isinstance(cols, list) or not cols:
         raise SchemaError(f"{path}: 'columns' must be a non-empty list")
-    fields, docs, seen = [], {}, set()
+    fields, docs, seen, required = [], {}, set(), set()
+    # Hugging Face datasets applies a file's features metadata only to nullable fields: a schema
+    # handed to it stores every field nullable and keeps its non-null checks here
+    arrow_nullable = bool(raw.get("arrow_nullable", False))
     for i, col in enumerate(cols):
         where = f"{path}: columns[{i}]"
         if not isinstance(col, dict) or "name" not in col or "type" not in col:
@@ -141,15 +150,27 @@ def load_schema(name: str) -> StageSchema:
         field_md = {FIELD_DOC: docs[cname].encode()}
         if col.get("unit"):
             field_md[FIELD_UNIT] = str(col["unit"]).encode()
-        fields.append(pa.field(cname, typ, nullable=bool(col.get("nullable", True)), metadata=field_md))
+        nullable = bool(col.get("nullable", True))
+        if not nullable:
+            required.add(cname)
+        fields.append(pa.field(cname, typ, nullable=nullable or arrow_nullable, metadata=field_md))
     md = {META_SCHEMA_NAME: name.encode(), META_SCHEMA_VERSION: str(version).encode()}
-    files_by, file_values = _files_by(raw.get("files_by"), path, fields)
+    files_by, file_values = _files_by(raw.get("files_by"), path, fields, required)
     return StageSchema(
-        name, version, str(raw.get("doc", "")), pa.schema(fields, metadata=md), docs, files_by, file_values
+        name,
+        version,
+        str(raw.get("doc", "")),
+        pa.schema(fields, metadata=md),
+        docs,
+        files_by,
+        file_values,
+        frozenset(required),
     )
 
 
-def _files_by(raw: object, path: Path, fields: list[pa.Field]) -> tuple[str | None, tuple[str, ...]]:
+def _files_by(
+    raw: object, path: Path, fields: list[pa.Field], required: set[str]
+) -> tuple[str | None, tuple[str, ...]]:
     if raw is None:
         return None, ()
     where = f"{path}: files_by"
@@ -157,7 +178,7 @@ def _files_by(raw: object, path: Path, fields: list[pa.Field]) -> tuple[str | No
         raise SchemaError(f"{where}: expected a mapping with 'column' and 'values'")
     column, values = raw["column"], raw["values"]
     field = next((f for f in fields if f.name == column), None)
-    if field is None or not pa.types.is_string(field.type) or field.nullable:
+    if field is None or not pa.types.is_string(field.type) or column not in required:
         raise SchemaError(f"{where}: {column!r} must be a declared non-nullable string column")
     if (
         not isinstance(values, list)
@@ -197,7 +218,7 @@ def conform(table: pa.Table, schema: StageSchema, extra_metadata: dict[str, str]
                 raise SchemaError(
                     f"table for schema {schema.name!r} v{schema.version}: column {f.name!r} has type {col.type}, declared {f.type}"
                 )
-        if not f.nullable and col.null_count:
+        if f.name in schema.required and col.null_count:
             raise SchemaError(
                 f"table for schema {schema.name!r} v{schema.version}: column {f.name!r} is not nullable but has {col.null_count} nulls"
             )

@@ -31,6 +31,7 @@ from typing import Any, Protocol
 from tqdm.auto import tqdm
 
 from pipeline.config.manifest import Manifest
+from pipeline.core.progress import ProgressLog, is_batch
 from pipeline.core.registry import STAGES, config_view, get_stage, schema_for
 from pipeline.core.stage import DROPPED_ROWS_KEY, Asset, StageContext, stage_parameters
 from pipeline.imaging.decode import DecodedImages
@@ -113,7 +114,8 @@ def process_shard(
         {
             k.decode(): v.decode()
             for k, v in table_md.items()
-            if k.startswith(b"morphset.") and not k.startswith(b"morphset.schema")
+            if (k.startswith(b"morphset.") and not k.startswith(b"morphset.schema"))
+            or k == b"huggingface"  # the features Hugging Face datasets reads (the export's)
         }
     )
     extra_sidecar: dict = {"images": n_images, "cpu_seconds": round(time.process_time() - cpu0, 4)}
@@ -382,6 +384,9 @@ def run_stages(
             stats[s].skipped += sum(1 for i in shards if i not in plan or s not in plan[i])
             stats[s].submitted = sum(s in todo for todo in plan.values())
         _run_plan(run, manifest, segment, plan, executor, task, stats, failed, progress)
+        for s in segment:
+            if not any(stage == s for stage, _ in failed):
+                STAGES[s].finish(run, config_view(manifest, s))
     wall = time.perf_counter() - t_build
     images = max((st.images for st in stats.values()), default=0)
     return {
@@ -443,14 +448,18 @@ def _run_plan(
         )
         for s in segment
     }
+    # stderr not a terminal (Slurm, nohup, CI): a line per shard instead of bars
+    lines = {s: ProgressLog(s, stats[s].submitted, enabled=progress and is_batch()) for s in segment}
     stream = executor.execute(task, {i: fuse(todo) for i, todo in plan.items()})
     try:
         for out in stream:
             st = stats[out.stage]
+            shard = f"part-{out.shard:05d}"
             if out.started is not None:
                 st.first_start = min(st.first_start or out.started, out.started)
             if out.blocked:
                 st.blocked += 1
+                lines[out.stage].update(what=f"{shard} not run (an earlier stage failed)")
             elif out.error is not None:
                 fault = storage_fault(out.error)
                 if fault is not None:
@@ -459,12 +468,20 @@ def _run_plan(
                 if committed is not None:  # the work was done and committed; only its report was lost
                     st.last_end = time.perf_counter()
                     _record(st, {**committed, "skipped": True}, bars[out.stage])
+                    lines[out.stage].update(what=f"{shard} committed")
                     continue
                 record_failure(run, manifest, out, st)
                 failed.add((out.stage, out.shard))
+                lines[out.stage].update(what=f"{shard} FAILED: {type(out.error).__name__}")
             else:
                 st.last_end = out.ended or time.perf_counter()
-                _record(st, out.result or {}, bars[out.stage])
+                result = out.result or {}
+                _record(st, result, bars[out.stage])
+                lines[out.stage].update(
+                    images=int(result.get("images", result.get("rows", 0))),
+                    failures=sum((result.get("failures") or {}).values()),
+                    what=f"{shard} committed",
+                )
     finally:
         stream.close()  # an executor cancels what is still running (Ctrl-C, a storage fault)
         for b in bars.values():

@@ -13,6 +13,8 @@ A stage is a small class (one per stage package, registered in :mod:`pipeline.co
   every task as :class:`Asset` (path + sha256);
 - ``prepare(run, config)``: an optional driver step over all shards before the stage runs (export's
   subject-label map), whose result file is part of every shard's fingerprint (``global_input``);
+- ``finish(run, config)``: an optional driver step once every shard of the stage is committed
+  (export's dataset card and model files);
 - ``reads_pixels``: the stage decodes the shard's images. Consecutive such stages of one shard
   run as one task sharing ``ctx.images`` (:class:`pipeline.imaging.decode.DecodedImages`), so
   each image is decoded once for all of them; each still commits its own shard;
@@ -214,6 +216,9 @@ class Stage:
     def prepare(self, run: Any, config: ConfigView) -> dict | None:
         """Driver step before the stage's shards run; writes ``global_input`` when the stage has one."""
         return None
+
+    def finish(self, run: Any, config: ConfigView) -> None:
+        """Driver step after every shard of the stage is committed (export's dataset card)."""
 
     def run(self, inputs: dict[str, pa.Table], ctx: StageContext) -> pa.Table:
         raise NotImplementedError

@@ -935,14 +935,26 @@ def evaluate_run(
     params: dict,
     storage_options: dict | None = None,
     progress: Callable[[str], None] = log.info,
-) -> Path:
-    """Evaluate a run and write ``RUN/eval/``; returns the path of ``report.html``. The output
-    directory must be local."""
+) -> Path | str:
+    """Evaluate a run and write ``RUN/eval/``; returns the path of ``report.html`` (a run at an
+    fsspec URL gets its report there too: written to a local temporary folder, then copied, and
+    the returned path is the URL)."""
+    import tempfile
+
     fs, root = fsspec.core.url_to_fs(run_root, **(storage_options or {}))
-    if not isinstance(fs, LocalFileSystem):
-        raise ValueError(f"{run_root}: evaluate writes its report to a local run directory")
-    out_dir = Path(root) / "eval"
     ev = compute_evaluation(run_root, manifest, params, storage_options, progress)
+    if isinstance(fs, LocalFileSystem):
+        return _write_evaluation(Path(root) / "eval", ev)
+    with tempfile.TemporaryDirectory(prefix="morphset-eval-") as tmp:
+        page = _write_evaluation(Path(tmp) / "eval", ev)
+        target = f"{root.rstrip('/')}/eval"
+        fs.makedirs(target, exist_ok=True)
+        for f in sorted(page.parent.iterdir()):
+            fs.put_file(str(f), f"{target}/{f.name}")
+    return f"{run_root.rstrip('/')}/eval/{page.name}"
+
+
+def _write_evaluation(out_dir: Path, ev: Evaluation) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     for ps in ev.generated_pairs:
         write_csv_pairs(ps.pairs, out_dir / (ps.file or f"pairs-{ps.key}.csv"))

@@ -17,6 +17,8 @@ import pyarrow.compute as pc
 
 from pipeline.config.schemas import from_rows, load_schema
 from pipeline.core.stage import DROPPED_ROWS_KEY, ConfigView, Stage, StageContext
+from pipeline.export import handoff
+from pipeline.imaging.crops import image_cell
 from pipeline.storage.run import Run
 
 LABELS_FILE = "_labels.json"
@@ -95,8 +97,30 @@ class ExportStage(Stage):
     def prepare(self, run: Run, config: ConfigView) -> dict:
         return prepare_global(run, config)
 
+    def finish(self, run: Run, config: ConfigView) -> None:
+        write_handoff(run, config)
+
     def run(self, inputs: dict[str, pa.Table], ctx: StageContext) -> pa.Table:
         return run_shard(inputs, ctx)
+
+
+def write_handoff(run: Run, config: ConfigView) -> None:
+    """``RUN/export/model/`` (the morphable model and its sha256) and the dataset card
+    ``RUN/export/README.md`` (:mod:`pipeline.export.handoff`), written atomically after the
+    last shard; a card never describes shards that are not committed."""
+    from pipeline import __version__
+    from pipeline.models.assets import resolve_morphable_model
+
+    store = run.store("export")
+    labels = store.read_json(LABELS_FILE) or {"subjects": {}}
+    build = {"landmarks": config.stage_params("landmarks")["backend"], "version": __version__}
+    model = resolve_morphable_model(config)
+    handoff.write_folder(run, _subjects_in_label_order(labels), handoff.split_counts(store), model, build)
+
+
+def _subjects_in_label_order(labels: dict) -> list[str]:
+    subjects = labels.get("subjects", {})
+    return [s for s, _ in sorted(subjects.items(), key=lambda kv: kv[1]["label"])]
 
 
 def prepare_global(run: Run, config: ConfigView) -> dict:
@@ -179,7 +203,7 @@ def run_shard(inputs: dict[str, pa.Table], ctx: StageContext) -> pa.Table:
                 "subject": f["subject"],
                 "label": info["label"],
                 "split": info["split"],
-                "crop_jpeg": crow["crop_jpeg"],
+                "crop_jpeg": image_cell(crow["crop_jpeg"]),
                 "landmarks_crop": crow["landmarks_crop"],
                 "alpha_id": f["alpha_id"],
                 "alpha_exp": f["alpha_exp"],
@@ -199,5 +223,7 @@ def run_shard(inputs: dict[str, pa.Table], ctx: StageContext) -> pa.Table:
             **{k.encode(): v.encode() for k, v in _build_metadata(fit, ctx.config).items()},
             # rows this shard could not use, by image: the sidecar counts them under "failures"
             DROPPED_ROWS_KEY: json.dumps(dropped, sort_keys=True).encode(),
+            # the features Hugging Face datasets reads: crops as Image, label as ClassLabel
+            b"huggingface": handoff.hf_metadata(_subjects_in_label_order(labels)).encode(),
         }
     )

@@ -23,6 +23,7 @@ import pyarrow as pa
 
 from pipeline.config.manifest import Manifest
 from pipeline.config.schemas import from_rows, load_schema
+from pipeline.core.progress import ProgressLog, is_batch
 from pipeline.imaging.decode import inside_root
 from pipeline.storage.store import ShardStore, fingerprint
 
@@ -280,6 +281,7 @@ def run_ingest(
     dataset_name: str,
     mode: str = "resume",
     storage_options: dict | None = None,
+    progress: bool = True,
 ) -> IngestResult:
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -363,6 +365,8 @@ def run_ingest(
                 store.remove(s)  # obsolete after a re-partition
                 removed.append(s)
 
+    lines = ProgressLog("ingest", len(numbered), enabled=progress and is_batch())
+    lines.update(0, what=f"{len(scan.entries)} files found in {len(by_subject)} subjects")
     for shard, subjects in numbered:
         entries = [e for s in subjects for e in by_subject[s]]
         rows = _rows_for(entries, labels)
@@ -375,6 +379,7 @@ def run_ingest(
         )
         if store.is_done(shard, fp):
             skipped.append(shard)
+            lines.update(what=f"part-{shard:05d} unchanged")
             continue
         t0 = time.perf_counter()
         table = from_rows(rows, schema)
@@ -393,6 +398,8 @@ def run_ingest(
             extra_sidecar={"images": len(rows), "subjects": len(subjects), "dataset": dataset_name},
         )
         written.append(shard)
+        bad = sum(r["failure_reason"] is not None for r in rows)
+        lines.update(images=len(rows), failures=bad, what=f"part-{shard:05d} written")
 
     failures: dict[str, int] = {}
     for e in scan.entries:

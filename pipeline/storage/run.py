@@ -290,7 +290,11 @@ class Run:
         moved = sum(self.store(s).migrate() for s in BUILD_ORDER) if self.fs.exists(self.root) else 0
         if moved:
             log.warning(
-                "%s: moved %d sidecar file(s) into %s/_meta/ (the current layout)", self.url, moved, self.url
+                "%s: moved %d file(s) into the current layout (sidecars under %s/_meta/, the export's "
+                "data under export/data/)",
+                self.url,
+                moved,
+                self.url,
             )
 
     def remove_temporaries(self, stages: list[str]) -> int:

@@ -48,6 +48,9 @@ META_DIR = "_meta"
 PART_RE = re.compile(r"part-(\d{5})\.json$")
 # what a sidecar may name as a data file of its shard: a bare name in the stage folder
 DATA_NAME_RE = re.compile(r"part-(\d{5})(-[A-Za-z0-9_]+)?\.parquet")
+# stages whose folder is more than its data: RUN/export is a Hugging Face dataset repository
+# (README.md card and model/ beside data/), so its Parquet files live one level down
+DATA_SUBDIR = {"export": "data"}
 ROW_GROUP_SIZE = 2048  # bounded row groups: column selection never reads more than this many rows of bytes
 
 
@@ -89,7 +92,9 @@ class ShardStore:
     def __post_init__(self) -> None:
         self.fs, root = fsspec.core.url_to_fs(self.run_root, **(self.storage_options or {}))
         self.root = root.rstrip("/")
-        self.dir = f"{self.root}/{self.stage}"  # the data: Parquet only
+        self.folder = f"{self.root}/{self.stage}"  # what the stage hands over
+        sub = DATA_SUBDIR.get(self.stage)
+        self.dir = f"{self.folder}/{sub}" if sub else self.folder  # the data: Parquet only
         self.meta = f"{self.root}/{META_DIR}/{self.stage}"  # sidecars, markers, stage-level files
 
     # --- paths ---------------------------------------------------------------------------
@@ -219,15 +224,22 @@ class ShardStore:
 
     def migrate(self) -> int:
         """Move the JSON files of the layout before ``_meta/`` (sidecars beside the data) into
-        ``_meta/<stage>/``; returns how many moved. Idempotent."""
-        if not self.fs.exists(self.dir):
+        ``_meta/<stage>/``, and data files of a stage that now keeps them in a subfolder into it;
+        returns how many moved. Idempotent."""
+        if not self.fs.exists(self.folder):
             return 0
-        legacy = [p for p in self.fs.ls(self.dir, detail=False) if p.rsplit("/", 1)[-1].endswith(".json")]
+        names = [p for p in self.fs.ls(self.folder, detail=False) if self.fs.isfile(p)]
+        legacy = [p for p in names if p.rsplit("/", 1)[-1].endswith(".json")]
         if legacy:
             self.fs.makedirs(self.meta, exist_ok=True)
         for p in legacy:
             self.fs.mv(p, f"{self.meta}/{p.rsplit('/', 1)[-1]}")
-        return len(legacy)
+        data = [p for p in names if self.dir != self.folder and DATA_NAME_RE.fullmatch(p.rsplit("/", 1)[-1])]
+        if data:
+            self.fs.makedirs(self.dir, exist_ok=True)
+        for p in data:
+            self.fs.mv(p, f"{self.dir}/{p.rsplit('/', 1)[-1]}")
+        return len(legacy) + len(data)
 
     # --- reading -------------------------------------------------------------------------
     def sidecar(self, shard: int) -> dict | None:

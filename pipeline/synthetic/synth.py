@@ -31,6 +31,7 @@ import pyarrow.parquet as pq
 
 from pipeline.config.manifest import Manifest
 from pipeline.config.schemas import from_rows, load_schema
+from pipeline.core.progress import ProgressLog
 from pipeline.core.workercache import get_or_create
 from pipeline.fit.camera import rotation_from_euler_deg
 from pipeline.models.assets import resolve_morphable_model
@@ -455,8 +456,15 @@ def synthesize(
             cache_dir=manifest.cache_dir,
         )
     n_workers = min(int(stage["workers"] or os.cpu_count() or 1), p.subjects)
+    # stderr not a terminal: a line every 10 s (and at the end) while subjects render
+    lines = ProgressLog("synth", p.subjects, unit="subject", every_s=10.0)
+
+    def rendered(rows: list[dict]) -> list[dict]:
+        lines.update(images=len(rows))
+        return rows
+
     if n_workers <= 1:
-        per_subject = [_render_subject(model, p, s, out, textures) for s in range(p.subjects)]
+        per_subject = [rendered(_render_subject(model, p, s, out, textures)) for s in range(p.subjects)]
     else:
         # spawn: safe even when the caller has threads (Dask, TensorFlow); each worker loads the
         # cached model once
@@ -464,9 +472,12 @@ def synthesize(
         with cf.ProcessPoolExecutor(
             n_workers, mp_context=ctx, initializer=_worker_init, initargs=(manifest, textures)
         ) as ex:
-            per_subject = list(
-                ex.map(_worker_subject, [p] * p.subjects, range(p.subjects), [str(out)] * p.subjects)
-            )
+            per_subject = [
+                rendered(rows)
+                for rows in ex.map(
+                    _worker_subject, [p] * p.subjects, range(p.subjects), [str(out)] * p.subjects
+                )
+            ]
     rows = [r for subject_rows in per_subject for r in subject_rows]
     schema = load_schema("ground_truth")
     table = from_rows(

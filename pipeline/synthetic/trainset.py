@@ -12,7 +12,10 @@ import cv2
 import numpy as np
 
 from pipeline.config.schemas import from_rows, load_schema
+from pipeline.export.handoff import hf_metadata, split_counts, write_folder
+from pipeline.imaging.crops import image_cell
 from pipeline.models.morphable_model import MorphableModel
+from pipeline.storage.run import Run
 from pipeline.storage.store import ShardStore
 
 
@@ -63,7 +66,7 @@ def synthetic_rows(
                     "subject": f"s{s:04d}",
                     "label": s,
                     "split": "val" if s >= n_subjects - val_subjects else "train",
-                    "crop_jpeg": jpeg.tobytes(),
+                    "crop_jpeg": image_cell(jpeg.tobytes()),
                     "landmarks_crop": rng.uniform(0, 96, 136).astype(np.float32).tolist(),
                     "alpha_id": (z_id * model.id_std).astype(np.float32).tolist(),
                     "alpha_exp": (z_exp * model.exp_std).astype(np.float32).tolist(),
@@ -106,6 +109,9 @@ def write_synthetic_trainset(
     for shard, idx in enumerate(groups):
         mine = {subjects[i] for i in idx}
         part = [r for r in rows if r["subject"] in mine]
-        table = from_rows(part, schema, model_metadata(model))
-        store.write(shard, table, schema, f"synthetic-{seed}", "synthetic", 0.0, model_metadata(model))
+        md = model_metadata(model) | {"huggingface": hf_metadata(subjects)}
+        table = from_rows(part, schema, md)
+        store.write(shard, table, schema, f"synthetic-{seed}", "synthetic", 0.0, md)
+    # the folder a real export hands over: the card and the model beside data/
+    write_folder(Run(run_root), subjects, split_counts(store), model, {"landmarks": "synthetic"})
     return len(rows)
