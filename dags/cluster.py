@@ -16,12 +16,14 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shutil
 import sys
 from collections.abc import Iterator
 
 import dask
 
 from pipeline.config.manifest import Manifest
+from pipeline.core.processes import refuse_unguarded_main
 from pipeline.errors import MorphsetError
 
 log = logging.getLogger("morphset.cluster")
@@ -95,7 +97,16 @@ def make_batch_cluster(spec: dict) -> object:
             raise RuntimeError(
                 f"execution.cluster.kind={kind} needs dask-jobqueue: install the cluster extra (pip install '<morphset wheel or checkout>[cluster]')"
             ) from None
-        return getattr(dask_jobqueue, _JOBQUEUE[kind])(**options)
+        check_gpu_jobs(kind, options)
+        cluster_cls = getattr(dask_jobqueue, _JOBQUEUE[kind])
+        submit = getattr(cluster_cls.job_cls, "submit_command", None)
+        if submit and shutil.which(submit) is None:
+            # dask-jobqueue would start a scheduler and wait forever on jobs it cannot submit
+            raise MorphsetError(
+                f"execution.cluster.kind={kind}: `{submit}` is not on PATH here; run the build where "
+                f"{kind} jobs can be submitted (a login node), or join a running cluster with --scheduler"
+            )
+        return cluster_cls(**options)
     try:
         from dask_kubernetes.operator import KubeCluster
     except ImportError:
@@ -103,6 +114,46 @@ def make_batch_cluster(spec: dict) -> object:
             "execution.cluster.kind=kubernetes needs dask-kubernetes: install the cluster extra (pip install '<morphset wheel or checkout>[cluster]')"
         ) from None
     return KubeCluster(**options)
+
+
+def _declared_gpus(args: list[str]) -> float:
+    """The GPU resource each worker declares in ``--resources GPU=n`` worker arguments."""
+    for k, a in enumerate(args):
+        text = a.split("=", 1)[1] if a.startswith("--resources=") else None
+        if a == "--resources" and k + 1 < len(args):
+            text = args[k + 1]
+        for item in (text or "").replace(",", " ").split():
+            name, _, value = item.partition("=")
+            if name == "GPU":
+                return float(value or 0)
+    return 0.0
+
+
+def _job_gpus(directives: list[str]) -> int | None:
+    """GPUs a Slurm job asks for (``--gres=gpu[:type]:N`` or ``--gpus[-per-node]=N``); None if unsaid."""
+    for d in directives:
+        d = d.strip()
+        if d.startswith("--gres=gpu"):
+            last = d.rsplit(":", 1)[-1]
+            return int(last) if last.isdigit() else 1
+        for key in ("--gpus-per-node=", "--gpus="):
+            if d.startswith(key) and d[len(key) :].isdigit():
+                return int(d[len(key) :])
+    return None
+
+
+def check_gpu_jobs(kind: str, options: dict) -> None:
+    """Refuse a job whose worker processes together declare more GPUs than the job has: with
+    ``processes: 8`` and ``--resources GPU=1`` on a one-GPU job, 8 GPU tasks would share one GPU."""
+    per_worker = _declared_gpus([str(a) for a in options.get("worker_extra_args") or []])
+    gpus = _job_gpus([str(d) for d in options.get("job_extra_directives") or []])
+    processes = int(options.get("processes") or 1)
+    if per_worker and gpus is not None and per_worker * processes > gpus:
+        raise MorphsetError(
+            f"execution.cluster.options: {processes} worker processes per {kind} job each declare GPU="
+            f"{per_worker:g}, but the job has {gpus} GPU(s): set processes to {max(int(gpus // per_worker), 1)} "
+            "(one GPU task per GPU; give the worker more threads with cores instead)"
+        )
 
 
 @contextlib.contextmanager
@@ -157,6 +208,7 @@ def open_client(manifest: Manifest, echo: bool = True) -> Iterator[object | None
         "MKL_NUM_THREADS": "1",
     }
     os.environ.update({k: os.environ.get(k, v) for k, v in env.items()})
+    refuse_unguarded_main("a LocalCluster build")
     with (
         dask.config.set({"distributed.nanny.pre-spawn-environ": worker_malloc_environ()}),
         _workers_ignore_ctrl_c(),

@@ -2,29 +2,34 @@
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import pytest
+import yaml
 
 from dags.cluster import make_batch_cluster
+from pipeline.errors import MorphsetError
+
+DOCS = Path(__file__).resolve().parents[1] / "docs" / "cluster.md"
 
 
-def test_slurm_configuration_produces_the_expected_job_script():
+def _documented_slurm_spec() -> dict:
+    text = DOCS.read_text(encoding="utf-8")
+    block = re.search(r"## Slurm \(dask-jobqueue\)\n\n```yaml\n(.*?)```", text, re.S).group(1)
+    return yaml.safe_load(block)["execution"]["cluster"]
+
+
+def test_the_documented_slurm_example_gives_one_gpu_task_per_gpu(monkeypatch):
+    """docs/cluster.md's Slurm block, as written, generates a job script with one worker process
+    that declares the job's one GPU (it had 8 workers each declaring GPU=1 on one GPU)."""
     pytest.importorskip("dask_jobqueue")
-    cluster = make_batch_cluster(
-        {
-            "kind": "slurm",
-            "workers": 4,
-            "options": {
-                "queue": "gpu",
-                "cores": 8,
-                "processes": 8,
-                "memory": "64GB",
-                "walltime": "08:00:00",
-                "job_extra_directives": ["--gres=gpu:1"],
-                "worker_extra_args": ["--resources", "GPU=1"],
-                "scheduler_options": {"host": "127.0.0.1"},
-            },
-        }
-    )
+    import dags.cluster as dc
+
+    monkeypatch.setattr(dc.shutil, "which", lambda name: f"/usr/bin/{name}")  # as on a login node
+    spec = _documented_slurm_spec()
+    spec["options"]["scheduler_options"] = {"host": "127.0.0.1"}
+    cluster = make_batch_cluster(spec)
     try:
         script = cluster.job_script()
     finally:
@@ -32,7 +37,24 @@ def test_slurm_configuration_produces_the_expected_job_script():
     assert "#SBATCH -p gpu" in script
     assert "#SBATCH --gres=gpu:1" in script
     assert "#SBATCH -t 08:00:00" in script
-    assert "--resources GPU=1" in script and "--nworkers 8" in script
+    # one worker process per job (dask-jobqueue writes --nworkers only for more than one)
+    assert "--resources GPU=1" in script and "--nworkers" not in script and "--nthreads 8" in script
+
+    bad = {**spec, "options": {**spec["options"], "processes": 8}}
+    with pytest.raises(
+        MorphsetError, match=r"8 worker processes per slurm job each declare GPU=1, but the job has 1 GPU"
+    ):
+        make_batch_cluster(bad)
+
+
+def test_a_missing_sbatch_is_one_line_not_a_hang():
+    pytest.importorskip("dask_jobqueue")
+    import shutil
+
+    if shutil.which("sbatch"):
+        pytest.skip("this machine has sbatch")
+    with pytest.raises(MorphsetError, match=r"`sbatch` is not on PATH here; run the build where slurm jobs"):
+        make_batch_cluster(_documented_slurm_spec())
 
 
 def test_kubernetes_without_the_package_is_a_clear_error():

@@ -198,3 +198,34 @@ def test_a_run_of_the_old_layout_is_migrated(tmp_path, capsys, caplog):
         "part-00001-train.parquet",
     ]
     assert Run(run).store("export").shards_with_sidecar() == [0, 1]
+
+
+def test_an_unguarded_script_is_refused_in_one_line_not_hung(tmp_path):
+    """README's Python block saved as a script without the __main__ guard: synth would spawn
+    workers that re-run the script (the parent waited forever); it is refused before any starts."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "make_faces.py"
+    script.write_text(
+        "from pipeline.api import synth\n"
+        f"synth({str(tmp_path / 'faces')!r}, subjects=2, images_per_subject=1, workers=2, textures='painted')\n"
+    )
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    last = proc.stderr.strip().splitlines()[-1]
+    assert f"{script}:2: morphset synth (a process pool) starts worker processes" in last
+    assert 'if __name__ == "__main__":' in last
+    assert not (tmp_path / "faces" / "ground_truth.parquet").exists()
+
+    guarded = tmp_path / "guarded.py"
+    guarded.write_text(
+        "from pipeline.core.processes import refuse_unguarded_main\n"
+        'if __name__ == "__main__":\n'
+        "    refuse_unguarded_main('x')\n"
+        "    print('guarded call accepted')\n"
+        "refuse_unguarded_main('y')\n"
+    )
+    proc = subprocess.run([sys.executable, str(guarded)], capture_output=True, text=True, timeout=120)
+    assert "guarded call accepted" in proc.stdout
+    assert f"{guarded}:5: y starts worker processes" in proc.stderr

@@ -31,6 +31,7 @@ import pyarrow.parquet as pq
 
 from pipeline.config.manifest import Manifest
 from pipeline.config.schemas import from_rows, load_schema
+from pipeline.core.processes import refuse_unguarded_main
 from pipeline.core.progress import ProgressLog
 from pipeline.core.workercache import get_or_create
 from pipeline.fit.camera import rotation_from_euler_deg
@@ -468,6 +469,7 @@ def synthesize(
     else:
         # spawn: safe even when the caller has threads (Dask, TensorFlow); each worker loads the
         # cached model once
+        refuse_unguarded_main("morphset synth (a process pool)")
         ctx = multiprocessing.get_context("spawn")
         with cf.ProcessPoolExecutor(
             n_workers, mp_context=ctx, initializer=_worker_init, initargs=(manifest, textures)
