@@ -410,6 +410,30 @@ def train(
     return train_loop(r.url, params, resolve_model(res.manifest), out_dir, resume=resume)
 
 
+def config(
+    run: str | os.PathLike | None = None,
+    overrides: list[str] | dict[str, Any] | None = None,
+    manifest: str | None = None,
+    key: str | None = None,
+) -> Any:
+    """The effective manifest (or one dotted ``key`` of it) as commands resolve it: the packaged
+    defaults < ``manifest`` < what ``run`` remembers < ``overrides``."""
+    from pipeline.config.manifest import ManifestError
+
+    r = Run(run) if run is not None else None
+    if r is not None and not r.exists():
+        raise FileNotFoundError(f"{r.url}: run directory not found")
+    data = resolve(r, manifest, overrides).manifest.data
+    if key is None:
+        return data
+    node: Any = data
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            raise ManifestError(f"{key}: no such key in the effective manifest (at {part!r})")
+        node = node[part]
+    return node
+
+
 def evaluate(
     run: str | os.PathLike,
     ground_truth: str | None = None,

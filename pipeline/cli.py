@@ -28,6 +28,7 @@ COMMANDS = [
     "build",
     "status",
     "verify",
+    "config",
     "synth",
     "calibrate",
     "train",

@@ -46,8 +46,9 @@ def test_wrong_type_names_key_and_expected_type(tmp_path, base):
 
 
 def test_missing_required_field(tmp_path, base):
-    del base["datasets"]["lfw"]["root"]
-    with pytest.raises(ManifestError, match=r"datasets\.lfw: 'root' is required but missing"):
+    # a dataset of the user's own (one of the defaults would be completed by the packaged manifest)
+    base["datasets"]["mine"] = {k: v for k, v in base["datasets"]["lfw"].items() if k != "root"}
+    with pytest.raises(ManifestError, match=r"datasets\.mine: 'root' is required but missing"):
         load_manifest(_write(tmp_path, base))
 
 
@@ -116,3 +117,35 @@ def test_memory_limit_must_be_a_size():
             ManifestError, match=r"execution.memory_limit: expected memory per worker process"
         ):
             load_manifest(overrides={"execution.memory_limit": bad})
+
+
+def test_a_partial_manifest_overlays_the_defaults_and_config_prints_the_result(tmp_path, capsys):
+    """A manifest that names only what it changes (as docs/cluster.md shows one) is accepted: the
+    packaged defaults fill the rest; `morphset config` prints what a command would use."""
+    import json
+
+    import yaml
+
+    from pipeline.cli import main
+    from pipeline.config.manifest import load_manifest
+
+    partial = tmp_path / "mine.yaml"
+    partial.write_text("execution:\n  n_workers: 3\nstages:\n  fit:\n    max_iterations: 7\n")
+    m = load_manifest(partial)
+    default = load_manifest()
+    assert m.get("execution.n_workers") == 3 and m.stage_params("fit")["max_iterations"] == 7
+    assert m.get("execution.retries") == default.get("execution.retries")  # from the defaults
+    assert m.data["datasets"] == default.data["datasets"] and m.path == str(partial)
+
+    assert main(["config", "--manifest", str(partial), "--set", "execution.retries=5"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["execution"]["n_workers"] == 3 and printed["execution"]["retries"] == 5
+    assert printed["stages"]["fit"]["max_iterations"] == 7 and "models" in printed
+    assert main(["config", "--manifest", str(partial), "--key", "stages.fit.max_iterations", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == 7
+    assert main(["config", "--key", "stages.nothing"]) == 2
+    assert "stages.nothing: no such key in the effective manifest" in capsys.readouterr().err
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("execution:\n  workers: 3\n")
+    assert main(["config", "--manifest", str(bad)]) == 2
+    assert "unknown key(s) ['workers']" in capsys.readouterr().err

@@ -177,6 +177,17 @@ class Manifest:
         return Manifest(data, self.path, {**self.overrides, **overrides})
 
 
+def overlay(base: Any, top: Any) -> Any:
+    """``top`` over ``base``: mappings merge key by key (recursively); anything else in ``top``
+    (a list, a scalar, null) replaces what ``base`` had."""
+    if isinstance(base, dict) and isinstance(top, dict):
+        out = dict(base)
+        for k, v in top.items():
+            out[k] = overlay(base[k], v) if k in base else v
+        return out
+    return top
+
+
 def load_manifest(
     path: str | Path | None = None, overrides: list[str] | dict[str, Any] | None = None
 ) -> Manifest:
@@ -193,6 +204,10 @@ def load_manifest(
         raise ManifestError(f"{where}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
     if not isinstance(data, dict):
         raise ManifestError(f"{p}: expected a mapping at the top level, got {type(data).__name__}")
+    if p.resolve() != DEFAULT_MANIFEST.resolve() and DEFAULT_MANIFEST.is_file():
+        # a user's manifest overlays the packaged one: it needs only what it changes
+        with open(DEFAULT_MANIFEST, encoding="utf-8") as f:
+            data = overlay(yaml.safe_load(f), data)
     validate(data, str(p))
     m = Manifest(data, str(p))
     if overrides:
