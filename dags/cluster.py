@@ -24,7 +24,7 @@ import dask
 
 from pipeline.config.manifest import Manifest
 from pipeline.core.processes import refuse_unguarded_main
-from pipeline.errors import MorphsetError
+from pipeline.errors import MissingPackage, MorphsetError
 
 log = logging.getLogger("morphset.cluster")
 
@@ -94,7 +94,7 @@ def make_batch_cluster(spec: dict) -> object:
         try:
             import dask_jobqueue
         except ImportError:
-            raise RuntimeError(
+            raise MissingPackage(
                 f"execution.cluster.kind={kind} needs dask-jobqueue: install the cluster extra (pip install '<morphset wheel or checkout>[cluster]')"
             ) from None
         check_gpu_jobs(kind, options)
@@ -110,7 +110,7 @@ def make_batch_cluster(spec: dict) -> object:
     try:
         from dask_kubernetes.operator import KubeCluster
     except ImportError:
-        raise RuntimeError(
+        raise MissingPackage(
             "execution.cluster.kind=kubernetes needs dask-kubernetes: install the cluster extra (pip install '<morphset wheel or checkout>[cluster]')"
         ) from None
     return KubeCluster(**options)

@@ -124,12 +124,18 @@ def main(argv: list[str] | None = None) -> int:
     except MorphsetError as exc:
         print(f"morphset {args.command}: error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except ImportError as exc:  # an optional package a URL or setting needs (s3fs for s3://, …)
+        hint = f" (pip install {exc.name})" if getattr(exc, "name", None) else ""
+        print(f"morphset {args.command}: error: a package is missing: {exc}{hint}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:  # output piped into `head` and the like: not an error (before OSError)
+        # stdout is gone: point it at devnull so the interpreter's final flush does not complain
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 0
     except OSError as exc:  # the file system refused (full, read-only, corrupt shard): one line
         print(f"morphset {args.command}: error: {describe_os_error(exc)}", file=sys.stderr)
         return 1
-    except BrokenPipeError:  # output piped into `head` and the like
-        sys.stderr.close()
-        return 0
     except KeyboardInterrupt:
         print(
             f"morphset {args.command}: interrupted; committed shards are kept, rerun to resume",

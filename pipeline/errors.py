@@ -12,3 +12,9 @@ class MorphsetError(Exception):
 class ClusterLost(MorphsetError):
     """The Dask cluster can no longer run the build: no worker for a while, or the scheduler gone.
     Committed shards are kept; the build resumes when run again."""
+
+
+class MissingPackage(MorphsetError, RuntimeError):
+    """An optional package a setting needs is not installed; the message says which and how."""
+
+    exit_code = 2

@@ -4,7 +4,11 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
+import subprocess
+import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -31,7 +35,26 @@ def test_every_reporting_command_prints_one_json_document(tmp_path, capsys):
                  *SYNC, "--json"]) == 0  # fmt: skip
     assert _json(capsys)["stages"]["export"]["shards_computed"] == 1
     assert main(["status", str(run), "--json"]) == 0
-    assert _json(capsys)["export"]["done"] == 1
+    st = _json(capsys)
+    assert st["export"]["done"] == 1
+    # embed is off for renders: no rate for work that was not done
+    assert st["embed"]["off"] is True and st["embed"]["images_per_second"] is None
+    assert st["fit"]["off"] is False and st["fit"]["images_per_second"] > 0
+    # a fit setting changed: the fit shard and everything downstream of it are stale, not done
+    assert main(["status", str(run), "--set", "stages.fit.max_iterations=3", "--json"]) == 0
+    st = _json(capsys)
+    assert (st["fit"]["stale"], st["fit"]["done"]) == (1, 0)
+    assert (st["export"]["stale"], st["export"]["done"]) == (1, 0)
+    assert st["crop"]["done"] == 1  # upstream of the fit: still done
+    # the table: a stale column and "off"; piped into `head`, no broken-pipe error
+    proc = subprocess.run(
+        f"{sys.executable} -m pipeline.cli status {run} | head -2", shell=True, capture_output=True, text=True
+    )
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr
+    assert "stale" in proc.stdout.splitlines()[1]
+    assert main(["status", str(run)]) == 0
+    table = capsys.readouterr().out
+    assert re.search(r"^embed .* off  -$", table, re.M), table
     assert main(["ingest", str(run), "--json"]) == 0
     assert _json(capsys)["shards_skipped"] == [0]
     assert main(["fit", str(run), *SYNC, "--json"]) == 0
@@ -45,7 +68,17 @@ def test_every_reporting_command_prints_one_json_document(tmp_path, capsys):
     doc = _json(capsys)
     assert doc["params"]["encoder"] == str(run / "train")
     assert doc["report_html"].endswith("report.html")
-    subject = sorted(p.name for p in data.iterdir())[0]
+    # the run remembers its dataset: a synthetic set's ground truth under its root is found, and a
+    # normal evaluation raises no warning (scikit-learn's ROC warnings came from one-class folds)
+    shutil.copy(tmp_path / "ground_truth.parquet", data / "ground_truth.parquet")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert main(["evaluate", str(run), "--no-genova", "--json"]) == 0
+    doc = _json(capsys)
+    assert doc["params"]["ground_truth"] == str(data / "ground_truth.parquet")
+    assert doc["reconstruction"]["results"]["fit/full"]["measured"] > 0
+    assert not [w for w in caught if "sklearn" in str(w.filename)], [str(w.message) for w in caught]
+    subject = sorted(p.name for p in data.iterdir() if p.is_dir())[0]
     mesh = tmp_path / "id.obj"
     assert main(["export-mesh", str(run), "--subject", subject, "-o", str(mesh), "--json"]) == 0
     assert _json(capsys)["path"] == str(mesh)

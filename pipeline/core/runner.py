@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 from pipeline.config.manifest import Manifest
 from pipeline.core.progress import ProgressLog, is_batch
 from pipeline.core.registry import STAGES, config_view, get_stage, schema_for
-from pipeline.core.stage import DROPPED_ROWS_KEY, Asset, StageContext, stage_parameters
+from pipeline.core.stage import DROPPED_ROWS_KEY, STAGE_OFF_KEY, Asset, StageContext, stage_parameters
 from pipeline.imaging.decode import DecodedImages
 from pipeline.storage.run import Run
 from pipeline.storage.store import CorruptShard, failure_counts
@@ -109,6 +109,7 @@ def process_shard(
     # Input rows a stage could not use and has no failure_reason column for (export): kept in the
     # sidecar, counted with the failures, never silently lost.
     dropped = json.loads(table_md.pop(DROPPED_ROWS_KEY, b"{}"))
+    off = table_md.pop(STAGE_OFF_KEY, None) == b"true"  # switched off for this shard: no work to time
     extra_md = {"morphset.stage_params_hash": params_hash}
     extra_md.update(
         {
@@ -119,6 +120,8 @@ def process_shard(
         }
     )
     extra_sidecar: dict = {"images": n_images, "cpu_seconds": round(time.process_time() - cpu0, 4)}
+    if off:
+        extra_sidecar["off"] = True
     if spec.reads_pixels:
         extra_sidecar["decodes"] = ctx.images.decodes - decodes_before
     if dropped:

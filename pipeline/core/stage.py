@@ -44,6 +44,9 @@ from pipeline.storage.store import fingerprint
 # Table metadata under which a stage lists input rows it could not use and has no failure_reason
 # column for ({image_id: reason}); the runner moves it into the sidecar's failures.
 DROPPED_ROWS_KEY = b"morphset.dropped_rows"
+# Table metadata of a stage that was switched off for this shard (embed on renders): the runner
+# marks the sidecar ``off`` so status shows no rate for work that was not done.
+STAGE_OFF_KEY = b"morphset.stage_off"
 
 
 class UndeclaredConfigRead(KeyError):

@@ -22,7 +22,7 @@ import pyarrow as pa
 
 from pipeline.config.schemas import conform, from_rows, load_schema
 from pipeline.core import workercache
-from pipeline.core.stage import Asset, ConfigView, Stage, StageContext
+from pipeline.core.stage import STAGE_OFF_KEY, Asset, ConfigView, Stage, StageContext
 from pipeline.embed.base import EmbeddingBackend, EmbeddingResult
 from pipeline.imaging.decode import dataset_root, max_pixels_from
 
@@ -122,7 +122,7 @@ def run_shard(inputs: dict[str, pa.Table], ctx: StageContext) -> pa.Table:
                 "failure_reason": lms.column("failure_reason"),
             }
         )
-        return conform(table, schema, {ENABLED_KEY: "false"})
+        return conform(table, schema, {ENABLED_KEY: "false", STAGE_OFF_KEY.decode(): "true"})
 
     weights = ctx.assets.get("weights")
     if weights is None:  # called without the driver's assets (a tool, a test)
