@@ -838,7 +838,7 @@ def summary_section(ctx: Context, doc: dict) -> None:
     """The headline figures, each with its 95 % interval (subjects drawn with replacement), its
     sample count and the set it was measured on; ``doc["headline"]`` holds the same as data."""
     fq = doc["fit_quality"]
-    fitted_on = f"every fitted subject ({fq['subjects_fitted']})"
+    fitted_on = f"every fitted subject ({fq['subjects_fitted']} subjects, {fq['fitted']} images)"
     head: list[dict] = [
         {"figure": "images fitted", "value": f"{fq['fitted']} / {fq['images']}", "measured_on": "the run"},
     ]
@@ -879,7 +879,7 @@ def summary_section(ctx: Context, doc: dict) -> None:
     on_of = {"fit": fitted_on}
     if "encoder_split" in doc:
         es = doc["encoder_split"]
-        on_of["encoder"] = f"{es['split']} split ({es['subjects']} subjects)"
+        on_of["encoder"] = es.get("measured_on") or f"{es['split']} split ({es['subjects']} subjects)"
     for name, e in doc.get("reconstruction", {}).get("results", {}).items():
         for metric, key in (("Liu error mm", "liu_mean_mm"), ("Genova error mm", "genova_mm")):
             st = e["overall"].get(key, {})
@@ -1050,6 +1050,7 @@ def compute_evaluation(
             "images": len(item_ids),
             "subjects": len(set(item_subjects)),
             "images_decoded": len(ids),
+            "measured_on": encoder_on,
             "note": "encoder figures: "
             + (
                 "validation subjects only (held out of training)"
