@@ -13,10 +13,10 @@ from __future__ import annotations
 import time
 import traceback
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
-from pipeline.core.runner import Outcome, ShardTask, outcomes
+from pipeline.core.runner import PROGRESS_TOPIC, Outcome, ShardTask, outcomes
 from pipeline.errors import ClusterLost
 
 if TYPE_CHECKING:
@@ -41,6 +41,22 @@ class DaskExecutor:
         self.retries = retries
         self.resources = resources or {}
         self.no_worker_timeout_s = no_worker_timeout_s
+
+    def on_progress(self, receiver: Callable[[str, int, int], None] | None) -> None:
+        """Receive ``(stage, shard, rows)`` events the workers' tasks send as they progress within
+        a shard (topic ``morphset-progress``); None stops."""
+        if receiver is None:
+            self.client.unsubscribe_topic(PROGRESS_TOPIC)
+            return
+
+        def handler(event: tuple) -> None:
+            try:
+                stage, shard, n = event[1]
+                receiver(str(stage), int(shard), int(n))
+            except Exception:  # a malformed or late event moves no bar; the build goes on
+                pass
+
+        self.client.subscribe_topic(PROGRESS_TOPIC, handler)
 
     def _workers(self) -> int:
         try:

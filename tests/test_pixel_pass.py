@@ -104,3 +104,38 @@ def test_the_store_keeps_a_prefix_within_its_budget(tmp_path):
     changed = images.read(paths[0], size=(100, 90))  # an earlier stage read it at another size
     assert changed.reason == "image_changed" and "100x100" in changed.detail
     assert images.read(paths[0], size=(100, 100)).ok
+
+
+def test_progress_moves_within_a_shard(faces, tmp_path, monkeypatch, capsys):
+    """Detect and landmarks report rows as they finish batches, so a bar moves inside a shard
+    (it moved once per 2,000-image shard); bars count images."""
+    import re
+    import sys
+
+    from pipeline.core import runner
+
+    monkeypatch.setattr(runner, "PROGRESS_EVERY_S", 0.0)
+    events: list[tuple[str, int, int]] = []
+    executor = runner.SyncExecutor()
+    executor.on_progress(lambda stage, shard, n: events.append((stage, shard, n)))
+    try:
+        _build(tmp_path / "run", faces, {"stages.detect.batch_size": 1, "stages.landmarks.batch_size": 1})
+    finally:
+        executor.on_progress(None)
+    for stage in ("detect", "landmarks"):
+        for shard in (0, 1):
+            mine = [n for s, i, n in events if (s, i) == (stage, shard)]
+            assert sum(mine) == 6, (stage, shard, mine)  # every row once
+            # detect decides rows every 4 batches (4 images here): twice in a 6-image shard;
+            # landmarks works in chunks of at least 8, one for this shard
+            assert len(mine) >= (2 if stage == "detect" else 1), (stage, shard, mine)
+
+    # a terminal's bars: images of the shards computed, reaching the total
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
+    api.build(
+        tmp_path / "run2", "synthetic", root=str(faces), overrides=EMBED_ON, scheduler="sync",
+        progress=True, landmarks="dlib", shard_size=6, until="landmarks",
+    )  # fmt: skip
+    err = capsys.readouterr().err
+    assert re.search(r"detect: 100%.*\b12/12 \[", err), err[-2000:]
+    assert re.search(r"landmarks: 100%.*\b12/12 \[", err), err[-2000:]

@@ -21,10 +21,11 @@ import logging
 import os
 import pickle
 import sys
+import threading
 import time
 import traceback as tb_mod
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -68,6 +69,7 @@ def process_shard(
     assets: dict[str, Asset] | None = None,
     force: bool = False,
     images: DecodedImages | None = None,
+    progress: Callable[[int], None] | None = None,
 ) -> dict:
     """Run one stage on one shard if it is not already done; return its sidecar.
 
@@ -101,6 +103,8 @@ def process_shard(
     ctx = stage_context(manifest, stage, run, shard, assets)
     if images is not None:
         ctx.images = images
+    if progress is not None:
+        ctx.progress = progress
     decodes_before = ctx.images.decodes
     table = spec.run(inputs, ctx)
     n_images = inputs[spec.inputs[0]].num_rows
@@ -208,7 +212,13 @@ class ShardTask:
         for attempt in range(self.retries + 1):
             try:
                 return process_shard(
-                    run, self.manifest, stage, shard, self.assets.get(stage, {}), images=images
+                    run,
+                    self.manifest,
+                    stage,
+                    shard,
+                    self.assets.get(stage, {}),
+                    images=images,
+                    progress=ProgressSender(stage, shard, PROGRESS_EVERY_S),
                 )
             except Exception as exc:
                 if attempt == self.retries or _deterministic(exc):
@@ -253,10 +263,50 @@ class Executor(Protocol):
         ...
 
 
+PROGRESS_TOPIC = "morphset-progress"
+PROGRESS_EVERY_S = 0.5  # at most one progress message per stage and shard this often
+# the driver's receiver of in-shard progress when tasks run in its own process (SyncExecutor)
+_local_progress: Callable[[str, int, int], None] | None = None
+
+
+@dataclass
+class ProgressSender:
+    """``ctx.progress`` of one stage on one shard: to the driver's receiver in this process, or as
+    a Dask worker event (topic ``morphset-progress``) the driver subscribes to; batched to one
+    message per ``every_s`` seconds. Progress is advisory: a lost message costs a bar's smoothness."""
+
+    stage: str
+    shard: int
+    every_s: float = 0.5
+    _pending: int = 0
+    _last: float = 0.0
+
+    def __call__(self, n: int) -> None:
+        self._pending += int(n)
+        now = time.perf_counter()
+        if now - self._last < self.every_s:
+            return
+        self._last, n, self._pending = now, self._pending, 0
+        if _local_progress is not None:
+            _local_progress(self.stage, self.shard, n)
+            return
+        try:
+            from distributed import get_worker
+
+            get_worker().log_event(PROGRESS_TOPIC, (self.stage, self.shard, n))
+        except (ImportError, ValueError):  # not inside a Dask worker: nobody to tell
+            pass
+
+
 class SyncExecutor:
     """Every task in this process, one after another (``--scheduler sync``, tests, debugging)."""
 
     retries = 0  # a stage that fails here fails at once (the Dask executor's tasks try again)
+
+    def on_progress(self, receiver: Callable[[str, int, int], None] | None) -> None:
+        """Receive ``(stage, shard, rows)`` as stages progress within a shard (None: stop)."""
+        global _local_progress
+        _local_progress = receiver
 
     def execute(self, task: ShardTask, chains: dict[int, list[tuple[str, ...]]]) -> Iterator[Outcome]:
         for i, groups in chains.items():
@@ -440,17 +490,36 @@ def _run_plan(
     failed: set[tuple[str, int]],
     progress: bool,
 ) -> None:
+    tty = progress and sys.stderr.isatty()
+    # bars count images and move within a shard (stages report rows as they finish them)
+    shard_images = _shard_images(run, plan) if tty else {}
     bars = {
         s: tqdm(
-            total=stats[s].submitted,
+            total=sum(shard_images.get(i, 0) for i, todo in plan.items() if s in todo),
             desc=f"{s:>9}",
-            unit="shard",
-            disable=not progress or not sys.stderr.isatty(),
+            unit="img",
+            disable=not tty,
             leave=True,
             dynamic_ncols=True,
         )
         for s in segment
     }
+    counted: dict[tuple[str, int], int] = {}
+    lock = threading.Lock()
+
+    def advance(stage: str, shard: int, n: int | None) -> None:
+        """Move ``stage``'s bar by ``n`` rows of ``shard`` (None: the rest of it), never past it."""
+        with lock:
+            have = counted.get((stage, shard), 0)
+            total = shard_images.get(shard, 0)
+            step = max(min(total - have if n is None else n, total - have), 0)
+            counted[(stage, shard)] = have + step
+            if stage in bars and step:
+                bars[stage].update(step)
+
+    receiver = getattr(executor, "on_progress", None)
+    if tty and receiver is not None:
+        receiver(advance)
     # stderr not a terminal (Slurm, nohup, CI): a line per shard instead of bars
     lines = {s: ProgressLog(s, stats[s].submitted, enabled=progress and is_batch()) for s in segment}
     stream = executor.execute(task, {i: fuse(todo) for i, todo in plan.items()})
@@ -462,6 +531,7 @@ def _run_plan(
                 st.first_start = min(st.first_start or out.started, out.started)
             if out.blocked:
                 st.blocked += 1
+                advance(out.stage, out.shard, None)
                 lines[out.stage].update(what=f"{shard} not run (an earlier stage failed)")
             elif out.error is not None:
                 fault = storage_fault(out.error)
@@ -471,15 +541,18 @@ def _run_plan(
                 if committed is not None:  # the work was done and committed; only its report was lost
                     st.last_end = time.perf_counter()
                     _record(st, {**committed, "skipped": True}, bars[out.stage])
+                    advance(out.stage, out.shard, None)
                     lines[out.stage].update(what=f"{shard} committed")
                     continue
                 record_failure(run, manifest, out, st)
                 failed.add((out.stage, out.shard))
+                advance(out.stage, out.shard, None)
                 lines[out.stage].update(what=f"{shard} FAILED: {type(out.error).__name__}")
             else:
                 st.last_end = out.ended or time.perf_counter()
                 result = out.result or {}
                 _record(st, result, bars[out.stage])
+                advance(out.stage, out.shard, None)
                 lines[out.stage].update(
                     images=int(result.get("images", result.get("rows", 0))),
                     failures=sum((result.get("failures") or {}).values()),
@@ -487,8 +560,20 @@ def _run_plan(
                 )
     finally:
         stream.close()  # an executor cancels what is still running (Ctrl-C, a storage fault)
+        if tty and receiver is not None:
+            receiver(None)
         for b in bars.values():
             b.close()
+
+
+def _shard_images(run: Run, plan: dict[int, list[str]]) -> dict[int, int]:
+    """Images per planned shard, from the index sidecars (what the bars count)."""
+    store = run.store("ingest")
+    out = {}
+    for i in plan:
+        sc = store.sidecar(i) or {}
+        out[i] = int(sc.get("images", sc.get("rows", 0)))
+    return out
 
 
 def _committed(run: Run, manifest: Manifest, out: Outcome) -> dict | None:
@@ -513,5 +598,4 @@ def _record(stats: StageStats, result: dict, bar: Any) -> None:
         stats.computed_images += int(result.get("images", result.get("rows", 0)))
         if "decodes" in result:
             stats.decodes = (stats.decodes or 0) + int(result["decodes"])
-    bar.update(1)
-    bar.set_postfix(images=stats.images, refresh=False)
+    bar.set_postfix(shards=stats.computed + stats.skipped, refresh=False)

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -168,6 +169,9 @@ class StageContext:
     assets: dict[str, Asset] = field(default_factory=dict)
     # decoded images shared with the shard's other pixel stages of the same task (one decode each)
     images: DecodedImages = field(default_factory=DecodedImages)
+    # a stage calls progress(n) as it finishes n more of the shard's rows: progress bars move
+    # within a shard (the runner sends it to the driver; nothing is promised about delivery)
+    progress: Callable[[int], None] = field(default=lambda n: None, repr=False)
 
     @property
     def run_root(self) -> str:

@@ -463,8 +463,10 @@ def run_shard(inputs: dict[str, pa.Table], ctx: StageContext) -> pa.Table:
     pending: list[tuple[int, np.ndarray, float, int, int]] = []
     pending_px = 0
 
+    reported = 0
+
     def flush() -> None:
-        nonlocal pending, pending_px
+        nonlocal pending, pending_px, reported
         if not pending:
             return
         found = detect_prepared(detector, [p[1] for p in pending], [p[2] for p in pending], params)
@@ -475,6 +477,8 @@ def run_shard(inputs: dict[str, pa.Table], ctx: StageContext) -> pa.Table:
             else:
                 rows[r] = detection_row(rows[r], w, h, faces, params)
         pending, pending_px = [], 0
+        ctx.progress(len(rows) - reported)  # every row so far is decided
+        reported = len(rows)
 
     for rec in inputs["index"].to_pylist():
         base = {

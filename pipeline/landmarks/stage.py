@@ -178,13 +178,17 @@ def run_shard(inputs: dict[str, pa.Table], ctx: StageContext) -> pa.Table:
     rows: list[dict] = []
     pending: list[tuple[int, np.ndarray, np.ndarray]] = []
     chunk = max(2 * int(params["batch_size"]), 8)
+    reported = 0
 
     def flush() -> None:
+        nonlocal reported
         if pending:
             results = backend.predict([(im, box) for _, im, box in pending])
             for (r, _, _), res in zip(pending, results, strict=True):
                 _apply(rows[r], res)
             pending.clear()
+        ctx.progress(len(rows) - reported)  # every row so far is decided
+        reported = len(rows)
 
     for rec, d in zip(index, det, strict=True):
         row = {
