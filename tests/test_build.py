@@ -392,6 +392,9 @@ def test_ctrl_c_stops_cleanly_and_the_rerun_completes(reference, dataset, tmp_pa
         stderr=subprocess.PIPE,
         text=True,
         start_new_session=True,
+        # a test run started in the background inherits an ignored SIGINT (a shell's `cmd &`),
+        # which Python would keep: give the build a terminal's default, as Ctrl-C assumes
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     try:
         assert _wait_for(str(run / "_meta" / "detect" / "part-00000.json"), proc)

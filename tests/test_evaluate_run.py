@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -212,6 +213,25 @@ def test_evaluate_writes_report_with_all_sections(toy, capsys):
     assert [r["yaw"] for r in full["per_yaw"]][0] == "±90°" and full["per_yaw"][-1]["yaw"] == "0°"
     assert sum(r["liu_mean_mm"]["n"] for r in full["per_yaw"]) == 47
     assert sum(r["liu_mean_mm"]["n"] for r in full["per_expression"]) == 47
+
+    # provenance: what made these figures, on the page and in report.json
+    prov = doc["provenance"]
+    assert (
+        prov["morphset_version"]
+        and prov["landmark_backend"] == load_manifest().stage_params("landmarks")["backend"]
+    )
+    assert prov["seeds"]["evaluate"] == 0 and "fit" in prov["settings"] and "evaluate" in prov["settings"]
+    backend = prov["landmark_backend"]
+    assert (prov["landmark_error_model"] or {}).get("sha256") == load_manifest().get(
+        f"models.landmark_error.{backend}.sha256"
+    )
+    assert "landmark error model" in page.read_text(encoding="utf-8")
+    # every headline figure: a value, its interval, its sample count and the set it was measured on
+    for h in doc["headline"]:
+        assert h["measured_on"] and ("value" in h or ("ci95" in h and h["n"])), h
+    assert any(h["figure"].startswith("Liu error mm (fit, full") and h["ci95"] for h in doc["headline"])
+    # a spread that is zero by construction prints as 0, not as rounding noise (8.6e-15)
+    assert not re.search(r"\de-1\d", page.read_text(encoding="utf-8").split("<img")[0])
 
     ver = doc["verification"]
     assert ver["pair_sets"]["fit"]["n_folds"] == 10 and (run / "eval" / "pairs.csv").is_file()

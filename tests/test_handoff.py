@@ -262,3 +262,15 @@ def test_an_unguarded_script_is_refused_in_one_line_not_hung(tmp_path):
     proc = subprocess.run([sys.executable, str(guarded)], capture_output=True, text=True, timeout=120)
     assert "guarded call accepted" in proc.stdout
     assert f"{guarded}:5: y starts worker processes" in proc.stderr
+
+
+def test_a_missing_optional_package_is_one_line_naming_it(capsys):
+    """s3:// without s3fs was a 26-line traceback; now one line that names the package."""
+    try:
+        import s3fs  # noqa: F401
+    except ImportError:
+        assert main(["status", "s3://some-bucket/run"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "s3fs" in err and "a package is missing" in err
+    else:
+        pytest.skip("s3fs is installed here")
