@@ -109,6 +109,13 @@ class BuildReport:
         )
 
 
+def _migrate(r: Run) -> None:
+    """Move a run of an older layout into the current one (every stage folder)."""
+    from pipeline.core.registry import BUILD_ORDER
+
+    r.migrate_layout(BUILD_ORDER)
+
+
 def _execution_flags(scheduler: str | None, workers: int | None) -> dict[str, Any]:
     flags: dict[str, Any] = {}
     if scheduler:
@@ -146,7 +153,7 @@ def ingest(
     from pipeline.ingest.stage import run_ingest
 
     r = Run(run, storage_options)
-    r.migrate_layout()
+    _migrate(r)
     res = _resolve_build(
         r, manifest, overrides, {}, DatasetChoice(dataset, root, list_file, None, shard_size), mode
     )
@@ -200,7 +207,7 @@ def run_stages(
 ) -> dict:
     """Run some stages (after ingest) over a run's shards; returns the report dict."""
     r = Run(run, storage_options)
-    r.migrate_layout()
+    _migrate(r)
     if r.read_record() is None and not r.shards():
         raise FileNotFoundError(f"{r.url}: no index shards; run `morphset ingest` first")
     res = resolve(r, manifest, overrides, {**(flags or {}), **_execution_flags(scheduler, workers)})
@@ -238,7 +245,7 @@ def build(
     if until not in BUILD_ORDER[1:]:
         raise ValueError(f"until: expected one of {BUILD_ORDER[1:]}, got {until!r}")
     r = Run(run, storage_options)
-    r.migrate_layout()
+    _migrate(r)
     res = _resolve_build(
         r,
         manifest,
@@ -291,7 +298,7 @@ def status(
     from pipeline.core.status import run_status
 
     r = Run(run, storage_options)
-    r.migrate_layout()
+    _migrate(r)
     if not r.exists():
         raise FileNotFoundError(f"{r.url}: no such run")
     return run_status(r, resolve(r, manifest, overrides).manifest)
@@ -338,7 +345,7 @@ def verify(run: str | os.PathLike, storage_options: dict | None = None) -> dict[
     out: dict[str, Any] = {"run": r.url, "stages": {}, "corrupt": [], "read_only": False}
     with contextlib.ExitStack() as stack:
         try:
-            r.migrate_layout()
+            _migrate(r)
             stack.enter_context(r.lock("verify"))
         except OSError as exc:
             if exc.errno not in (errno.EROFS, errno.EACCES, errno.EPERM):
@@ -389,7 +396,7 @@ def train(
             f"{r.url}: train reads the export through fsspec but writes its checkpoints to a local "
             "folder: give --out DIR"
         )
-    r.migrate_layout()
+    _migrate(r)
     res = resolve(r, manifest, overrides)
     flags = parse_epochs(epochs) if isinstance(epochs, str) else dict(epochs or {})
     train_sets = {k: v for k, v in res.new_overrides.items() if k.startswith("stages.train.")}
@@ -454,7 +461,7 @@ def evaluate(
     if genova is not None:
         flags["stages.evaluate.genova"] = bool(genova)
     r = Run(run)
-    r.migrate_layout()
+    _migrate(r)
     res = resolve(r, manifest, overrides, flags)
     m = res.manifest
     params = m.stage_params("evaluate")

@@ -490,7 +490,7 @@ def test_verify_checks_a_read_only_run_and_reports_without_writing(reference, tm
         raise OSError(_errno.EROFS, "Read-only file system", str(run))
 
     monkeypatch.setattr(Run, "lock", refused)
-    monkeypatch.setattr(Run, "migrate_layout", lambda self: 0)
+    monkeypatch.setattr(Run, "migrate_layout", lambda self, stages: 0)
     before = sorted(str(q) for q in run.rglob("*"))
     assert main(["verify", str(run)]) == 1
     err = capsys.readouterr().err

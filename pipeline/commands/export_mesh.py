@@ -43,7 +43,9 @@ def run(args: argparse.Namespace) -> int:
     if out.suffix.lower() not in MESH_SUFFIXES:
         raise ValueError(f"--out {out}: the file name must end in .obj or .ply")
     run = Run(args.run)
-    run.migrate_layout()
+    from pipeline.core.registry import BUILD_ORDER
+
+    run.migrate_layout(BUILD_ORDER)
     m = resolve(run, args.manifest, args.overrides).manifest
     model, why = load_model(m)
     if model is None:

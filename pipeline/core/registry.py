@@ -15,6 +15,7 @@ from pipeline.embed.stage import EmbedStage
 from pipeline.export.stage import ExportStage
 from pipeline.fit.stage import FitStage
 from pipeline.landmarks.stage import LandmarksStage
+from pipeline.storage.run import TABLE_DIRS
 
 STAGES: dict[str, Stage] = {
     s.name: s
@@ -27,7 +28,7 @@ STAGES: dict[str, Stage] = {
         ExportStage(),
     )
 }
-INPUT_STAGE_NAMES = {"index": "ingest"}  # table name -> stage directory
+INPUT_STAGE_NAMES = TABLE_DIRS  # table name -> stage directory (storage's naming)
 BUILD_ORDER = ["ingest", *STAGES]
 # What ingest's output depends on (its own fingerprint is computed by pipeline/ingest/).
 INGEST_KEYS = ("stages.ingest",)

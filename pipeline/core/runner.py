@@ -32,6 +32,8 @@ from typing import Any, Protocol
 from tqdm.auto import tqdm
 
 from pipeline.config.manifest import Manifest
+from pipeline.core import planner
+from pipeline.core.planner import shard_fingerprint
 from pipeline.core.progress import ProgressLog, is_batch
 from pipeline.core.registry import STAGES, config_view, get_stage, schema_for
 from pipeline.core.stage import DROPPED_ROWS_KEY, STAGE_OFF_KEY, Asset, StageContext, stage_parameters
@@ -77,7 +79,7 @@ def process_shard(
     ``images``: decoded images shared with the shard's other pixel stages in this task."""
     spec = get_stage(stage)
     out = run.store(stage)
-    fp = run.shard_fingerprint(manifest, stage, shard)
+    fp = shard_fingerprint(run, manifest, stage, shard)
     if fp is None:
         from pipeline.core.registry import stage_dir
 
@@ -389,7 +391,7 @@ def record_failure(run: Run, manifest: Manifest, outcome: Outcome, stats: StageS
     """Mark the shard failed (traceback kept in ``_meta/<stage>/part-NNNNN.failed.json``); it stays not done."""
     exc = outcome.error
     try:
-        fp = run.shard_fingerprint(manifest, outcome.stage, outcome.shard) or ""
+        fp = shard_fingerprint(run, manifest, outcome.stage, outcome.shard) or ""
         run.store(outcome.stage).mark_failed(
             outcome.shard, fp, f"{type(exc).__name__}: {exc}", outcome.traceback
         )
@@ -432,7 +434,7 @@ def run_stages(
         head = STAGES[segment[0]]
         if head.global_input:
             head.prepare(run, config_view(manifest, head.name))
-        plan = run.plan(manifest, segment, shards)
+        plan = planner.plan(run, manifest, segment, shards)
         for s in segment:
             stats[s].skipped += sum(1 for i in shards if i not in plan or s not in plan[i])
             stats[s].submitted = sum(s in todo for todo in plan.values())
@@ -580,7 +582,7 @@ def _committed(run: Run, manifest: Manifest, out: Outcome) -> dict | None:
     """The sidecar of a shard a failed task had committed after all for its current inputs and
     parameters (a worker or the scheduler lost after the commit), else None."""
     try:
-        fp = run.shard_fingerprint(manifest, out.stage, out.shard)
+        fp = shard_fingerprint(run, manifest, out.stage, out.shard)
         store = run.store(out.stage)
         return store.sidecar(out.shard) if fp is not None and store.is_done(out.shard, fp) else None
     except (OSError, ValueError):

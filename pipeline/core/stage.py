@@ -201,6 +201,11 @@ class Stage:
     def own_keys(self) -> tuple[str, ...]:
         return (f"stages.{self.name}", *self.depends_on)
 
+    def own_view(self, manifest: Manifest) -> ConfigView:
+        """The manifest as this stage's own code may read it outside a build (tools, preflight
+        checks): its declared keys and runtime values, none of its upstream stages'."""
+        return ConfigView(manifest, (*self.own_keys(), *self.runtime), self.name)
+
     def params_hash(self, manifest: Manifest) -> str:
         """Hash of ``stages.<name>``, the declared ``depends_on`` values and the output schema version."""
         extra = {

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections import Counter
 
 from pipeline.config.manifest import Manifest
+from pipeline.core.planner import shard_fingerprint
 from pipeline.core.registry import BUILD_ORDER, STAGES, stage_dir
 from pipeline.storage.run import Run
 
@@ -29,7 +30,7 @@ def stage_status(run: Run, manifest: Manifest, stage: str, upstream_stale: set[i
         if stage == "ingest":
             current = sc is not None
         else:
-            fp = run.shard_fingerprint(manifest, stage, i)
+            fp = shard_fingerprint(run, manifest, stage, i)
             current = sc is not None and fp is not None and store.is_done(i, fp)
             current = current and i not in (upstream_stale or set())
         if current:

@@ -17,7 +17,9 @@ import importlib.util
 import numpy as np
 import torch
 
-from pipeline.detect.mtcnn_torch import PNet
+# the graph is written from a loaded P-Net (``pipeline.detect.mtcnn_torch.PNet``), which imports
+# this module lazily: it is taken as a torch module here, so the two modules do not import each other
+PNet = torch.nn.Module
 
 OPSET = 17
 

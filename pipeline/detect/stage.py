@@ -111,9 +111,8 @@ def get_detector(params: dict | None = None, weights: Asset | None = None) -> ob
 
     if params is None or (weights is None and params["backend"] == "torch"):
         from pipeline.config.manifest import load_manifest
-        from pipeline.core.registry import config_view
 
-        config = config_view(load_manifest(), "detect")
+        config = DetectStage().own_view(load_manifest())
         params = {**config.stage_params("detect"), **(params or {})}
         if params["backend"] == "torch":
             weights = DetectStage().resolve_assets(config)["weights"]

@@ -96,9 +96,7 @@ class LandmarksStage(Stage):
 
 def preflight(manifest: Manifest) -> str:
     """Check the configured backend's weights before any work; returns a one-line description."""
-    from pipeline.core.registry import config_view
-
-    assets = LandmarksStage().resolve_assets(config_view(manifest, "landmarks"))
+    assets = LandmarksStage().resolve_assets(LandmarksStage().own_view(manifest))
     w = assets["weights"]
     return f"{w.description} (sha256 {w.sha256[:12]}…)"
 

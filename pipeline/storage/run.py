@@ -23,9 +23,10 @@ import fsspec
 import pyarrow as pa
 
 from pipeline import __version__
-from pipeline.config.manifest import Manifest, ManifestError, validate
+from pipeline.config.manifest import ManifestError, validate
+from pipeline.config.schemas import StageSchema, load_schema
 from pipeline.storage.atomic import atomic_write
-from pipeline.storage.store import ShardStore, fingerprint
+from pipeline.storage.store import ShardStore
 
 log = logging.getLogger(__name__)
 RUN_FILE = "run.json"
@@ -59,6 +60,21 @@ def absolute_location(location: str | os.PathLike) -> str:
     if "://" in text:
         return text.rstrip("/")
     return os.path.abspath(os.path.expanduser(text))
+
+
+# the table a stage reads by name -> the folder that holds it (ingest writes the ``index``)
+TABLE_DIRS = {"index": "ingest"}
+
+
+def committed_schema(store: ShardStore, shard: int) -> StageSchema:
+    """The schema a committed shard's sidecar names (written by :meth:`ShardStore.write`)."""
+    sc = store.sidecar(shard)
+    if sc is None:
+        raise FileNotFoundError(f"{store.data_path(shard)}: shard not committed (no sidecar)")
+    name = sc.get("schema")
+    if not isinstance(name, str):
+        raise RunError(f"{store.sidecar_path(shard)}: the sidecar names no schema; rebuild the stage")
+    return load_schema(name)
 
 
 @dataclass
@@ -239,9 +255,7 @@ class Run:
 
     # --- shards ------------------------------------------------------------------------------
     def store(self, stage_or_table: str) -> ShardStore:
-        from pipeline.core.registry import stage_dir
-
-        return ShardStore(self.url, stage_dir(stage_or_table), self.storage_options)
+        return ShardStore(self.url, TABLE_DIRS.get(stage_or_table, stage_or_table), self.storage_options)
 
     def check_committed(self, stages: list[str], invalidate: bool = True) -> dict:
         """Every committed shard of ``stages`` hashed against its sidecar (a flipped byte keeps the
@@ -273,21 +287,22 @@ class Run:
         return self.store("index").shards_with_sidecar()
 
     def read_shard(self, stage_or_table: str, shard: int, columns: list[str] | None = None) -> pa.Table:
-        from pipeline.core.registry import schema_for
-
-        return self.store(stage_or_table).read(shard, schema_for(stage_or_table), columns)
+        store = self.store(stage_or_table)
+        return store.read(shard, committed_schema(store, shard), columns)
 
     def table(self, stage_or_table: str, columns: list[str] | None = None) -> pa.Table:
-        """All committed shards of a stage as one table (small runs, evaluation, tests)."""
-        from pipeline.core.registry import schema_for
+        """All committed shards of a stage as one table (small runs, evaluation, tests); the schema
+        is the one its sidecars name. A stage with no committed shard is an error naming it."""
+        store = self.store(stage_or_table)
+        shards = store.shards_with_sidecar()
+        if not shards:
+            raise FileNotFoundError(f"{store.dir}: no committed shards")
+        return store.dataset(committed_schema(store, shards[0]), shards).to_table(columns=columns)
 
-        return self.store(stage_or_table).dataset(schema_for(stage_or_table)).to_table(columns=columns)
-
-    def migrate_layout(self) -> None:
-        """Move sidecars of runs written before ``_meta/`` existed out of the stage folders."""
-        from pipeline.core.registry import BUILD_ORDER
-
-        moved = sum(self.store(s).migrate() for s in BUILD_ORDER) if self.fs.exists(self.root) else 0
+    def migrate_layout(self, stages: list[str]) -> None:
+        """Move sidecars of runs written before ``_meta/`` existed out of the stage folders (and
+        the export's data into ``export/data/``)."""
+        moved = sum(self.store(s).migrate() for s in stages) if self.fs.exists(self.root) else 0
         if moved:
             log.warning(
                 "%s: moved %d file(s) into the current layout (sidecars under %s/_meta/, the export's "
@@ -299,40 +314,3 @@ class Run:
 
     def remove_temporaries(self, stages: list[str]) -> int:
         return sum(self.store(s).remove_temporaries() for s in stages)
-
-    # --- planning ----------------------------------------------------------------------------
-    def shard_fingerprint(self, manifest: Manifest, stage: str, shard: int) -> str | None:
-        """Fingerprint of ``stage``'s shard: upstream fingerprints (+ the global input) + the stage's
-        declared parameters. None while an input is not done."""
-        from pipeline.core.registry import get_stage
-
-        spec = get_stage(stage)
-        ups = []
-        for inp in spec.inputs:
-            sc = self.store(inp).sidecar(shard)
-            if sc is None:
-                return None
-            ups.append(sc["fingerprint"])
-        if spec.global_input:
-            doc = self.store(stage).read_json(spec.global_input)
-            if doc is None:
-                return None
-            ups.append(fingerprint(doc))
-        return fingerprint(ups, spec.params_hash(manifest))
-
-    def is_done(self, manifest: Manifest, stage: str, shard: int) -> bool:
-        fp = self.shard_fingerprint(manifest, stage, shard)
-        return fp is not None and self.store(stage).is_done(shard, fp)
-
-    def plan(self, manifest: Manifest, segment: list[str], shards: list[int]) -> dict[int, list[str]]:
-        """Per shard, the stages of ``segment`` that must run: a stage runs when it is not done for
-        the current inputs and parameters, or when anything upstream of it in the segment runs."""
-        plan: dict[int, list[str]] = {}
-        for i in shards:
-            todo: list[str] = []
-            for s in segment:
-                if todo or not self.is_done(manifest, s, i):
-                    todo.append(s)
-            if todo:
-                plan[i] = todo
-        return plan
