@@ -437,9 +437,8 @@ def _fit_photos(
     landmarks: str,
 ) -> tuple[list[FaceTexture], dict[str, str]]:
     """Detect, landmark and fit every photo alone in a throw-away run; extract the textures."""
-    from pipeline import api
+    from pipeline.core.inprocess import build_in_process
     from pipeline.storage.atomic import atomic_write
-    from pipeline.storage.run import Run
 
     mirror = mirror_vertices(model)
     textures: list[FaceTexture] = []
@@ -453,26 +452,23 @@ def _fit_photos(
             shutil.copyfile(p, root / f)
         list_file = Path(tmp) / "photos.csv"
         atomic_write(list_file, "".join(f"{f},{f}\n" for f in flat).encode())
-        sets = {
-            "datasets.lfw.layout": "list-file",
-            "stages.embed.enabled": False,
-            "stages.fit.identity": "image",
-            "stages.export.exclude_subjects": None,
-        }
-        manifest_path = None if manifest.path == "<defaults>" else manifest.path
-        api.build(
+        run, _ = build_in_process(
             Path(tmp) / "run",
-            dataset="lfw",
-            root=str(root),
-            list_file=str(list_file),
+            manifest,
+            "texture-photos",
+            {
+                "description": "photos a synthetic set takes its face textures from",
+                "root": str(root),
+                "layout": "list-file",
+                "list_file": str(list_file),
+            },
             until="fit",
-            overrides={**manifest.overrides, **sets},
-            scheduler="sync",
-            progress=False,
-            landmarks=landmarks,
-            manifest=manifest_path,
+            overrides={
+                "stages.landmarks.backend": landmarks,
+                "stages.embed.enabled": False,
+                "stages.fit.identity": "image",
+            },
         )
-        run = Run(Path(tmp) / "run")
         fits = run.table("fit")
         points = {
             r["image_id"]: np.asarray(r["landmarks"], np.float64).reshape(68, 2)
