@@ -348,3 +348,16 @@ def test_a_lost_scheduler_is_one_error_not_a_failure_per_shard():
             cluster.close(timeout=5)
         except Exception:  # the scheduler is already gone: closing what is left may complain
             pass
+
+
+@pytest.mark.parametrize("stage", ["detect", "landmarks", "embed"])
+def test_an_unknown_backend_is_an_error_that_lists_the_known_ones(stage):
+    """Backends are found by one lookup per stage (a third name once fell into dlib's path)."""
+    import importlib
+
+    mod = importlib.import_module(f"pipeline.{stage}.stage")
+    with pytest.raises(ValueError, match=rf"stages\.{stage}\.backend: expected one of \[.*\], got 'nope'"):
+        mod.backend_module("nope")
+    for name in mod.BACKENDS:  # every registered name resolves to a module with the entry points
+        backend = mod.backend_module(name)
+        assert hasattr(backend, "MODEL_KEY") or hasattr(backend, "resolve_assets"), name

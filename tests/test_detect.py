@@ -13,6 +13,7 @@ from PIL import Image
 from pipeline.config.manifest import load_manifest
 from pipeline.config.schemas import load_schema
 from pipeline.core.runner import stage_context
+from pipeline.detect.base import FaceDetector
 from pipeline.detect.stage import (
     Faces,
     choose_primary,
@@ -222,7 +223,7 @@ def test_bad_image_corpus_one_reason_per_file_no_crash(detector, tmp_path, faces
     assert [Path(r["image_id"]).name for r in out] == list(corpus)
 
 
-class StubDetector:
+class StubDetector(FaceDetector):
     """Stands in for MTCNN: one face at a fixed place in every image that is not 'poisoned'.
 
     A poisoned image (pixel [0, 0] == 255) makes any list containing it raise; an image smaller
@@ -233,9 +234,9 @@ class StubDetector:
         self.calls: list[int] = []
         self.needs_side = needs_side
 
-    def detect_faces(self, images, **kw):
+    def raw(self, images, params):
         self.calls.append(len(images))
-        assert kw["min_face_size"] == 20 and kw["output_type"] == "numpy" and not kw["postprocess"]
+        images = [np.asarray(im, dtype=np.float32) for im in images]
         rows = []
         for k, im in enumerate(images):
             assert im.dtype == np.float32

@@ -27,6 +27,10 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from pipeline.core.devices import torch_device
+from pipeline.core.stage import Asset, ConfigView
+from pipeline.detect.base import FaceDetector
+
 CELL, STRIDE = 12, 2
 NMS_PNET_SCALE, NMS_PNET, NMS_RNET, NMS_ONET = 0.5, 0.7, 0.7, 0.7
 MAX_PATCHES = 4096  # per R-Net / O-Net call (memory bound; results do not depend on it)
@@ -217,8 +221,14 @@ def pyramid(min_side: int, min_face_size: float, scale_factor: float) -> list[fl
     return [m * scale_factor**k for k in range(max(n, 0))]
 
 
-class TorchMTCNN:
+class TorchMTCNN(FaceDetector):
     """The three networks on one device; ``detect`` runs the cascade on a list of images."""
+
+    def raw(self, images: list[np.ndarray], params: dict) -> np.ndarray:
+        t_p, t_r, t_o = params["thresholds"]
+        return self.detect(
+            images, float(params["min_face_size"]), float(params["scale_factor"]), (t_p, t_r, t_o)
+        )
 
     def __init__(
         self, weights: dict[str, list[np.ndarray]], device: str = "cpu", pnet_runtime: str = "torch"
@@ -336,3 +346,48 @@ class TorchMTCNN:
         rows[:, 5] = prob
         rows = np.concatenate([regress(rows, off), points], axis=1)
         return nms(rows[rows[:, 5] > threshold], NMS_ONET, method="min")
+
+
+# --- the backend's entry points (pipeline/detect/stage.py looks them up by name) ---------------
+def resources(params: dict) -> dict[str, float]:
+    return {"GPU": 1} if params["device"] != "cpu" else {}
+
+
+def resolve_assets(config: ConfigView) -> dict[str, Asset]:
+    from pipeline.detect.weights import weights_npz
+
+    path, sha = weights_npz(config.model("mtcnn"), config.cache_dir)
+    return {"weights": Asset(str(path), sha, f"MTCNN (torch) weights from mtcnn 1.0.0: {path}")}
+
+
+def pnet_runtime(setting: str, device: str) -> str:
+    """``stages.detect.pnet_runtime``: auto = ONNX Runtime for P-Net on a CPU when the ``onnx``
+    extra is installed (1.7x faster there, same faces), else torch; onnxruntime without the extra
+    is an error that says what to install."""
+    from pipeline.detect.onnx_pnet import available
+
+    if setting == "torch" or device != "cpu":
+        return "torch"
+    if setting == "onnxruntime" and not available():
+        raise ImportError(
+            "stages.detect.pnet_runtime: onnxruntime needs the onnx extra (pip install 'morphset[onnx]')"
+        )
+    return "onnxruntime" if available() else "torch"
+
+
+def _where(params: dict) -> tuple[str, str]:
+    device = torch_device(str(params["device"]), "stages.detect.device")
+    return device, pnet_runtime(str(params.get("pnet_runtime", "torch")), device)
+
+
+def create(params: dict, weights: Asset | None) -> FaceDetector:
+    from pipeline.detect.weights import load_npz
+
+    if weights is None:
+        raise ValueError("the torch MTCNN needs its verified weights (resolve_assets)")
+    device, runtime = _where(params)
+    return TorchMTCNN(load_npz(weights.recheck()), device, runtime)
+
+
+def cache_key(params: dict) -> tuple:
+    return _where(params)

@@ -28,9 +28,10 @@ Why the detector is driven the way it is:
 
 from __future__ import annotations
 
+import importlib
 import logging
-import os
 from dataclasses import dataclass
+from typing import Any
 
 import cv2
 import numpy as np
@@ -38,14 +39,12 @@ import pyarrow as pa
 
 from pipeline.config.schemas import from_rows, load_schema
 from pipeline.core import workercache
-from pipeline.core.devices import torch_device
 from pipeline.core.stage import Asset, ConfigView, Stage, StageContext
-from pipeline.core.threads import configure_tensorflow
+from pipeline.detect.base import FaceDetector
 from pipeline.imaging.decode import dataset_root, max_pixels_from
 
 log = logging.getLogger(__name__)
 
-MTCNN_MIN_FACE_SIZE = 20  # see module docstring: other values silently return nothing in 1.0.0
 MIN_IMAGE_SIDE = 20  # no face of >= 20 px fits in a smaller image; MTCNN's pyramid is empty there
 # Upper bound on padded pixels per MTCNN call: the float32 batch and its pyramid stay a few
 # hundred MB, well inside a worker's memory limit, whatever batch_size says.
@@ -71,79 +70,34 @@ class Faces:
         return Faces(self.boxes[keep], self.scores[keep], self.points[keep])
 
 
-# --- TensorFlow / MTCNN ------------------------------------------------------------------------
-def quiet_tensorflow() -> None:
-    """Keep TensorFlow's C++ and Python log noise off the user's terminal (call before import)."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    # oneDNN's start-up notice is printed before TF's log level applies; turning the custom ops off
-    # silences it and measured no slower for MTCNN here.
-    os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
-    for name in ("tensorflow", "absl", "h5py"):
-        logging.getLogger(name).setLevel(logging.ERROR)
+# name -> the module of a detector backend (pipeline/detect/base.py says what it provides)
+BACKENDS = {
+    "torch": "pipeline.detect.mtcnn_torch",
+    "mtcnn-tf": "pipeline.detect.mtcnn_tf",
+}
 
 
-def create_tf_detector() -> object:
-    quiet_tensorflow()
-    try:
-        from mtcnn import MTCNN  # lazy: imports TensorFlow
-    except ImportError as exc:
-        raise ImportError(
-            "stages.detect.backend mtcnn-tf needs TensorFlow, which is an extra: "
-            "pip install 'morphset[tensorflow]' (or use the default backend torch)"
-        ) from exc
-
-    configure_tensorflow()  # the worker's thread budget, before TensorFlow's runtime starts
-
-    try:
-        from absl import logging as absl_logging
-
-        absl_logging.set_verbosity(absl_logging.ERROR)
-    except ImportError:  # absl ships with TensorFlow; nothing to quieten without it
-        pass
-    return MTCNN(stages="face_and_landmarks_detection", device="CPU:0")
+def backend_module(name: str) -> Any:
+    """The module of the detector backend called ``name``; an unknown name lists the known ones."""
+    if name not in BACKENDS:
+        raise ValueError(f"stages.detect.backend: expected one of {list(BACKENDS)}, got {name!r}")
+    return importlib.import_module(BACKENDS[name])
 
 
-def get_detector(params: dict | None = None, weights: Asset | None = None) -> object:
+def get_detector(params: dict | None = None, weights: Asset | None = None) -> FaceDetector:
     """The per-process detector for these parameters (created on first use, then reused by every
-    task): the torch MTCNN on the driver's verified weights, or the ``mtcnn`` package's.
-    Without ``params``, the default manifest's; without ``weights``, resolved here."""
-    from importlib.metadata import version
-
-    if params is None or (weights is None and params["backend"] == "torch"):
+    task), on the driver's verified weights. Without ``params``, the default manifest's; without
+    ``weights``, resolved here."""
+    if params is None or weights is None:
         from pipeline.config.manifest import load_manifest
 
         config = DetectStage().own_view(load_manifest())
         params = {**config.stage_params("detect"), **(params or {})}
-        if params["backend"] == "torch":
-            weights = DetectStage().resolve_assets(config)["weights"]
-    if params["backend"] == "mtcnn-tf":
-        return workercache.get_or_create(("mtcnn", version("mtcnn"), "CPU:0"), create_tf_detector)
-    assert weights is not None
-    device = torch_device(str(params["device"]), "stages.detect.device")
-    runtime = pnet_runtime(str(params.get("pnet_runtime", "torch")), device)
-
-    def create() -> object:
-        from pipeline.detect.mtcnn_torch import TorchMTCNN
-        from pipeline.detect.weights import load_npz
-
-        return TorchMTCNN(load_npz(weights.recheck()), device, runtime)
-
-    return workercache.get_or_create(("mtcnn-torch", weights.sha256, device, runtime), create)
-
-
-def pnet_runtime(setting: str, device: str) -> str:
-    """``stages.detect.pnet_runtime``: auto = ONNX Runtime for P-Net on a CPU when the ``onnx``
-    extra is installed (1.7x faster there, same faces), else torch; onnxruntime without the extra
-    is an error that says what to install."""
-    from pipeline.detect.onnx_pnet import available
-
-    if setting == "torch" or device != "cpu":
-        return "torch"
-    if setting == "onnxruntime" and not available():
-        raise ImportError(
-            "stages.detect.pnet_runtime: onnxruntime needs the onnx extra (pip install 'morphset[onnx]')"
-        )
-    return "onnxruntime" if available() else "torch"
+        if weights is None:
+            weights = backend_module(params["backend"]).resolve_assets(config).get("weights")
+    mod = backend_module(params["backend"])
+    key = ("detector", params["backend"], None if weights is None else weights.sha256, *mod.cache_key(params))
+    return workercache.get_or_create(key, lambda: mod.create(params, weights))
 
 
 # --- pure helpers -----------------------------------------------------------------------------
@@ -280,26 +234,8 @@ def choose_primary(
 
 
 # --- running the detector ---------------------------------------------------------------------
-def _mtcnn_call(detector: object, images: list[np.ndarray], params: dict) -> np.ndarray:
-    t_p, t_r, t_o = params["thresholds"]
-    if not hasattr(detector, "detect_faces"):  # the torch MTCNN
-        return detector.detect(  # type: ignore[attr-defined]
-            images, float(params["min_face_size"]), float(params["scale_factor"]), (t_p, t_r, t_o)
-        )
-    # float32 input: from uint8 the library normalises to float64 and converts that to a tensor
-    # once per pyramid scale, which measured ~2x slower for lists of 32 (identical boxes).
-    return detector.detect_faces(  # type: ignore[attr-defined]
-        [np.asarray(im, dtype=np.float32) for im in images],
-        output_type="numpy",
-        box_format="xyxy",
-        postprocess=False,
-        batch_stack_justification="topleft",
-        min_face_size=MTCNN_MIN_FACE_SIZE,
-        scale_factor=params["scale_factor"],
-        threshold_pnet=t_p,
-        threshold_rnet=t_r,
-        threshold_onet=t_o,
-    )
+def _mtcnn_call(detector: FaceDetector, images: list[np.ndarray], params: dict) -> np.ndarray:
+    return detector.raw(images, params)
 
 
 def prepare_for_detection(image: np.ndarray, max_side: int | None) -> tuple[np.ndarray, float]:
@@ -428,21 +364,10 @@ class DetectStage(Stage):
 
     def resources_for(self, config: ConfigView) -> dict[str, float]:
         p = config.stage_params("detect")
-        return {"GPU": 1} if p["backend"] == "torch" and p["device"] != "cpu" else {}
+        return backend_module(p["backend"]).resources(p)
 
     def resolve_assets(self, config: ConfigView) -> dict[str, Asset]:
-        p = config.stage_params("detect")
-        if p["backend"] == "mtcnn-tf":
-            if float(p["min_face_size"]) != MTCNN_MIN_FACE_SIZE:
-                raise ValueError(
-                    f"{config.path}: stages.detect.min_face_size: the mtcnn-tf backend finds nothing at "
-                    f"{p['min_face_size']} (mtcnn 1.0.0 works only at {MTCNN_MIN_FACE_SIZE}); use backend torch"
-                )
-            return {}
-        from pipeline.detect.weights import weights_npz
-
-        path, sha = weights_npz(config.model("mtcnn"), config.cache_dir)
-        return {"weights": Asset(str(path), sha, f"MTCNN (torch) weights from mtcnn 1.0.0: {path}")}
+        return backend_module(config.stage_params("detect")["backend"]).resolve_assets(config)
 
     def run(self, inputs: dict[str, pa.Table], ctx: StageContext) -> pa.Table:
         return run_shard(inputs, ctx)

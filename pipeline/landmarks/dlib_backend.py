@@ -86,3 +86,19 @@ class DlibBackend(LandmarkBackend):
             except (ValueError, RuntimeError) as exc:
                 out.append(f"{type(exc).__name__}: {exc}")
         return out
+
+
+# --- the backend's entry points (pipeline/landmarks/stage.py looks them up by name) -------------
+USES_GPU = False
+
+
+def resolve_weights(model: dict, params: dict) -> tuple[Path, str]:
+    return resolve_model(model)
+
+
+def create(path: str, sha256: str, params: dict) -> LandmarkBackend:
+    return DlibBackend(Path(path), sha256)
+
+
+def cache_key(params: dict) -> tuple:
+    return ()

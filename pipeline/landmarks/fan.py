@@ -245,3 +245,24 @@ class FanBackend(LandmarkBackend):
                 pts = heatmap_to_image(pts_hm[j], mats[s + j]).astype(np.float32)
                 out[where[s + j]] = (pts.reshape(N_POINTS, 2), conf[j])
         return out
+
+
+# --- the backend's entry points (pipeline/landmarks/stage.py looks them up by name) -------------
+USES_GPU = True  # a build gives its tasks the worker resource GPU=1 (FAN runs on CUDA there)
+
+
+def resolve_weights(model: dict, params: dict) -> tuple[Path, str]:
+    return resolve_checkpoint(model, params)
+
+
+def create(path: str, sha256: str, params: dict) -> LandmarkBackend:
+    if params.get("torch_threads"):
+        import torch
+
+        torch.set_num_threads(int(params["torch_threads"]))
+    return FanBackend(Path(path), sha256, params["batch_size"], params["flip_input"])
+
+
+def cache_key(params: dict) -> tuple:
+    """What, besides the weights, makes a per-process instance different."""
+    return (int(params["batch_size"]), bool(params["flip_input"]))

@@ -11,10 +11,11 @@ detect saw), ``align_failed`` (degenerate 5 points), ``landmarks_failed``.
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import os
-from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -29,21 +30,25 @@ from pipeline.landmarks.base import LandmarkBackend, LandmarkResult
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("fan", "dlib")
+# name -> the module of a landmark backend: MODEL_KEY, USES_GPU, resolve_weights(model entry,
+# params) -> (path, sha256), create(path, sha256, params) -> LandmarkBackend, cache_key(params)
+BACKENDS = {
+    "fan": "pipeline.landmarks.fan",
+    "dlib": "pipeline.landmarks.dlib_backend",
+}
+
+
+def backend_module(name: str) -> Any:
+    """The module of the landmark backend called ``name``; an unknown name lists the known ones."""
+    if name not in BACKENDS:
+        raise ValueError(f"stages.landmarks.backend: expected one of {list(BACKENDS)}, got {name!r}")
+    return importlib.import_module(BACKENDS[name])
 
 
 def _resolve_uncached(config: ConfigView, params: dict) -> tuple[str, str, str]:
     backend = params["backend"]
-    if backend == "fan":
-        from pipeline.landmarks.fan import MODEL_KEY, resolve_checkpoint
-
-        path, sha = resolve_checkpoint(config.model(MODEL_KEY), params)
-    elif backend == "dlib":
-        from pipeline.landmarks.dlib_backend import MODEL_KEY, resolve_model
-
-        path, sha = resolve_model(config.model(MODEL_KEY))
-    else:
-        raise ValueError(f"stages.landmarks.backend: expected one of {list(BACKENDS)}, got {backend!r}")
+    mod = backend_module(backend)
+    path, sha = mod.resolve_weights(config.model(mod.MODEL_KEY), params)
     return backend, str(path), sha
 
 
@@ -58,8 +63,7 @@ def resolve_weights(config: ConfigView, params: dict) -> tuple[str, str, str]:
     Verified once per process; re-verified if the file's size or modification time changes.
     """
     backend = params["backend"]
-    model_key = "fan" if backend == "fan" else "dlib_landmarks"
-    model = config.get(f"models.{model_key}")
+    model = config.get(f"models.{backend_module(backend).MODEL_KEY}")
     key = (backend, json.dumps(model, sort_keys=True, default=str), os.environ.get("TORCH_HOME"))
     hit = _VERIFIED.get(key)
     if hit is not None:
@@ -84,7 +88,7 @@ class LandmarksStage(Stage):
     doc = "68 iBUG landmarks (FAN or dlib) on the primary MTCNN face"
 
     def resources_for(self, config: ConfigView) -> dict[str, float]:
-        return {"GPU": 1} if config.stage_params("landmarks")["backend"] == "fan" else {}
+        return {"GPU": 1} if backend_module(config.stage_params("landmarks")["backend"]).USES_GPU else {}
 
     def resolve_assets(self, config: ConfigView) -> dict[str, Asset]:
         backend, path, sha = resolve_weights(config, config.stage_params("landmarks"))
@@ -109,20 +113,9 @@ def get_backend(config: ConfigView, params: dict, weights: Asset | None = None) 
         _verify_once(path, sha)
     else:
         backend, path, sha = resolve_weights(config, params)
-    if backend == "fan":
-        from pipeline.landmarks.fan import FanBackend
-
-        if params.get("torch_threads"):
-            import torch
-
-            torch.set_num_threads(int(params["torch_threads"]))
-        key = ("landmarks", "fan", path, sha, int(params["batch_size"]), bool(params["flip_input"]))
-        return workercache.get_or_create(
-            key, lambda: FanBackend(path, sha, params["batch_size"], params["flip_input"])
-        )
-    from pipeline.landmarks.dlib_backend import DlibBackend
-
-    return workercache.get_or_create(("landmarks", "dlib", path, sha), lambda: DlibBackend(Path(path), sha))
+    mod = backend_module(backend)
+    key = ("landmarks", backend, path, sha, *mod.cache_key(params))
+    return workercache.get_or_create(key, lambda: mod.create(path, sha, params))
 
 
 def _verify_once(path: str, sha: str) -> None:
