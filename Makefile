@@ -34,6 +34,7 @@ dev-env: $(DEV_STAMP)
 lint: dev-env
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/mypy
 
 format: dev-env
 	$(BIN)/ruff format .

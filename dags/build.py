@@ -13,8 +13,8 @@ from __future__ import annotations
 import time
 import traceback
 import uuid
-from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Generator, Iterator
+from typing import TYPE_CHECKING, Any
 
 from pipeline.core.runner import PROGRESS_TOPIC, Outcome, ShardTask, outcomes
 from pipeline.errors import ClusterLost
@@ -120,11 +120,11 @@ class DaskExecutor:
                     out[k] = max(out.get(k, 0), v)
         return out
 
-    def execute(self, task: ShardTask, chains: dict[int, list[tuple[str, ...]]]) -> Iterator[Outcome]:
+    def execute(self, task: ShardTask, chains: dict[int, list[tuple[str, ...]]]) -> Generator[Outcome]:
         declared = self._declared() if self.resources else set()
         token = uuid.uuid4().hex[:8]
-        meta: dict[str, tuple[tuple[str, ...], int]] = {}
-        prev_of: dict[str, object] = {}
+        meta: dict[Any, tuple[tuple[str, ...], int]] = {}  # future key -> (stages, shard)
+        prev_of: dict[Any, Any] = {}  # future key -> the future it follows
         futures = []
         for i, groups in chains.items():
             prev = None

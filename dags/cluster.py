@@ -19,6 +19,7 @@ import os
 import shutil
 import sys
 from collections.abc import Iterator
+from typing import Any
 
 import dask
 
@@ -86,7 +87,7 @@ def _quiet_shutdown() -> None:
 _JOBQUEUE = {"slurm": "SLURMCluster", "pbs": "PBSCluster", "sge": "SGECluster", "lsf": "LSFCluster"}
 
 
-def make_batch_cluster(spec: dict) -> object:
+def make_batch_cluster(spec: dict) -> Any:
     """Create (not scale) the dask-jobqueue or dask-kubernetes cluster described by ``execution.cluster``."""
     kind = spec["kind"]
     options = dict(spec.get("options") or {})
@@ -157,7 +158,7 @@ def check_gpu_jobs(kind: str, options: dict) -> None:
 
 
 @contextlib.contextmanager
-def open_client(manifest: Manifest, echo: bool = True) -> Iterator[object | None]:
+def open_client(manifest: Manifest, echo: bool = True) -> Iterator[Any]:
     """Yield a ``distributed.Client`` (or None for ``sync``); close what this function started."""
     ex = manifest.data.get("execution", {})
     scheduler = ex.get("scheduler")
@@ -244,14 +245,14 @@ def thread_budget_plugin() -> object:
     return ThreadBudget()
 
 
-def register_thread_budget(client: object) -> None:
+def register_thread_budget(client: Any) -> None:
     """Install the thread budget on every current and future worker of ``client``'s cluster."""
     register = getattr(client, "register_plugin", None) or client.register_worker_plugin
     register(thread_budget_plugin())
 
 
 @contextlib.contextmanager
-def _serve(cluster: object, description: str, echo: bool, dashboard: bool = True) -> Iterator[object]:
+def _serve(cluster: Any, description: str, echo: bool, dashboard: bool = True) -> Iterator[Any]:
     """A client on a cluster this module started; both are closed on the way out."""
     from distributed import Client
 

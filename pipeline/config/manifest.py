@@ -55,7 +55,7 @@ def _with_defaults(value: Any, schema: dict) -> Any:
 
 
 def _path_str(path: Any) -> str:
-    parts = []
+    parts: list[str] = []
     for p in path:
         parts.append(f"[{p}]" if isinstance(p, int) else (("." if parts else "") + str(p)))
     return "".join(parts) or "<top level>"

@@ -95,11 +95,11 @@ def resolve(
     chosen: dict[str, Any] = {"stages.ingest.dataset": dataset}
     known = dataset in base.data["datasets"] or f"datasets.{dataset}" in remembered
     if inputs.root:
-        root = absolute_location(inputs.root)
+        given = absolute_location(inputs.root)
         if known:
-            chosen[f"datasets.{dataset}.root"] = root
+            chosen[f"datasets.{dataset}.root"] = given
         else:
-            chosen[f"datasets.{dataset}"] = {"root": root, "layout": "subject-folders"}
+            chosen[f"datasets.{dataset}"] = {"root": given, "layout": "subject-folders"}
             known = True
     if inputs.list_file:
         chosen[f"datasets.{dataset}.list_file"] = _local_absolute(inputs.list_file)
@@ -111,7 +111,9 @@ def resolve(
     overrides = {**remembered, **new, **chosen}
     m = base.with_overrides(overrides)
 
-    root = list_file = layout = None
+    root: str | None = None
+    list_file: str | None = None
+    layout: str | None = None
     if dataset in m.data["datasets"]:
         ds = m.dataset(dataset)
         # local relative paths made absolute once, here: workers may run in other directories

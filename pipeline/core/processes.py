@@ -13,6 +13,7 @@ import ast
 import functools
 import sys
 from pathlib import Path
+from types import FrameType
 
 from pipeline.errors import MorphsetError
 
@@ -47,7 +48,7 @@ def refuse_unguarded_main(what: str) -> None:
     path = getattr(main, "__file__", None)
     if not path or not str(path).endswith(".py"):
         return  # an interactive session, `python -c`, a notebook, pytest: nothing is re-imported
-    frame = sys._getframe(1)
+    frame: FrameType | None = sys._getframe(1)
     while frame is not None:
         if (
             frame.f_globals.get("__name__") in ("__main__", "__mp_main__")

@@ -25,7 +25,7 @@ import threading
 import time
 import traceback as tb_mod
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -89,8 +89,9 @@ def process_shard(
             f"{stage} shard {shard}: its input {', '.join(missing) or ', '.join(spec.inputs)} is not done "
             f"in {run.url}; run {commands} on it first (or `morphset build`, which runs every stage)"
         )
-    if not force and out.is_done(shard, fp):
-        return {**out.sidecar(shard), "skipped": True}
+    done = out.sidecar(shard) if not force and out.is_done(shard, fp) else None
+    if done is not None:
+        return {**done, "skipped": True}
     t0 = time.perf_counter()
     cpu0 = time.process_time()  # user + system CPU of this process (all its threads)
     inputs = {}
@@ -259,7 +260,7 @@ def outcomes(entries: list[dict], shard: int, started: float, ended: float) -> I
 class Executor(Protocol):
     retries: int  # how often a task tries a failing stage again (in the task; see ShardTask)
 
-    def execute(self, task: ShardTask, chains: dict[int, list[tuple[str, ...]]]) -> Iterator[Outcome]:
+    def execute(self, task: ShardTask, chains: dict[int, list[tuple[str, ...]]]) -> Generator[Outcome]:
         """Run every chain (shard -> its groups of stages in order, :func:`fuse`), one task per
         group after the one before it, and yield one outcome per stage."""
         ...
@@ -310,7 +311,7 @@ class SyncExecutor:
         global _local_progress
         _local_progress = receiver
 
-    def execute(self, task: ShardTask, chains: dict[int, list[tuple[str, ...]]]) -> Iterator[Outcome]:
+    def execute(self, task: ShardTask, chains: dict[int, list[tuple[str, ...]]]) -> Generator[Outcome]:
         for i, groups in chains.items():
             stopped = False
             for g in groups:

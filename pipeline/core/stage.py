@@ -125,10 +125,10 @@ _JSON_TYPES = {"integer": int, "number": float, "boolean": bool, "string": str, 
 def _python_type(prop: dict) -> Any:
     t = prop.get("type")
     if isinstance(t, list):
-        types = [_JSON_TYPES.get(x) for x in t if x != "null"]
+        types = [_JSON_TYPES.get(str(x)) for x in t if x != "null"]
         base = types[0] if len(types) == 1 and types[0] is not None else Any
         return base | None if "null" in t and base is not Any else base
-    return _JSON_TYPES.get(t, Any)
+    return _JSON_TYPES.get(str(t), Any)
 
 
 @functools.cache

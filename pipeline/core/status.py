@@ -33,7 +33,7 @@ def stage_status(run: Run, manifest: Manifest, stage: str, upstream_stale: set[i
             fp = shard_fingerprint(run, manifest, stage, i)
             current = sc is not None and fp is not None and store.is_done(i, fp)
             current = current and i not in (upstream_stale or set())
-        if current:
+        if current and sc is not None:
             off += bool(sc.get("off"))
             done.append(i)
             rows += sc.get("rows", 0)

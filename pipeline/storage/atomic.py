@@ -62,23 +62,23 @@ def atomic_write(target: str | Path, content: bytes | str | Writer, fs: Any = No
             _raise_for_target(exc, str(path))
             raise
         return
-    target = str(target)
-    parent, name = target.rsplit("/", 1) if "/" in target else ("", target)
+    where = str(target)
+    parent, name = where.rsplit("/", 1) if "/" in where else ("", where)
     if parent:
         fs.makedirs(parent, exist_ok=True)
-    tmp = f"{parent}/{temporary_name(name)}" if parent else temporary_name(name)
+    staged = f"{parent}/{temporary_name(name)}" if parent else temporary_name(name)
     try:
-        with fs.open(tmp, "wb") as f:
+        with fs.open(staged, "wb") as f:
             _write_to(f, content)
             _sync(f)
-        fs.mv(tmp, target)
+        fs.mv(staged, where)
     except BaseException as exc:
         try:
-            if fs.exists(tmp):
-                fs.rm(tmp)
+            if fs.exists(staged):
+                fs.rm(staged)
         except Exception:  # the original error matters more than a failed clean-up
             pass
-        _raise_for_target(exc, target)
+        _raise_for_target(exc, where)
         raise
 
 

@@ -385,7 +385,9 @@ def _split_by(table: pa.Table, schema: StageSchema) -> list[tuple[str | None, pa
             f"{list(schema.file_values)}"
         )
     column = table.column(schema.files_by)
-    parts = [(v, table.filter(pc.equal(column, v))) for v in schema.file_values if v in values]
+    parts: list[tuple[str | None, pa.Table]] = [
+        (v, table.filter(pc.equal(column, v))) for v in schema.file_values if v in values
+    ]
     return parts or [(schema.file_values[0], table)]
 
 
