@@ -361,3 +361,17 @@ def test_an_unknown_backend_is_an_error_that_lists_the_known_ones(stage):
     for name in mod.BACKENDS:  # every registered name resolves to a module with the entry points
         backend = mod.backend_module(name)
         assert hasattr(backend, "MODEL_KEY") or hasattr(backend, "resolve_assets"), name
+
+
+def test_a_stage_reads_only_the_tables_it_declares(tmp_path):
+    """The runner hands a stage's driver step its declared inputs (StageTables); another table
+    is an error naming both, never a store opened by name."""
+    from pipeline.core.stage import StageTables, UndeclaredInput
+    from pipeline.storage.run import Run
+
+    tables = StageTables(Run(tmp_path / "run"), "export", ("index", "detect", "fit", "crop"))
+    assert tables.shards("fit") == []
+    with pytest.raises(
+        UndeclaredInput, match=r"stage 'export' read table 'landmarks', which it does not declare"
+    ):
+        tables.shards("landmarks")

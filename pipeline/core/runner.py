@@ -36,7 +36,14 @@ from pipeline.core import planner
 from pipeline.core.planner import shard_fingerprint
 from pipeline.core.progress import ProgressLog, is_batch
 from pipeline.core.registry import STAGES, config_view, get_stage, schema_for
-from pipeline.core.stage import DROPPED_ROWS_KEY, STAGE_OFF_KEY, Asset, StageContext, stage_parameters
+from pipeline.core.stage import (
+    DROPPED_ROWS_KEY,
+    STAGE_OFF_KEY,
+    Asset,
+    StageContext,
+    StageTables,
+    stage_parameters,
+)
 from pipeline.imaging.decode import DecodedImages
 from pipeline.storage.run import Run
 from pipeline.storage.store import CorruptShard, failure_counts
@@ -434,7 +441,7 @@ def run_stages(
     for segment in segments(stages):
         head = STAGES[segment[0]]
         if head.global_input:
-            head.prepare(run, config_view(manifest, head.name))
+            head.prepare(StageTables(run, head.name, head.inputs), config_view(manifest, head.name))
         plan = planner.plan(run, manifest, segment, shards)
         for s in segment:
             stats[s].skipped += sum(1 for i in shards if i not in plan or s not in plan[i])

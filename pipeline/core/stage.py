@@ -11,8 +11,10 @@ A stage is a small class (one per stage package, registered in :mod:`pipeline.co
   annotations when the cluster's workers declare them;
 - ``resolve_assets(config)``: model files located and verified once, on the driver, handed to
   every task as :class:`Asset` (path + sha256);
-- ``prepare(run, config)``: an optional driver step over all shards before the stage runs (export's
+- ``prepare(tables, config)``: an optional driver step over all shards before the stage runs (export's
   subject-label map), whose result file is part of every shard's fingerprint (``global_input``);
+  ``tables`` (:class:`StageTables`) reads the stage's declared inputs over all committed shards
+  and writes the stage's own stage-level files: a stage never opens another stage's store;
 - ``finish(run, config)``: an optional driver step once every shard of the stage is committed
   (export's dataset card and model files);
 - ``reads_pixels``: the stage decodes the shard's images. Consecutive such stages of one shard
@@ -157,6 +159,41 @@ def stage_parameters(manifest: Manifest, stage: str) -> Any:
     return params_class(stage)(**manifest.stage_params(stage))
 
 
+class UndeclaredInput(KeyError):
+    """A stage asked for a table it did not declare in ``inputs``."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+@dataclass
+class StageTables:
+    """What the runner hands a stage's driver steps: its declared input tables over every
+    committed shard (read-only) and its own stage-level files (``_meta/<stage>/``)."""
+
+    run: Any  # pipeline.storage.run.Run
+    stage: str
+    inputs: tuple[str, ...]
+
+    def _declared(self, name: str) -> str:
+        if name not in self.inputs:
+            raise UndeclaredInput(
+                f"stage {self.stage!r} read table {name!r}, which it does not declare in inputs {list(self.inputs)}"
+            )
+        return name
+
+    def shards(self, name: str) -> list[int]:
+        """The committed shards of input table ``name``."""
+        return self.run.store(self._declared(name)).shards_with_sidecar()
+
+    def read(self, name: str, shard: int, columns: list[str] | None = None) -> pa.Table:
+        return self.run.read_shard(self._declared(name), shard, columns)
+
+    def write_json(self, file: str, doc: dict) -> None:
+        """A stage-level file of this stage (its ``global_input``), written atomically."""
+        self.run.store(self.stage).write_json(file, doc)
+
+
 @dataclass
 class StageContext:
     """What a stage's ``run`` may know about where it runs."""
@@ -225,7 +262,7 @@ class Stage:
     def describe_assets(self, assets: dict[str, Asset]) -> list[str]:
         return [f"{self.name}: {a.description or a.path} (sha256 {a.sha256[:12]}…)" for a in assets.values()]
 
-    def prepare(self, run: Any, config: ConfigView) -> dict | None:
+    def prepare(self, tables: StageTables, config: ConfigView) -> dict | None:
         """Driver step before the stage's shards run; writes ``global_input`` when the stage has one."""
         return None
 

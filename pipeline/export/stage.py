@@ -16,7 +16,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline.config.schemas import from_rows, load_schema
-from pipeline.core.stage import DROPPED_ROWS_KEY, ConfigView, Stage, StageContext
+from pipeline.core.stage import DROPPED_ROWS_KEY, ConfigView, Stage, StageContext, StageTables
 from pipeline.export import handoff
 from pipeline.imaging.crops import image_cell
 from pipeline.storage.run import Run
@@ -94,8 +94,8 @@ class ExportStage(Stage):
     global_input = LABELS_FILE
     doc = "aligned crops + fit targets, the hand-off to trainers"
 
-    def prepare(self, run: Run, config: ConfigView) -> dict:
-        return prepare_global(run, config)
+    def prepare(self, tables: StageTables, config: ConfigView) -> dict:
+        return prepare_global(tables, config)
 
     def finish(self, run: Run, config: ConfigView) -> None:
         write_handoff(run, config)
@@ -123,14 +123,13 @@ def _subjects_in_label_order(labels: dict) -> list[str]:
     return [s for s, _ in sorted(subjects.items(), key=lambda kv: kv[1]["label"])]
 
 
-def prepare_global(run: Run, config: ConfigView) -> dict:
+def prepare_global(tables: StageTables, config: ConfigView) -> dict:
     """Count usable images per subject over all committed fit shards; write ``_meta/export/_labels.json``."""
     params = config.stage_params("export")
     excluded = set(read_subject_list(params["exclude_subjects"])) if params["exclude_subjects"] else set()
-    fits = run.store("fit")
     counts: dict[str, int] = {}
-    for shard in fits.shards_with_sidecar():
-        t = run.read_shard("fit", shard, columns=["subject", "failure_reason"])
+    for shard in tables.shards("fit"):
+        t = tables.read("fit", shard, columns=["subject", "failure_reason"])
         ok = t.filter(pc.is_null(t.column("failure_reason")))
         for s in ok.column("subject").to_pylist():
             counts[s] = counts.get(s, 0) + 1
@@ -145,7 +144,7 @@ def prepare_global(run: Run, config: ConfigView) -> dict:
         # named in the list and present in the run (the list's other names match nothing here)
         "excluded_subjects": sorted(excluded & set(counts)),
     }
-    run.store("export").write_json(LABELS_FILE, doc)
+    tables.write_json(LABELS_FILE, doc)
     return doc
 
 
