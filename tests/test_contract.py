@@ -375,3 +375,18 @@ def test_a_stage_reads_only_the_tables_it_declares(tmp_path):
         UndeclaredInput, match=r"stage 'export' read table 'landmarks', which it does not declare"
     ):
         tables.shards("landmarks")
+
+
+def test_the_architecture_diagram_is_the_registered_stage_graph():
+    """docs/ARCHITECTURE.md's stage graph has exactly the edges the stages declare."""
+    import re
+    from pathlib import Path
+
+    from pipeline.core.registry import STAGES
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "ARCHITECTURE.md").read_text(encoding="utf-8")
+    block = re.search(r"```mermaid\ngraph LR\n(.*?)```", text, re.S).group(1)
+    drawn = {tuple(line.split(" --> ")) for line in block.strip().splitlines()}
+    drawn = {(a.strip(), b.strip()) for a, b in drawn}
+    declared = {(inp, name) for name, st in STAGES.items() for inp in st.inputs}
+    assert drawn == declared

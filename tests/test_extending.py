@@ -1,0 +1,110 @@
+"""Adding a stage: one module (the Stage subclass below), one output schema, one parameter schema
+and one registry line. The toy stage builds after the others, resumes without redoing its work
+and shows in status, with no change to the runner, storage or any command."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from pipeline import api
+from pipeline.config import manifest as manifest_mod
+from pipeline.config import schemas as schemas_mod
+from pipeline.config.schemas import from_rows, load_schema
+from pipeline.core import registry
+from pipeline.core import stage as stage_mod
+from pipeline.core.stage import Stage, StageContext
+from pipeline.storage.run import Run
+
+pytestmark = pytest.mark.slow
+
+TOY_SCHEMA = """\
+name: toy
+version: 1
+doc: the identity's size per fitted image (a stage added by a test)
+columns:
+  - {name: image_id, type: string, nullable: false, doc: image path relative to the dataset root}
+  - {name: alpha_norm, type: float32, nullable: true, doc: "|alpha_id / id_std|", unit: "1"}
+  - {name: failure_reason, type: string, nullable: true, doc: null if computed}
+"""
+TOY_PARAMS = {
+    "type": "object",
+    "additionalProperties": False,
+    "properties": {"scale": {"type": "number", "default": 1.0, "description": "multiplies the norm"}},
+}
+
+
+class ToyStage(Stage):
+    """The one module: reads the fit table, writes one number per image."""
+
+    name = "toy"
+    inputs = ("fit",)
+    schema = "toy"
+    doc = "the identity's size per image"
+
+    def run(self, inputs: dict[str, pa.Table], ctx: StageContext) -> pa.Table:
+        scale = float(ctx.params.as_dict()["scale"])
+        rows = []
+        for r in inputs["fit"].select(["image_id", "alpha_id", "failure_reason"]).to_pylist():
+            norm = None if r["alpha_id"] is None else scale * float(np.linalg.norm(r["alpha_id"]))
+            rows.append(
+                {"image_id": r["image_id"], "alpha_norm": norm, "failure_reason": r["failure_reason"]}
+            )
+        return from_rows(rows, load_schema("toy"))
+
+
+@pytest.fixture()
+def toy_stage(tmp_path, monkeypatch):
+    # the output schema and the parameter schema, as files beside the project's own
+    out_dir = tmp_path / "schemas"
+    out_dir.mkdir()
+    (out_dir / "toy.yaml").write_text(TOY_SCHEMA)
+    real = schemas_mod._schema_path
+    monkeypatch.setattr(
+        schemas_mod, "_schema_path", lambda n: out_dir / "toy.yaml" if n == "toy" else real(n)
+    )
+    manifest_dir = tmp_path / "manifest-schemas"
+    shutil.copytree(manifest_mod.MANIFEST_SCHEMA_DIR, manifest_dir)
+    (manifest_dir / "stage.toy.schema.json").write_text(json.dumps(TOY_PARAMS))
+    monkeypatch.setattr(manifest_mod, "MANIFEST_SCHEMA_DIR", manifest_dir)
+    for cached in (manifest_mod.manifest_json_schema, schemas_mod.load_schema, stage_mod.params_class):
+        cached.cache_clear()
+    # the one registry line
+    registry.STAGES["toy"] = ToyStage()
+    registry.BUILD_ORDER.append("toy")
+    yield
+    registry.BUILD_ORDER.remove("toy")
+    del registry.STAGES["toy"]
+    monkeypatch.undo()
+    for cached in (manifest_mod.manifest_json_schema, schemas_mod.load_schema, stage_mod.params_class):
+        cached.cache_clear()
+
+
+def test_a_toy_stage_builds_resumes_and_shows_in_status(toy_stage, tmp_path):
+    faces = tmp_path / "faces"
+    api.synth(faces, subjects=3, images_per_subject=2, seed=2, workers=1, textures="painted")
+    run = tmp_path / "run"
+    common = {"scheduler": "sync", "progress": False, "landmarks": "dlib", "shard_size": 4}
+    first = api.build(run, "synthetic", root=str(faces), until="toy", **common)
+    assert first.ok and first.stages["toy"].computed == first.stages["fit"].computed == 2
+    rows = Run(run).table("toy").to_pylist()
+    assert len(rows) == 6 and all(r["alpha_norm"] is None or r["alpha_norm"] >= 0 for r in rows)
+    assert any(r["alpha_norm"] for r in rows)
+
+    again = api.build(run, until="toy", **common)  # resumes: nothing to do
+    assert again.stages["toy"].computed == 0 and again.stages["toy"].skipped == 2
+    st = api.status(run)
+    assert st["toy"]["done"] == st["toy"]["shards"] == 2
+
+    # its parameter is part of its fingerprint: a new value recomputes it (and only it)
+    third = api.build(run, until="toy", overrides={"stages.toy.scale": 2.0}, **common)
+    assert third.stages["toy"].computed == 2 and third.stages["fit"].computed == 0
+    doubled = Run(run).table("toy").to_pylist()
+    for a, b in zip(rows, doubled, strict=True):
+        assert (a["alpha_norm"] is None) == (b["alpha_norm"] is None)
+        if a["alpha_norm"] is not None:
+            assert b["alpha_norm"] == pytest.approx(2 * a["alpha_norm"], rel=1e-5)
