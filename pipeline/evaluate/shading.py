@@ -1,6 +1,6 @@
 """A small orthographic shaded render of a mesh for the report's picture sheet.
 
-Triangles go through the synth renderer's z-buffer rasteriser (:func:`pipeline.synthetic.render.rasterize`);
+Triangles go through the synth renderer's z-buffer rasteriser (:func:`pipeline.render.raster.rasterize`);
 each pixel is Lambert-shaded (two-sided) with the normal interpolated from the vertex normals, in
 grey on white. Coordinates follow the model convention: x right, y up, z towards the viewer.
 """
@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from pipeline.models.geometry import vertex_normals
-from pipeline.synthetic.render import rasterize
+from pipeline.render.raster import rasterize
 
 LIGHT = np.array([0.35, 0.45, 1.0]) / np.linalg.norm([0.35, 0.45, 1.0])
 

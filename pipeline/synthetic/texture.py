@@ -39,7 +39,8 @@ from scipy.spatial import cKDTree
 
 from pipeline.models.geometry import vertex_normals
 from pipeline.models.morphable_model import MorphableModel
-from pipeline.synthetic.render import Camera, landmark_visibility, rasterize
+from pipeline.render.raster import rasterize
+from pipeline.synthetic.render import Camera, landmark_visibility
 
 log = logging.getLogger(__name__)
 
