@@ -226,6 +226,8 @@ def open_client(manifest: Manifest, echo: bool = True) -> Iterator[Any]:
         )
     desc = f"LocalCluster: {n_workers} worker process(es) x {ex.get('threads_per_worker', 1)} thread(s)"
     with _serve(cluster, desc, echo, dashboard=ex.get("dashboard", True)) as client:
+        register = getattr(client, "register_plugin", None) or client.register_worker_plugin
+        register(local_worker_plugin())
         yield client
 
 
@@ -243,6 +245,25 @@ def thread_budget_plugin() -> object:
             limit_threads(int(getattr(getattr(worker, "state", worker), "nthreads", 1) or 1))
 
     return ThreadBudget()
+
+
+def local_worker_plugin() -> object:
+    """A plugin for the workers of the LocalCluster this module starts: they live and die with the
+    driver, so when it stops (Ctrl-C) their failed heartbeats to its vanished scheduler are
+    expected, and logged tracebacks of them would bury the driver's one line."""
+    from distributed.diagnostics.plugin import WorkerPlugin
+
+    class QuietEnd(WorkerPlugin):
+        name = "morphset-quiet-end"
+
+        def setup(self, worker: object) -> None:
+            class DropLostScheduler(logging.Filter):
+                def filter(self, record: logging.LogRecord) -> bool:
+                    return not str(record.msg).startswith("Failed to communicate with scheduler")
+
+            logging.getLogger("distributed.worker").addFilter(DropLostScheduler())
+
+    return QuietEnd()
 
 
 def register_thread_budget(client: Any) -> None:
