@@ -7,5 +7,6 @@ deferred shading in torch, batched, on the CPU or CUDA.
   deferred shading), attribute interpolation (perspective-correct where the camera is);
 - :mod:`.shading`: spherical-harmonics Lambertian and Phong shading;
 - :mod:`.silhouette`: an analytically antialiased silhouette whose edges carry gradient;
+- :mod:`.appearance`: colours sampled from an image at the projected vertices, with visibility;
 - :mod:`.renderer`: the composition, ``render``.
 """
