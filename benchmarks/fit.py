@@ -438,7 +438,6 @@ def renders_experiment(model, params, out_dir: Path, subjects: int = 30, images:
             path,
             work_run=out_dir / "run-1",
             convention=conv,
-            scheduler="sync",
         )
         models[conv] = load_error_model(path)
     api.build(out_dir / "run-0", dataset="synthetic", root=str(out_dir / "synthetic-0"), landmarks="dlib",

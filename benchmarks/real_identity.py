@@ -89,6 +89,7 @@ def main() -> None:
         shutil.rmtree(run, ignore_errors=True)
         report = api.build(
             run,
+            dataset=f"real-photos-{key}",  # a dataset entry of its own (made from the root)
             root=str(roots[key]),
             landmarks="dlib",
             until="landmarks",

@@ -284,8 +284,7 @@ def test_calibrate_writes_a_model_the_fit_then_uses(tmp_path, capsys, caplog):
     assert main(["synth", "--out", str(data), "--subjects", "4", "--images-per-subject", "3", "--seed", "2",
                  "--yaw-range", "-30", "30", "--workers", "1", "--json"]) == 0  # fmt: skip
     capsys.readouterr()
-    assert main(["calibrate", str(data), "--landmarks", "dlib", "-o", str(out), "--scheduler", "sync",
-                 "--no-progress", "--json"]) == 0  # fmt: skip
+    assert main(["calibrate", str(data), "--landmarks", "dlib", "-o", str(out), "--json"]) == 0
     doc = json.loads(capsys.readouterr().out)
     import hashlib
 
@@ -326,12 +325,10 @@ def test_calibrate_writes_a_model_the_fit_then_uses(tmp_path, capsys, caplog):
         pts = np.asarray(r["landmarks_2d_ibug"]).reshape(68, 2) + 1.0
         body = "\n".join(f"{x:.3f} {y:.3f}" for x, y in pts)
         (data / r["image_id"]).with_suffix(".pts").write_text(f"version: 1\nn_points: 68\n{{\n{body}\n}}\n")
-    ann = calibrate_from_annotations(
-        data, "dlib", tmp_path / "ann.json", work_run=tmp_path / "ann.run", scheduler="sync"
-    )
+    ann = calibrate_from_annotations(data, "dlib", tmp_path / "ann.json", work_run=tmp_path / "ann.run")
     from_ann = load_error_model(ann["path"])
     assert from_ann.convention == "ibug" and ann["images"] == doc["images"]
-    summary = calibrate(data, "dlib", tmp_path / "ib.json", work_run=run, convention="ibug", scheduler="sync")
+    summary = calibrate(data, "dlib", tmp_path / "ib.json", work_run=run, convention="ibug")
     from_truth = load_error_model(summary["path"])
     measured = from_truth.images_per_bin > 0
     # poses fitted to the annotations stand in for the true ones: the same offsets, to a millimetre

@@ -95,7 +95,7 @@ def test_calibrate_with_real_photos_chooses_a_weight_the_photos_allow(faces_dir,
                  "--yaw-range", "-30", "30", "--workers", "1", "--json"]) == 0  # fmt: skip
     capsys.readouterr()
     assert main(["calibrate", str(data), "--landmarks", "dlib", "-o", str(out), "--real-photos", str(faces_dir),
-                 "--scheduler", "sync", "--no-progress", "--json"]) == 0  # fmt: skip
+                 "--json"]) == 0  # fmt: skip
     doc = json.loads(capsys.readouterr().out)
     photo = doc["real_photo_auc_by_prior_weight"]
     assert set(photo) == set(doc["identity_error_mm_by_prior_weight"])

@@ -54,10 +54,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--ground-truth", default=None, help="ground truth file (default: SYNTH_DIR/ground_truth.parquet)"
     )
     p.add_argument(
-        "--scheduler", default=None, help="'sync' runs in this process; default starts a LocalCluster"
-    )
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.add_argument(
         "--json", action="store_true", help="print one JSON document on stdout (logs go to stderr)"
     )
 
@@ -69,8 +65,6 @@ def run(args: argparse.Namespace) -> int:
         "work_run": args.work_run,
         "manifest": args.manifest,
         "overrides": args.overrides,
-        "scheduler": args.scheduler,
-        "progress": not args.no_progress,
     }
     if args.annotations:
         summary = calibrate_from_annotations(args.synth_dir, args.landmarks, args.out, **common)

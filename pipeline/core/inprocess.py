@@ -12,11 +12,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from pipeline.config.manifest import Manifest
+from pipeline.config.manifest import DEFAULT_MANIFEST, Manifest
 from pipeline.core.registry import BUILD_ORDER
 from pipeline.core.runner import SyncExecutor, run_stages
 from pipeline.ingest.stage import run_ingest
-from pipeline.storage.run import Run
+from pipeline.storage.run import Run, RunRecord
 
 
 def build_in_process(
@@ -31,9 +31,25 @@ def build_in_process(
     ``list_file``) into ``run_dir`` and run the stages after ingest up to ``until``."""
     if until not in BUILD_ORDER[1:]:
         raise ValueError(f"until: expected one of {BUILD_ORDER[1:]}, got {until!r}")
-    m = manifest.with_overrides({f"datasets.{name}": dict(dataset), **(overrides or {})})
+    m = manifest.with_overrides(
+        {f"datasets.{name}": dict(dataset), "stages.ingest.dataset": name, **(overrides or {})}
+    )
     run = Run(run_dir)
-    run_ingest(m, run.url, name, progress=False)
-    stages = BUILD_ORDER[1 : BUILD_ORDER.index(until) + 1]
-    report = run_stages(run, m, stages, SyncExecutor(), progress=False)
+    with run.lock("build"):
+        run_ingest(m, run.url, name, progress=False)
+        # the run remembers what it is, as a build's does: `morphset fit RUN` etc. work on it later
+        run.write_record(
+            RunRecord(
+                dataset=name,
+                root=dataset.get("root"),
+                list_file=dataset.get("list_file"),
+                layout=dataset.get("layout"),
+                landmarks=m.stage_params("landmarks")["backend"],
+                manifest_path=None if m.path in ("<defaults>", str(DEFAULT_MANIFEST)) else m.path,
+                overrides={k: v for k, v in m.overrides.items() if not k.startswith("execution.")},
+                manifest=m.data,
+            )
+        )
+        stages = BUILD_ORDER[1 : BUILD_ORDER.index(until) + 1]
+        report = run_stages(run, m, stages, SyncExecutor(), progress=False)
     return run, report

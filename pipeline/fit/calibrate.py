@@ -233,7 +233,6 @@ def photo_landmarks(
     work: Path,
     manifest: str | None,
     overrides: list[str] | None,
-    **build: Any,
 ) -> tuple[pa.Table, pa.Table]:
     """Landmarks of real photos in subject folders: the photos as they are, and each person's photos
     split into two halves (``<person>__a``, ``<person>__b``; :func:`write_halves`)."""
@@ -244,7 +243,12 @@ def photo_landmarks(
     tables = []
     for name, tree in (("photos", root), ("halves", halves_root)):
         _, _, lms = _build_landmarks(
-            work.with_name(f"{work.name}-{name}"), backend, manifest, overrides, root=str(tree), **build
+            work.with_name(f"{work.name}-{name}"),
+            backend,
+            manifest,
+            overrides,
+            f"calibration-{name}",
+            {"root": str(tree), "layout": "subject-folders"},
         )
         tables.append(lms)
     return tables[0], tables[1]
@@ -324,18 +328,23 @@ def _by_subject(truth: dict[str, dict]) -> dict[str, dict]:
 
 
 def _build_landmarks(
-    work: Path, backend: str, manifest: str | None, overrides: list[str] | None, **build: Any
+    work: Path,
+    backend: str,
+    manifest: str | None,
+    overrides: list[str] | None,
+    name: str,
+    dataset: dict[str, Any],
 ) -> tuple[Any, Any, pa.Table]:
-    """Build a work run up to the landmarks stage; (its manifest, the morphable model, landmarks)."""
-    from pipeline import api
-    from pipeline.config.resolve import resolve
+    """Build a work run up to the embed stage in this process (:mod:`pipeline.core.inprocess`) on
+    a dataset entry of its own; (its manifest, the morphable model, its landmarks). The work run
+    remembers what it is: ``morphset fit WORK`` fits it later."""
+    from pipeline.config.manifest import load_manifest
+    from pipeline.core.inprocess import build_in_process
     from pipeline.models.assets import resolve_morphable_model
-    from pipeline.storage.run import Run
 
+    m = load_manifest(manifest, overrides).with_overrides({"stages.landmarks.backend": backend})
     # until embed (off for renders, so free): the work run is then ready for `morphset fit`
-    api.build(work, landmarks=backend, until="embed", overrides=overrides, manifest=manifest, **build)
-    run = Run(work)
-    m = resolve(run, manifest, overrides).manifest
+    run, _ = build_in_process(work, m, name, dataset, until="embed")
     return m, resolve_morphable_model(m), run.table("landmarks")
 
 
@@ -371,8 +380,6 @@ def calibrate(
     ground_truth: str | Path | None = None,
     manifest: str | None = None,
     overrides: list[str] | None = None,
-    scheduler: str | None = None,
-    progress: bool = False,
     convention: str = "fixed_vertex",
     real_photos: str | Path | None = None,
 ) -> dict[str, Any]:
@@ -395,10 +402,8 @@ def calibrate(
         backend,
         manifest,
         overrides,
-        dataset="synthetic",
-        root=str(synth_dir),
-        scheduler=scheduler,
-        progress=progress,
+        "calibration-renders",
+        {"root": str(synth_dir), "layout": "subject-folders", "synthetic": True},
     )
     pairs = paired_landmarks(landmarks, truth, convention)
     res = face_residuals(pairs["detected"], pairs["true"], pairs["scale"], pairs["roll"])
@@ -421,9 +426,7 @@ def calibrate(
         "mean_shape_error_mm": mean_shape,
     }
     if real_photos is not None:
-        photos, halves = photo_landmarks(
-            real_photos, backend, work, manifest, overrides, scheduler=scheduler, progress=progress
-        )
+        photos, halves = photo_landmarks(real_photos, backend, work, manifest, overrides)
         photo = photo_measures(photos, halves, model, fit_params, em)
         allowed = weights_photos_allow(photo)
         weight = float(min(allowed, key=lambda k: (by_weight[k], float(k))))
@@ -504,8 +507,6 @@ def calibrate_from_annotations(
     work_run: str | Path | None = None,
     manifest: str | None = None,
     overrides: list[str] | None = None,
-    scheduler: str | None = None,
-    progress: bool = False,
 ) -> dict[str, Any]:
     """An ``ibug``-convention error model from photos with hand-made 68-point annotations.
 
@@ -534,10 +535,9 @@ def calibrate_from_annotations(
     rel = [p.relative_to(root).as_posix() for p in images]
     # every image is its own subject: the annotation fixes its pose, no identity is shared
     atomic_write(list_file, "".join(f"{r},{r}\n" for r in rel).encode())
-    overrides = [*(overrides or []), "datasets.lfw.layout=list-file"]
     m, model, detected = _build_landmarks(
-        work, backend, manifest, overrides, dataset="lfw", root=str(root), list_file=str(list_file),
-        scheduler=scheduler, progress=progress,
+        work, backend, manifest, overrides, "calibration-annotated",
+        {"root": str(root), "layout": "list-file", "list_file": str(list_file)},
     )  # fmt: skip
     annotated = {r: read_pts(p.with_suffix(".pts")) for r, p in zip(rel, images, strict=True)}
     # pose and scale from the annotations (contour marching: they are iBUG-convention)
