@@ -390,3 +390,21 @@ def test_the_architecture_diagram_is_the_registered_stage_graph():
     drawn = {(a.strip(), b.strip()) for a, b in drawn}
     declared = {(inp, name) for name, st in STAGES.items() for inp in st.inputs}
     assert drawn == declared
+
+
+def test_the_typed_parameter_classes_are_generated_from_the_schemas():
+    """pipeline/config/params.py is what the schemas give (python -m pipeline.config.paramgen), with
+    real field types: a stage schema changed without regenerating it fails here."""
+    import typing
+
+    from pipeline.config import paramgen
+    from pipeline.config.params import PARAMS, DetectParams, FitParams
+
+    assert paramgen.TARGET.read_text(encoding="utf-8") == paramgen.render_module()
+    assert set(PARAMS) == set(manifest_json_schema()["properties"]["stages"]["properties"])
+    hints = typing.get_type_hints(DetectParams)
+    assert hints["batch_size"] is int and hints["max_side"] == int | None
+    assert typing.get_args(hints["backend"]) == ("torch", "mtcnn-tf")
+    assert typing.get_type_hints(FitParams)["identity_shrinkage"] == dict[str, typing.Any] | None
+    params = stage_parameters(load_manifest(), "detect")
+    assert isinstance(params, DetectParams) and isinstance(params.thresholds, tuple)

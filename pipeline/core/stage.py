@@ -40,6 +40,7 @@ from typing import Any, ClassVar
 import pyarrow as pa
 
 from pipeline.config.manifest import Manifest, manifest_json_schema
+from pipeline.config.params import PARAMS, StageParams
 from pipeline.config.schemas import StageSchema, load_schema
 from pipeline.imaging.decode import DecodedImages
 from pipeline.storage.store import fingerprint
@@ -135,7 +136,11 @@ def _python_type(prop: dict) -> Any:
 
 @functools.cache
 def params_class(stage: str) -> type:
-    """A frozen dataclass with one typed field per key of ``schemas/manifest/stage.<stage>.schema.json``."""
+    """A frozen dataclass with one typed field per key of ``schemas/manifest/stage.<stage>.schema.json``:
+    the one generated ahead of time in :mod:`pipeline.config.params` (real types a type checker
+    sees), or, for a stage that has none there (a stage being added), one made from its schema now."""
+    if stage in PARAMS:
+        return PARAMS[stage]
     schema = manifest_json_schema()["properties"]["stages"]["properties"].get(stage, {})
     fields = [
         (key, _python_type(prop), field(default=None, metadata={"doc": prop.get("description", "")}))
@@ -144,19 +149,19 @@ def params_class(stage: str) -> type:
     cls = dataclasses.make_dataclass(
         f"{stage.title().replace('_', '')}Params",
         fields,
+        bases=(StageParams,),
         frozen=True,
-        namespace={
-            "as_dict": lambda self: dataclasses.asdict(self),
-            "__doc__": f"stages.{stage} of the manifest (defaults from its schema).",
-        },
+        namespace={"__doc__": f"stages.{stage} of the manifest (defaults from its schema)."},
     )
     cls.__module__ = __name__
     return cls
 
 
 def stage_parameters(manifest: Manifest, stage: str) -> Any:
-    """``stages.<stage>`` (schema defaults filled in) as an instance of :func:`params_class`."""
-    return params_class(stage)(**manifest.stage_params(stage))
+    """``stages.<stage>`` (schema defaults filled in) as an instance of :func:`params_class`
+    (arrays as tuples: the instance is frozen all the way down)."""
+    values = manifest.stage_params(stage)
+    return params_class(stage)(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
 
 
 class UndeclaredInput(KeyError):
