@@ -22,7 +22,7 @@ from typing import Any
 
 from pipeline.config.manifest import Manifest
 from pipeline.config.resolve import DatasetChoice, Resolved, resolve
-from pipeline.storage.run import Run, RunError
+from pipeline.storage.run import Run, RunError, require_local
 
 __all__ = [
     "BuildReport",
@@ -367,7 +367,7 @@ def synth(
 
     flags = {f"stages.synth.{k}": (list(v) if isinstance(v, tuple) else v) for k, v in params.items()}
     if out is not None:
-        flags["stages.synth.out"] = str(out)
+        flags["stages.synth.out"] = require_local(out, "morphset synth --out")
     m = resolve(None, manifest, overrides, flags).manifest
     return synthesize(m)
 
@@ -400,7 +400,7 @@ def train(
     res = resolve(r, manifest, overrides)
     flags = parse_epochs(epochs) if isinstance(epochs, str) else dict(epochs or {})
     train_sets = {k: v for k, v in res.new_overrides.items() if k.startswith("stages.train.")}
-    out_dir = Path(out) if out else Path(r.url) / "train"
+    out_dir = Path(require_local(out, "morphset train --out")) if out else Path(r.url) / "train"
     saved = out_dir / "config.json"
     if resume and not (tiny or config or train_sets or flags) and saved.is_file():
         # a resumed run continues with the settings it started with (--tiny and all): nothing to repeat
@@ -457,7 +457,9 @@ def evaluate(
     flags: dict[str, Any] = {}
     for key, value in (("ground_truth", ground_truth), ("pairs", pairs), ("encoder", encoder)):
         if value is not None:
-            flags[f"stages.evaluate.{key}"] = str(value)
+            flags[f"stages.evaluate.{key}"] = require_local(
+                value, f"morphset evaluate --{key.replace('_', '-')}"
+            )
     if genova is not None:
         flags["stages.evaluate.genova"] = bool(genova)
     r = Run(run)

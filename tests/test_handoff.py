@@ -274,3 +274,21 @@ def test_a_missing_optional_package_is_one_line_naming_it(capsys):
         assert len(err.splitlines()) == 1 and "s3fs" in err and "a package is missing" in err
     else:
         pytest.skip("s3fs is installed here")
+
+
+def test_commands_that_write_local_files_refuse_a_url_in_one_line(tmp_path, capsys, monkeypatch):
+    """synth, calibrate, export-mesh, evaluate's inputs and train's --out take local paths: a URL is
+    one line naming the option, never a local folder named after the URL."""
+    monkeypatch.chdir(tmp_path)
+    cases = [
+        (["synth", "--out", "memory://b/faces", "--subjects", "1"], "morphset synth --out: memory://b/faces is a URL"),
+        (["calibrate", "s3://b/faces", "--landmarks", "dlib", "-o", "x.json"], "morphset calibrate SYNTH_DIR: s3://b/faces is a URL"),
+        (["export-mesh", str(tmp_path), "--subject", "a", "-o", "s3://b/a.obj"], "morphset export-mesh --out: s3://b/a.obj is a URL"),
+        (["evaluate", str(tmp_path), "--pairs", "s3://b/pairs.txt"], "morphset evaluate --pairs: s3://b/pairs.txt is a URL"),
+        (["train", str(tmp_path), "--out", "gs://b/train"], "morphset train --out: gs://b/train is a URL"),
+    ]  # fmt: skip
+    for argv, message in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert message in err and len(err.splitlines()) == 1, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # nothing written, nothing named after a URL

@@ -60,7 +60,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from pipeline.fit.calibrate import calibrate, calibrate_from_annotations
+    from pipeline.storage.run import require_local
 
+    # renders, photos, the work run and the error model are files read and written locally
+    for what, value in (
+        ("SYNTH_DIR", args.synth_dir),
+        ("--out", args.out),
+        ("--work-run", args.work_run),
+        ("--real-photos", args.real_photos),
+        ("--ground-truth", args.ground_truth),
+    ):
+        if value is not None:
+            require_local(value, f"morphset calibrate {what}")
     common = {
         "work_run": args.work_run,
         "manifest": args.manifest,

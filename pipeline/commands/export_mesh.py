@@ -37,9 +37,9 @@ def run(args: argparse.Namespace) -> int:
         write_model_mesh,
     )
     from pipeline.evaluate.run import load_model
-    from pipeline.storage.run import Run
+    from pipeline.storage.run import Run, require_local
 
-    out = Path(args.out)
+    out = Path(require_local(args.out, "morphset export-mesh --out"))
     if out.suffix.lower() not in MESH_SUFFIXES:
         raise ValueError(f"--out {out}: the file name must end in .obj or .ply")
     run = Run(args.run)

@@ -54,6 +54,18 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def require_local(value: str | os.PathLike, what: str) -> str:
+    """``value`` when it is a local path; a URL (``s3://…``) is refused in one line naming ``what``
+    (what writes or reads files there with local-only libraries), never a local folder named after it."""
+    text = os.fspath(value)
+    if "://" in text:
+        raise RunError(
+            f"{what}: {text} is a URL, and this takes a local path (write locally, then copy it to the "
+            "object store; build, status, verify, evaluate and train read runs at URLs)"
+        )
+    return text
+
+
 def absolute_location(location: str | os.PathLike) -> str:
     """A local path made absolute (``~`` expanded); an fsspec URL (``s3://…``, ``file://…``) unchanged."""
     text = os.fspath(location)

@@ -38,6 +38,7 @@ from pipeline.fit.camera import rotation_from_euler_deg
 from pipeline.models.assets import resolve_morphable_model
 from pipeline.models.morphable_model import MorphableModel
 from pipeline.storage.atomic import atomic_write
+from pipeline.storage.run import require_local
 from pipeline.synthetic.render import (
     Appearance,
     Camera,
@@ -442,7 +443,11 @@ def synthesize(
         if value is not None:
             stage[key] = value
     p = SynthParams.from_stage(stage)
-    out = Path(out_dir or stage["out"] or manifest.dataset("synthetic")["root"]).expanduser()
+    out = Path(
+        require_local(
+            out_dir or stage["out"] or manifest.dataset("synthetic")["root"], "morphset synth output"
+        )
+    ).expanduser()
     prepare_output(out, p)
     t0 = time.perf_counter()
     model = resolve_morphable_model(manifest)
