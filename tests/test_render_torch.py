@@ -16,7 +16,6 @@ from pipeline.render.renderer import Orthographic, PhongLighting, SHLighting, re
 from pipeline.render.shading import BAND_FACTORS, lambertian_sh, phong, sh_basis
 from pipeline.render.silhouette import soft_silhouette
 from pipeline.synthetic.render import Lighting
-from pipeline.synthetic.render import phong as phong_numpy
 
 D = torch.float64  # gradients are checked in double precision
 MODEL = {"k_id": 6, "k_exp": 3, "seed": 3, "spacing_mm": 7.0}  # the toy model (conftest.py)
@@ -100,29 +99,39 @@ def test_shading_gradients_match_finite_differences():
     assert torch.autograd.gradcheck(f, (pts, n, albedo, lights, colours, ambient, spec), eps=1e-6, atol=1e-5)
 
 
-def test_shading_agrees_with_the_numpy_renderer():
-    rng = np.random.default_rng(2)
-    pts = rng.normal(0, 30, (50, 3))
-    n = rng.normal(size=(50, 3))
-    n /= np.linalg.norm(n, axis=1, keepdims=True)
-    albedo = rng.uniform(0.2, 0.9, (50, 3))
+def test_phong_is_the_closed_form_and_synth_shades_with_it():
+    """One point, one light, by hand: ambient + diffuse (n.l) + specular ((r.v)^s); synth's
+    renders use this shading (its former NumPy Phong gave byte-identical images)."""
+    from pipeline.synthetic.render import shade
+
+    point = np.array([[0.0, 0.0, 0.0]])
+    normal = np.array([[0.0, 0.0, 1.0]])
+    albedo = np.array([[0.5, 0.4, 0.3]])
     light = Lighting(
-        ambient=np.array([0.2, 0.25, 0.3]),
-        positions=np.array([[300.0, 200.0, 600.0], [-400.0, 100.0, 500.0]]),
-        colours=np.array([[0.6, 0.5, 0.4], [0.3, 0.35, 0.4]]),
-        specular=0.3,
-        shininess=12.0,
+        ambient=np.array([0.1, 0.1, 0.1]),
+        positions=np.array([[0.0, 300.0, 400.0]]),  # direction (0, 0.6, 0.8): n.l = 0.8
+        colours=np.array([[1.0, 0.9, 0.8]]),
+        specular=0.5,
+        shininess=4.0,
         exposure=1.0,
     )
-    want = phong_numpy(pts, n, albedo, light)
-    t = lambda a: torch.tensor(np.asarray(a), dtype=D)[None]  # noqa: E731
-    got = phong(t(pts), t(n), t(albedo), t(light.positions), t(light.colours), t(light.ambient),
-                torch.tensor([light.specular], dtype=D), light.shininess)  # fmt: skip
-    np.testing.assert_allclose(got[0].numpy(), want, atol=1e-10)
+    ndl = 0.8
+    r_dot_v = 2 * ndl * 1.0 - 0.8  # r = 2 (n.l) n - l; v = +z
+    want = albedo * 0.1 + albedo * ndl * light.colours + 0.5 * r_dot_v**4 * light.colours
+    np.testing.assert_allclose(shade(point, normal, albedo, light), want, atol=1e-12)
+    half = shade(point, normal, albedo, light, gloss=np.array([0.5]))
+    np.testing.assert_allclose(
+        half, albedo * 0.1 + albedo * ndl * light.colours + 0.25 * r_dot_v**4 * light.colours
+    )
     # SH: constant lighting L0 = 1 / (pi Y00) lights every normal with 1
+    rng = np.random.default_rng(2)
+    n = rng.normal(size=(50, 3))
+    n /= np.linalg.norm(n, axis=1, keepdims=True)
+    alb = rng.uniform(0.2, 0.9, (50, 3))
+    t = lambda a: torch.tensor(np.asarray(a), dtype=D)[None]  # noqa: E731
     coeffs = torch.zeros(1, 9, 3, dtype=D)
     coeffs[0, 0] = 1.0 / (BAND_FACTORS[0] * sh_basis(torch.tensor([0.0, 0.0, 1.0], dtype=D))[0])
-    np.testing.assert_allclose(lambertian_sh(t(n), t(albedo), coeffs)[0].numpy(), albedo, atol=1e-12)
+    np.testing.assert_allclose(lambertian_sh(t(n), t(alb), coeffs)[0].numpy(), alb, atol=1e-12)
     assert math.isclose(BAND_FACTORS[1], 2 * math.pi / 3)
 
 

@@ -65,10 +65,12 @@ def phong(
     specular: Tensor,
     shininess: float,
     view: Tensor | None = None,
+    gloss: Tensor | None = None,
 ) -> Tensor:
     """Linear RGB (B, m, 3) of surface points (B, m, 3) in the camera frame with unit normals and
     albedo, lit by point lights (B, L, 3) of colours (B, L, 3), ``ambient`` (B, 3), ``specular``
-    (B,); ``view`` (B, m, 3) unit directions to the viewer, +z (orthographic) by default."""
+    (B,); ``view`` (B, m, 3) unit directions to the viewer, +z (orthographic) by default; ``gloss``
+    (B, m) scales the specular term per point (hair is less shiny than skin)."""
     if view is None:
         view = torch.zeros_like(points)
         view[..., 2] = 1.0
@@ -80,6 +82,8 @@ def phong(
         diffuse = ndl.clamp(min=0.0)
         refl = 2.0 * ndl[..., None] * normals - ldir
         spec = (refl * view).sum(dim=-1).clamp(min=0.0) ** shininess * (ndl > 0)
+        if gloss is not None:
+            spec = spec * gloss
         colour = light_colours[:, k, None, :]
         out = out + albedo * diffuse[..., None] * colour + specular[:, None, None] * spec[..., None] * colour
     return out

@@ -109,31 +109,36 @@ def sample_lighting(rng: np.random.Generator, distance_mm: float = 1500.0) -> Li
     )
 
 
-def phong(
+def shade(
     points: np.ndarray,
     normals: np.ndarray,
     albedo: np.ndarray,
     lighting: Lighting,
     gloss: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Linear RGB (m, 3) of surface points (camera frame) with unit normals and albedo;
+    """Linear RGB (m, 3) of surface points (camera frame) with unit normals and albedo, by the
+    project's one Phong shading (:func:`pipeline.render.shading.phong`, in float64 on the CPU);
     ``gloss`` (m,) scales the specular term per point (default 1)."""
-    g = np.ones(len(points)) if gloss is None else np.asarray(gloss, np.float64)
-    out = albedo * lighting.ambient[None, :]
-    view = np.array([0.0, 0.0, 1.0])  # orthographic: every ray is parallel to +z
-    for pos, col in zip(lighting.positions, lighting.colours, strict=True):
-        ldir = pos[None, :] - points
-        ldir /= np.linalg.norm(ldir, axis=1, keepdims=True)
-        ndl = np.einsum("ij,ij->i", normals, ldir)
-        diffuse = np.clip(ndl, 0.0, None)
-        refl = 2.0 * ndl[:, None] * normals - ldir
-        spec = np.clip(refl @ view, 0.0, None) ** lighting.shininess * (ndl > 0)
-        out = (
-            out
-            + albedo * diffuse[:, None] * col[None, :]
-            + lighting.specular * (g * spec)[:, None] * col[None, :]
+    import torch
+
+    from pipeline.render.shading import phong
+
+    def t(a: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(a, dtype=np.float64))[None]
+
+    with torch.no_grad():
+        out = phong(
+            t(points),
+            t(normals),
+            t(albedo),
+            t(lighting.positions),
+            t(lighting.colours),
+            t(lighting.ambient),
+            torch.tensor([float(lighting.specular)], dtype=torch.float64),
+            float(lighting.shininess),
+            gloss=None if gloss is None else t(gloss),
         )
-    return out * lighting.exposure
+    return out[0].numpy() * lighting.exposure
 
 
 def to_srgb8(linear: np.ndarray) -> np.ndarray:
@@ -398,7 +403,7 @@ def render_face(
     alb = interp(np.asarray(albedo, np.float64))
     alb[back] *= 0.6
     frag_gloss = None if gloss is None else interp(np.asarray(gloss, np.float64)[:, None])[:, 0]
-    colour = to_srgb8(phong(interp(cam_pts), n, alb, lighting, frag_gloss))
+    colour = to_srgb8(shade(interp(cam_pts), n, alb, lighting, frag_gloss))
 
     hi = cv2.resize(bg, (w * ss, h * ss), interpolation=cv2.INTER_NEAREST).reshape(-1, 3).copy()
     hi[frags.pixel] = colour
