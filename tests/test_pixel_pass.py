@@ -122,7 +122,7 @@ def test_progress_moves_within_a_shard(faces, tmp_path, monkeypatch, capsys):
         _build(tmp_path / "run", faces, {"stages.detect.batch_size": 1, "stages.landmarks.batch_size": 1})
     finally:
         executor.on_progress(None)
-    for stage in ("detect", "landmarks"):
+    for stage in ("detect", "landmarks", "embed"):
         for shard in (0, 1):
             mine = [n for s, i, n in events if (s, i) == (stage, shard)]
             assert sum(mine) == 6, (stage, shard, mine)  # every row once

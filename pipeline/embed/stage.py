@@ -139,12 +139,17 @@ def run_shard(inputs: dict[str, pa.Table], ctx: StageContext) -> pa.Table:
         "weights_sha256": backend.weights_sha256,
     }
 
+    reported = 0
+
     def flush() -> None:
+        nonlocal reported
         if pending:
             results = backend.embed([(im, pts) for _, im, pts in pending])
             for (r, _, _), res in zip(pending, results, strict=True):
                 _apply(rows[r], res)
             pending.clear()
+        ctx.progress(len(rows) - reported)  # every row so far is decided
+        reported = len(rows)
 
     for rec, lm in zip(index.to_pylist(), lms.to_pylist(), strict=True):
         row = {"image_id": rec["image_id"], "subject": rec["subject"], "label": rec["label"], **common}
