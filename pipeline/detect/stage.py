@@ -28,7 +28,6 @@ Why the detector is driven the way it is:
 
 from __future__ import annotations
 
-import importlib
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -39,6 +38,7 @@ import pyarrow as pa
 
 from pipeline.config.schemas import from_rows, load_schema
 from pipeline.core import workercache
+from pipeline.core.backends import lookup
 from pipeline.core.stage import Asset, ConfigView, Stage, StageContext
 from pipeline.detect.base import FaceDetector
 from pipeline.imaging.decode import dataset_root, max_pixels_from
@@ -79,9 +79,7 @@ BACKENDS = {
 
 def backend_module(name: str) -> Any:
     """The module of the detector backend called ``name``; an unknown name lists the known ones."""
-    if name not in BACKENDS:
-        raise ValueError(f"stages.detect.backend: expected one of {list(BACKENDS)}, got {name!r}")
-    return importlib.import_module(BACKENDS[name])
+    return lookup("detect", BACKENDS, name)
 
 
 def get_detector(params: dict | None = None, weights: Asset | None = None) -> FaceDetector:

@@ -12,7 +12,6 @@ image and writes null embeddings: the fit then screens nothing.
 
 from __future__ import annotations
 
-import importlib
 import logging
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ import pyarrow as pa
 
 from pipeline.config.schemas import conform, from_rows, load_schema
 from pipeline.core import workercache
+from pipeline.core.backends import lookup
 from pipeline.core.stage import STAGE_OFF_KEY, Asset, ConfigView, Stage, StageContext
 from pipeline.embed.base import EmbeddingBackend, EmbeddingResult
 from pipeline.imaging.decode import dataset_root, max_pixels_from
@@ -49,9 +49,7 @@ def enabled_for(params: dict, index: pa.Table) -> bool:
 
 def backend_module(name: str) -> Any:
     """The module of the embedding backend called ``name``; an unknown name lists the known ones."""
-    if name not in BACKENDS:
-        raise ValueError(f"stages.embed.backend: expected one of {list(BACKENDS)}, got {name!r}")
-    return importlib.import_module(BACKENDS[name])
+    return lookup("embed", BACKENDS, name)
 
 
 def _resolve(config: ConfigView) -> tuple[str, Path, str]:

@@ -15,11 +15,9 @@ under ``model/``, and a dataset card ``README.md``.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 from typing import Any
 
-import numpy as np
 import yaml
 
 from pipeline.config.schemas import load_schema
@@ -71,22 +69,6 @@ def hf_metadata(subjects: list[str]) -> str:
     return json.dumps({"info": {"features": hf_features(subjects)}}, sort_keys=True)
 
 
-def model_bytes(model: Any) -> bytes:
-    """The morphable model as an ``.npz`` of plain arrays (loads with ``allow_pickle=False``)."""
-    buf = io.BytesIO()
-    np.savez(
-        buf,
-        mean=model.mean.astype(np.float32),
-        id_basis=model.id_basis.astype(np.float32),
-        id_std=model.id_std.astype(np.float32),
-        exp_basis=model.exp_basis.astype(np.float32),
-        exp_std=model.exp_std.astype(np.float32),
-        triangles=model.triangles.astype(np.int64),
-        landmarks=model.landmarks.astype(np.int64),
-    )
-    return buf.getvalue()
-
-
 def model_record(model: Any, data: bytes) -> dict:
     return {
         "file": MODEL_FILE,
@@ -107,6 +89,8 @@ def model_record(model: Any, data: bytes) -> dict:
             "exp_std": "(k_exp,)",
             "triangles": "(t, 3) int64 vertex indices, outward winding",
             "landmarks": "(68,) int64 vertex index of each iBUG landmark",
+            "name, licence, source_sha256, format_version": "the model's name, licence and origin "
+            "(the project's own model file: pipeline.models.morphable_model.load_npz reads it too)",
         },
     }
 
@@ -274,7 +258,7 @@ def _size_category(n: int) -> str:
 
 def write_folder(run: Any, subjects: list[str], splits: dict[str, int], model: Any, build: dict) -> None:
     """Write ``RUN/export/model/`` and ``RUN/export/README.md`` (each atomically; the card last)."""
-    data = model_bytes(model)
+    data = model.to_npz_bytes()  # the project's own model file, no pickle
     record = model_record(model, data)
     run.write_file(f"export/{MODEL_DIR}/{MODEL_FILE}", data)
     run.write_json(f"export/{MODEL_DIR}/model.json", record)

@@ -11,7 +11,6 @@ detect saw), ``align_failed`` (degenerate 5 points), ``landmarks_failed``.
 
 from __future__ import annotations
 
-import importlib
 import json
 import logging
 import os
@@ -23,6 +22,7 @@ import pyarrow as pa
 from pipeline.config.manifest import Manifest
 from pipeline.config.schemas import from_rows, load_schema
 from pipeline.core import workercache
+from pipeline.core.backends import lookup
 from pipeline.core.stage import Asset, ConfigView, Stage, StageContext
 from pipeline.imaging.align import AlignError, align_matrix_from_points
 from pipeline.imaging.decode import dataset_root, max_pixels_from
@@ -40,9 +40,7 @@ BACKENDS = {
 
 def backend_module(name: str) -> Any:
     """The module of the landmark backend called ``name``; an unknown name lists the known ones."""
-    if name not in BACKENDS:
-        raise ValueError(f"stages.landmarks.backend: expected one of {list(BACKENDS)}, got {name!r}")
-    return importlib.import_module(BACKENDS[name])
+    return lookup("landmarks", BACKENDS, name)
 
 
 def _resolve_uncached(config: ConfigView, params: dict) -> tuple[str, str, str]:
