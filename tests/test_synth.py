@@ -56,10 +56,16 @@ def test_ground_truth_is_consistent_with_the_camera(synth_dir):
     for r in rows:
         R = np.asarray(r["rotation"], np.float64).reshape(3, 3)
         X = np.asarray(r["landmarks_3d"], np.float64).reshape(68, 3)
-        f, (tx, ty) = r["scale"], r["translation"]
+        f, (tx, ty), d = r["scale"], r["translation"], r["camera_distance_mm"]
         c = X @ R.T
-        uv = np.stack([tx + f * c[:, 0], ty - f * c[:, 1]], axis=1)
+        # the schema's camera formula: a pinhole at distance D (the default), magnification f at the origin
+        assert d is not None and 400 <= d <= 2500
+        m = f * d / (d - c[:, 2])
+        uv = np.stack([tx + m * c[:, 0], ty - m * c[:, 1]], axis=1)
         assert np.abs(uv - np.asarray(r["landmarks_2d"]).reshape(68, 2)).max() < 1e-3
+        # and it is a perspective: the orthographic projection misses by pixels where the face is near
+        ortho = np.stack([tx + f * c[:, 0], ty - f * c[:, 1]], axis=1)
+        assert np.abs(ortho - uv).max() > (0.5 if d < 1000 else 0.05)
         # the stored Euler angles describe the stored rotation (fit convention)
         from pipeline.fit.camera import rotation_from_euler_deg
 

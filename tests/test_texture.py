@@ -194,9 +194,13 @@ def test_mtcnn_finds_textured_faces_up_to_45_degrees(tmp_path):
     params = load_manifest().stage_params("detect")
     found = 0
     for r, faces in zip(gt, detect_images(get_detector(params), images, params), strict=True):
-        nose = np.asarray(r["landmarks_2d"]).reshape(68, 2)[30]
+        # the nose tip or the top of the nose bridge: turned 45 degrees 0.4 m from a phone's
+        # camera, the tip sticks out of MTCNN's box
+        nose = np.asarray(r["landmarks_2d"]).reshape(68, 2)[[30, 27]]
         boxes = [] if isinstance(faces, str) else zip(faces.boxes, faces.scores, strict=True)
-        found += any(s >= 0.9 and b[0] <= nose[0] <= b[2] and b[1] <= nose[1] <= b[3] for b, s in boxes)
+        found += any(
+            s >= 0.9 and any(b[0] <= x <= b[2] and b[1] <= y <= b[3] for x, y in nose) for b, s in boxes
+        )
     assert found >= 0.95 * len(gt), f"{found}/{len(gt)}"
 
 

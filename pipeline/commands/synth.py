@@ -20,8 +20,10 @@ HELP = "render faces from the morphable model (CASIA layout JPEGs + ground_truth
 DESCRIPTION = (
     "Render SUBJECTS x IMAGES-PER-SUBJECT face images from the manifest's morphable model: per subject a "
     "random identity (alpha_id ~ N(0, id_std^2)) and a face texture from a real photo (or painted colours); per image a random "
-    "expression, yaw (uniform in --yaw-range), small pitch/roll, two point lights with a random colour "
-    "temperature and a background, framed like CASIA-WebFace crops. Writes OUT/s0000/000.jpg ... and "
+    "expression, yaw (uniform in --yaw-range), small pitch/roll, two point lights and a background, framed like "
+    "CASIA-WebFace crops, with what photos have and the fit's image model lacks (stages.synth: a perspective "
+    "camera from phone to portrait distance, cast shadows, coloured lights and white balance, a per-image "
+    "change of skin colour, sensor noise, blur, JPEG; docs/synth.md). Writes OUT/s0000/000.jpg ... and "
     "OUT/ground_truth.parquet (schemas/ground_truth.yaml: coefficients, pose, camera, projected 2D and "
     "3D landmarks with visibility, model name and sha256). The same seed gives byte-identical output. "
     "Each flag overrides stages.synth.<key> of the manifest; the defaults shown are the schema's."

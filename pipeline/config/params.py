@@ -257,8 +257,24 @@ class SynthParams(StageParams):
     """square image side in pixels (CASIA-WebFace: 250)"""
     face_fraction: tuple[float, ...]
     """the brow-to-chin height of the 68 landmarks fills a uniform random fraction in this range of the image side (with the forehead the face fills ~55% like CASIA-WebFace crops)"""
-    jpeg_quality: int
-    """JPEG quality of the written images"""
+    jpeg_quality: int | tuple[int, ...]
+    """JPEG quality of the written images: a number, or [min, max] drawn uniformly per image (CASIA-WebFace's web photos span roughly this range)"""
+    camera: Literal["perspective", "orthographic"]
+    """perspective: a pinhole camera at camera_distance_mm (what photos are); orthographic: the fit's own scaled-orthographic camera (renders that flatter the fit)"""
+    camera_distance_mm: tuple[float, ...]
+    """perspective camera's distance from the head, log-uniform in [min, max] mm: ~400 is a phone at arm's length (strong perspective), 2500 a portrait lens"""
+    cast_shadows: bool
+    """lights cast shadows (nose, brows, hair) by shadow mapping"""
+    light_colours: bool
+    """each of the two lights its own colour temperature (2700-7500 K), the camera balancing for their mix; false = one colour temperature per image"""
+    white_balance_std: float
+    """std of the camera's per-image white-balance error: a log-gain of red and of blue (0 = none)"""
+    skin_change_std: float
+    """std of a per-image low-frequency change of the face's colour (tan, make-up, flush): a quadratic log-gain field over the face per channel (0 = the same colours in every image of a subject)"""
+    noise_std: tuple[float, ...]
+    """sensor noise std in 8-bit levels, uniform per image in [min, max]"""
+    blur: tuple[float, ...]
+    """Gaussian blur sigma as a fraction of the image side (0.004 = 1 px at 250 px), uniform per image in [min, max]"""
     supersample: int
     """render at this multiple of the resolution and area-average down (anti-aliasing)"""
     textures: str

@@ -66,11 +66,13 @@ def phong(
     shininess: float,
     view: Tensor | None = None,
     gloss: Tensor | None = None,
+    visibility: Tensor | None = None,
 ) -> Tensor:
     """Linear RGB (B, m, 3) of surface points (B, m, 3) in the camera frame with unit normals and
     albedo, lit by point lights (B, L, 3) of colours (B, L, 3), ``ambient`` (B, 3), ``specular``
     (B,); ``view`` (B, m, 3) unit directions to the viewer, +z (orthographic) by default; ``gloss``
-    (B, m) scales the specular term per point (hair is less shiny than skin)."""
+    (B, m) scales the specular term per point (hair is less shiny than skin); ``visibility``
+    (B, m, L) in [0, 1] is how much of each light reaches each point (cast shadows; 1 = lit)."""
     if view is None:
         view = torch.zeros_like(points)
         view[..., 2] = 1.0
@@ -84,6 +86,9 @@ def phong(
         spec = (refl * view).sum(dim=-1).clamp(min=0.0) ** shininess * (ndl > 0)
         if gloss is not None:
             spec = spec * gloss
+        if visibility is not None:
+            diffuse = diffuse * visibility[..., k]
+            spec = spec * visibility[..., k]
         colour = light_colours[:, k, None, :]
         out = out + albedo * diffuse[..., None] * colour + specular[:, None, None] * spec[..., None] * colour
     return out

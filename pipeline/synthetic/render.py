@@ -27,6 +27,7 @@ import scipy.sparse as sp
 
 from pipeline.models.geometry import vertex_normals
 from pipeline.render.raster import rasterize
+from pipeline.render.shadow import light_visibility
 
 # Landmark visibility: a landmark is hidden when the surface at its pixel is this much nearer (mm).
 VISIBILITY_TOLERANCE_MM = 4.0
@@ -35,11 +36,15 @@ VISIBILITY_TOLERANCE_MM = 4.0
 # --- camera --------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Camera:
-    """Scaled orthographic camera: rotation (3, 3) model -> camera, f px/mm, t (2,) px."""
+    """Rotation (3, 3) model -> camera, ``scale`` f px/mm, translation t (2,) px, and
+    ``distance_mm``: None for a scaled orthographic camera (the fit's model), else a perspective
+    camera that far (mm) from the model origin along the camera's +z; its focal length is
+    ``scale * distance_mm`` px, so ``scale`` is the magnification at the model origin either way."""
 
     rotation: np.ndarray
     scale: float
     translation: np.ndarray
+    distance_mm: float | None = None
 
     def to_camera(self, points: np.ndarray) -> np.ndarray:
         """Model points (n, 3) mm -> camera frame (n, 3) mm (x right, y up, z towards the camera)."""
@@ -49,7 +54,19 @@ class Camera:
         """Model points (n, 3) mm -> image pixels (n, 2), y down."""
         c = self.to_camera(points)
         t = np.asarray(self.translation, np.float64)
-        return np.stack([t[0] + self.scale * c[:, 0], t[1] - self.scale * c[:, 1]], axis=1)
+        f = np.full(len(c), float(self.scale))
+        if self.distance_mm is not None:
+            # pinhole: magnification scale * D / (D - z), the model origin at magnification scale
+            d = float(self.distance_mm)
+            f = f * d / np.maximum(d - c[:, 2], 1e-6 * d)
+        return np.stack([t[0] + f * c[:, 0], t[1] - f * c[:, 1]], axis=1)
+
+    def view_directions(self, camera_points: np.ndarray) -> np.ndarray | None:
+        """Unit directions (n, 3) from camera-frame points to the eye; None = +z (orthographic)."""
+        if self.distance_mm is None:
+            return None
+        v = np.array([0.0, 0.0, float(self.distance_mm)]) - np.asarray(camera_points, np.float64)
+        return v / np.linalg.norm(v, axis=1, keepdims=True)
 
 
 # --- lighting ------------------------------------------------------------------------------------
@@ -115,10 +132,14 @@ def shade(
     albedo: np.ndarray,
     lighting: Lighting,
     gloss: np.ndarray | None = None,
+    view: np.ndarray | None = None,
+    visibility: np.ndarray | None = None,
 ) -> np.ndarray:
     """Linear RGB (m, 3) of surface points (camera frame) with unit normals and albedo, by the
     project's one Phong shading (:func:`pipeline.render.shading.phong`, in float64 on the CPU);
-    ``gloss`` (m,) scales the specular term per point (default 1)."""
+    ``gloss`` (m,) scales the specular term per point (default 1); ``view`` (m, 3) unit directions
+    to the eye (default +z, orthographic); ``visibility`` (m, k) the share of each light reaching
+    each point (cast shadows; default all lit)."""
     import torch
 
     from pipeline.render.shading import phong
@@ -136,7 +157,9 @@ def shade(
             t(lighting.ambient),
             torch.tensor([float(lighting.specular)], dtype=torch.float64),
             float(lighting.shininess),
+            view=None if view is None else t(view),
             gloss=None if gloss is None else t(gloss),
+            visibility=None if visibility is None else t(visibility),
         )
     return out[0].numpy() * lighting.exposure
 
@@ -359,6 +382,7 @@ def render_face(
     supersample: int = 2,
     closed_from: int | None = None,
     gloss: np.ndarray | None = None,
+    cast_shadows: bool = False,
 ) -> RenderResult:
     """Render a mesh (model frame, mm) over ``background`` (H, W, 3 uint8).
 
@@ -367,6 +391,9 @@ def render_face(
     Triangles with index >= ``closed_from`` form closed outward-wound surfaces and are back-face
     culled; the others (an open face mesh) are drawn from both sides, the inside darker.
     ``gloss`` (n,) scales the specular highlight per vertex (hair is less shiny than skin).
+    ``cast_shadows``: each light is shadowed by the whole mesh (shadow maps sized to the face,
+    the vertices before ``closed_from``; :mod:`pipeline.render.shadow`). A perspective ``camera``
+    also sets the highlights' view directions.
     """
     bg = np.asarray(background)
     if bg.ndim != 3 or bg.shape[2] != 3 or bg.dtype != np.uint8:
@@ -403,7 +430,13 @@ def render_face(
     alb = interp(np.asarray(albedo, np.float64))
     alb[back] *= 0.6
     frag_gloss = None if gloss is None else interp(np.asarray(gloss, np.float64)[:, None])[:, 0]
-    colour = to_srgb8(shade(interp(cam_pts), n, alb, lighting, frag_gloss))
+    frag_pts = interp(cam_pts)
+    lit = None
+    if cast_shadows:
+        face_end = len(v) if closed_from is None else int(np.asarray(triangles)[:closed_from].max()) + 1
+        lit = light_visibility(cam_pts, triangles, lighting.positions, frag_pts, cam_pts[:face_end])
+    view = camera.view_directions(frag_pts)
+    colour = to_srgb8(shade(frag_pts, n, alb, lighting, frag_gloss, view=view, visibility=lit))
 
     hi = cv2.resize(bg, (w * ss, h * ss), interpolation=cv2.INTER_NEAREST).reshape(-1, 3).copy()
     hi[frags.pixel] = colour

@@ -39,6 +39,14 @@ from pipeline.models.assets import resolve_morphable_model
 from pipeline.models.morphable_model import MorphableModel
 from pipeline.storage.atomic import atomic_write
 from pipeline.storage.run import require_local
+from pipeline.synthetic.effects import (
+    Effects,
+    blur,
+    recolour_lights,
+    sample_image_effects,
+    skin_gain,
+    white_balance,
+)
 from pipeline.synthetic.render import (
     Appearance,
     Camera,
@@ -74,10 +82,10 @@ class SynthParams:
     identity_scale: float
     size: int
     face_fraction: tuple[float, float]
-    jpeg_quality: int
     supersample: int
     textures: str = "painted"
     texture_landmarks: str = "dlib"
+    effects: Effects = Effects()
 
     @classmethod
     def from_stage(cls, params: dict) -> SynthParams:
@@ -101,10 +109,10 @@ class SynthParams:
             identity_scale=float(params["identity_scale"]),
             size=int(params["size"]),
             face_fraction=(f0, f1),
-            jpeg_quality=int(params["jpeg_quality"]),
             supersample=int(params["supersample"]),
             textures=str(params.get("textures") or "painted"),
             texture_landmarks=str(params.get("texture_landmarks") or "dlib"),
+            effects=Effects.from_stage(params),
         )
 
 
@@ -138,18 +146,26 @@ def sample_subject(model: MorphableModel, p: SynthParams, s: int, n_textures: in
 
 
 def frame_camera(
-    landmarks_3d: np.ndarray, rotation: np.ndarray, size: int, fraction: float, jitter: np.ndarray
+    landmarks_3d: np.ndarray,
+    rotation: np.ndarray,
+    size: int,
+    fraction: float,
+    jitter: np.ndarray,
+    distance_mm: float | None = None,
 ) -> Camera:
     """Scale so the landmarks' brow-to-chin height (of the unrotated shape) fills ``fraction`` of
     the image, and centre the projected landmark box (plus ``jitter`` px) in the image. Scaling
-    from the unrotated shape keeps the face size independent of the pose, as in photo crops."""
-    height_mm = float(np.ptp(landmarks_3d[:, 1]))
-    f = size * fraction / height_mm
-    uv = Camera(rotation, f, np.zeros(2)).project(landmarks_3d)
+    from the unrotated shape keeps the face size independent of the pose, as in photo crops.
+    ``distance_mm``: a perspective camera that far from the model origin (None: orthographic)."""
+    # the unrotated landmarks' projected height at magnification 1 (a near perspective camera
+    # magnifies the face, which lies in front of the model origin, by more than 1)
+    height = float(np.ptp(Camera(np.eye(3), 1.0, np.zeros(2), distance_mm).project(landmarks_3d)[:, 1]))
+    f = size * fraction / height
+    uv = Camera(rotation, f, np.zeros(2), distance_mm).project(landmarks_3d)
     centre = 0.5 * (uv.min(axis=0) + uv.max(axis=0))
     # the forehead is above the landmarks: move the landmark box a little below the centre
     target = np.array([(size - 1) / 2.0, (size - 1) / 2.0 + 0.04 * size]) + jitter
-    return Camera(rotation, f, target - centre)
+    return Camera(rotation, f, target - centre, distance_mm)
 
 
 def render_sample(
@@ -180,26 +196,41 @@ def render_sample(
     flat = model.mean + model.id_basis @ alpha_id + model.exp_basis @ alpha_exp
     vertices = flat.astype(np.float64).reshape(-1, 3)
     lm3d = vertices[model.landmarks]
+    # the realism effects come from their own generator: on or off, the draws above stay put
+    fx = sample_image_effects(p.effects, np.random.default_rng([p.seed, s, i, 1]), p.size, n_lights=2)
+    distance = None if fx.distance_mm is None else float(np.float32(fx.distance_mm))
     camera = frame_camera(
-        lm3d, rotation, p.size, float(rng.uniform(*p.face_fraction)), rng.normal(0.0, 0.015 * p.size, 2)
+        lm3d,
+        rotation,
+        p.size,
+        float(rng.uniform(*p.face_fraction)),
+        rng.normal(0.0, 0.015 * p.size, 2),
+        distance,
     )
-    camera = Camera(rotation, float(np.float32(camera.scale)), camera.translation.astype(np.float32))
+    camera = Camera(
+        rotation, float(np.float32(camera.scale)), camera.translation.astype(np.float32), distance
+    )
     lighting = sample_lighting(rng)
+    if fx.light_kelvin is not None:
+        lighting = recolour_lights(lighting, fx.light_kelvin)
     # a camera's auto-exposure brightens dark skin: aim the skin at a mid-tone
     skin = appearance.skin if texture is None else texture.skin * draw.brightness
     gain = float(np.clip(0.3 / luminance(skin), 1.0, 2.5))
     lighting = dataclasses.replace(lighting, exposure=lighting.exposure * gain)
     background = sample_background(rng, p.size, p.size)
     face_t = model_face_triangles(model)
+    # tan, make-up, flush: this image's low-frequency change of the face's colour
+    gain = skin_gain(model.mean.reshape(-1, 3), fx.skin_field) if p.effects.skin_change_std > 0 else None
     if texture is not None:
-        out = _render_textured(model, vertices, face_t, camera, lighting, background, texture, draw, p)
+        out = _render_textured(model, vertices, face_t, camera, lighting, background, texture, draw, p, gain)
     else:
-        out = _render_painted(model, regions, vertices, face_t, camera, lighting, background, draw, p)
-    # mild sensor noise so JPEG and detectors see camera-like texture, not flat CG colour
-    noisy = out.image.astype(np.float32) + rng.normal(0.0, 2.0, out.image.shape).astype(np.float32)
+        out = _render_painted(model, regions, vertices, face_t, camera, lighting, background, draw, p, gain)
+    image = blur(white_balance(out.image, fx.white_balance), fx.blur_sigma_px)
+    # sensor noise so JPEG and detectors see camera-like texture, not flat CG colour
+    noisy = image.astype(np.float32) + rng.normal(0.0, fx.noise_std, image.shape).astype(np.float32)
     image = np.clip(np.round(noisy), 0, 255).astype(np.uint8)
     ok, jpeg = cv2.imencode(
-        ".jpg", cv2.cvtColor(image, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, p.jpeg_quality]
+        ".jpg", cv2.cvtColor(image, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, fx.jpeg_quality]
     )
     if not ok:
         raise RuntimeError(f"JPEG encoding failed for {subject_name(s)}/{image_name(i)}")
@@ -214,6 +245,7 @@ def render_sample(
         "rotation": rotation.reshape(-1).tolist(),
         "scale": camera.scale,
         "translation": camera.translation.astype(np.float64).tolist(),
+        "camera_distance_mm": distance,
         "landmarks_2d": out.landmarks_2d.reshape(-1).tolist(),
         "landmarks_2d_ibug": ibug_landmarks(model, vertices, camera, out.landmarks_2d).reshape(-1).tolist(),
         "visible": out.visible.tolist(),
@@ -237,8 +269,9 @@ def _render_painted(
     background: np.ndarray,
     draw: SubjectDraw,
     p: SynthParams,
+    gain: np.ndarray | None = None,
 ) -> RenderResult:
-    """Painted albedo on the face, a hair cap and a neck around it."""
+    """Painted albedo on the face (times ``gain`` (n, 3) where given), a hair cap and a neck."""
     # face vertices first, so the model's landmark indices stay valid in the combined mesh
     head_v, head_t, head_a = head_proxy(vertices, model.landmarks, draw.style, draw.appearance.skin)
     # hair (the darker-than-skin part of the proxy) is matte; the neck is skin
@@ -246,7 +279,7 @@ def _render_painted(
     return render_face(
         np.vstack([vertices, head_v]),
         np.vstack([face_t, head_t + len(vertices)]),
-        np.vstack([paint_albedo(regions, draw.appearance), head_a]),
+        np.vstack([paint_albedo(regions, draw.appearance) * (1.0 if gain is None else gain), head_a]),
         model.landmarks,
         camera,
         lighting,
@@ -254,6 +287,7 @@ def _render_painted(
         supersample=p.supersample,
         closed_from=len(face_t),
         gloss=np.r_[np.ones(len(vertices)), head_gloss],
+        cast_shadows=p.effects.cast_shadows,
     )
 
 
@@ -267,19 +301,21 @@ def _render_textured(
     texture: FaceTexture,
     draw: SubjectDraw,
     p: SynthParams,
+    gain: np.ndarray | None = None,
 ) -> RenderResult:
-    """A photo's texture on the face, over that photo's head moved with the face; the face's
+    """A photo's texture (times ``gain`` (n, 3) where given) on the face, over that photo's head moved with the face; the face's
     outline fades into the head over a pixel or two, like a photographed edge."""
     plate = head_fill(texture, camera, vertices[model.landmarks], background)
     out = render_face(
         vertices,
         face_t,
-        np.clip(texture.albedo * draw.brightness, 0.0, 1.0),
+        np.clip(texture.albedo * draw.brightness * (1.0 if gain is None else gain), 0.0, 1.0),
         model.landmarks,
         camera,
         lighting,
         plate,
         supersample=p.supersample,
+        cast_shadows=p.effects.cast_shadows,
     )
     soft = cv2.GaussianBlur(out.mask.astype(np.float32), (0, 0), max(0.6, 0.004 * p.size))
     alpha = np.minimum(soft, out.mask.astype(np.float32))[..., None]
