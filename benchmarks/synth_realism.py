@@ -163,7 +163,7 @@ def main() -> None:
     ap.add_argument(
         "--sheet",
         default=None,
-        help="write a PNG of 8 renders with every effect off (top row) and on (bottom row), then stop",
+        help="write an image (PNG or JPEG by its name) of 8 renders with every effect off (top row) and on (bottom row), then stop",
     )
     args = ap.parse_args()
     manifest = load_manifest()
@@ -185,7 +185,7 @@ def main() -> None:
             for k in range(8):
                 jpeg, _ = render_sample(model, regions, p, k, k % 3, textures=textures)
                 tiles.append(cv2.imdecode(np.frombuffer(jpeg, np.uint8), cv2.IMREAD_COLOR))
-        cv2.imwrite(args.sheet, contact_sheet(tiles, columns=8, thumb=160))
+        cv2.imwrite(args.sheet, contact_sheet(tiles, columns=8, thumb=125), [cv2.IMWRITE_JPEG_QUALITY, 88])
         print(json.dumps({"sheet": args.sheet}))
         return
     params = manifest.stage_params("detect")
