@@ -11,7 +11,7 @@ import array_api_compat.numpy as anp
 import numpy as np
 import pytest
 
-from pipeline.fit.calibration import MIRROR_68, face_residuals, fit_error_model
+from pipeline.fit.calibration import MIRROR, face_residuals, fit_error_model
 from pipeline.fit.loop import FitOptions, fit_subjects, prepare_model
 from pipeline.fit.noise import (
     ErrorModel,
@@ -148,7 +148,7 @@ def test_calibration_recovers_a_known_bias_and_noise():
     yaw = rng.uniform(-45, 45, n)
     true_bias = rng.normal(0, 2.0, (N_LANDMARKS, 2))
     # a mirror-symmetric detector: the mirror landmark's offset, x negated, at the negated yaw
-    sym = 0.5 * (true_bias + true_bias[MIRROR_68] * [-1.0, 1.0])
+    sym = 0.5 * (true_bias + true_bias[MIRROR] * [-1.0, 1.0])
     slope = sym * 0.02  # per degree of yaw; its mirror partner turns the other way
     offset = sym[None] + slope[None] * yaw[:, None, None]
     scale, roll = rng.uniform(0.5, 3.0, n), rng.uniform(-20, 20, n)

@@ -278,5 +278,42 @@ def test_eos_style_mapping_files(tmp_path):
     p.write_text("\n".join(lines[::-1]))  # order of lines does not matter
     np.testing.assert_array_equal(load_landmark_indices(p), lm)
     p.write_text("\n".join(f"{i + 1} = {v}" for i, v in enumerate(lm) if i >= 17))
-    with pytest.raises(ModelError, match=r"lacks iBUG landmarks \[1, 2,"):
+    # the jaw but the chin may be left out (eos leaves it to its contour files); the chin may not
+    with pytest.raises(ModelError, match=r"lacks iBUG landmarks \[9\] \(1-based\)"):
         load_landmark_indices(p)
+
+
+def test_an_eos_mapping_file_without_contour_points_is_read_and_the_jaw_placed_on_the_outline(bfm2009):
+    files, truth = bfm2009
+    lm = truth["lm"]
+    contour = {0, 1, 2, 3, 4, 5, 6, 7, 9, 10, 11, 12, 13, 14, 15, 16}  # eos maps the chin (9) only
+    lines = ["[landmark_mappings] # ibug (lhs) to model vertex (rhs), as eos's share/ibug_to_bfm2009.txt"]
+    lines += ["# 1 to 8 are the right contour landmarks", "#1 = "]
+    lines += [f"{i + 1} = {lm[i]}  # point {i + 1}" for i in range(68) if i not in contour]
+    files["lm"].write_text("\n".join(lines) + "\n")
+    m = load_bfm2009(files["shape"], files["exp"], files["lm"])
+    keep = [i for i in range(68) if i not in contour]
+    np.testing.assert_array_equal(m.landmarks[keep], lm[keep])  # the mapped points as given
+    v = m.shape().reshape(-1, 3)
+    placed = v[m.landmarks]
+    right, left = placed[:8], placed[9:17][::-1]  # each from the top of the jaw towards the chin
+    # on the outline: the outermost vertex in front of the ears at its height, mirrored on the two sides
+    assert np.all(right[:, 0] < -60) and np.all(left[:, 0] > 60)
+    np.testing.assert_allclose(right[:, 0], -left[:, 0])
+    eye_z = v[m.landmarks[[36, 45]], 2].mean()
+    for p in right:
+        level = (np.abs(v[:, 1] - p[1]) < 1e-6) & (v[:, 2] > eye_z - 35.0)
+        assert p[0] == v[level, 0].min()
+    # descending towards the chin (the 14-row test grid repeats heights at its bottom)
+    assert np.all(np.diff(right[:, 1]) <= 0) and right[0, 1] - right[-1, 1] > 80
+    assert right[0, 1] < v[m.landmarks[36], 1] and right[-1, 1] > v[m.landmarks[8], 1]
+
+
+def test_an_eos_mapping_missing_a_non_contour_point_names_it(bfm2009):
+    files, truth = bfm2009
+    lm = truth["lm"]
+    files["lm"].write_text("\n".join(f"{i + 1} = {lm[i]}" for i in range(68) if i not in (0, 30)) + "\n")
+    with pytest.raises(
+        ModelError, match=r"landmarks\.txt: landmark indices: the mapping lacks iBUG landmarks \[31\]"
+    ):
+        load_bfm2009(files["shape"], files["exp"], files["lm"])

@@ -22,9 +22,10 @@ import trimesh
 from scipy.spatial import cKDTree
 from scipy.spatial.transform import Rotation
 
+from pipeline.landmarks.scheme import IBUG68
 from pipeline.models.geometry import vertex_normals
 
-NOSE_TIP = 30  # iBUG 68-point index (0-based) of the nose tip
+NOSE_TIP = IBUG68.named["nose_tip"]
 
 
 @dataclass(frozen=True)

@@ -21,11 +21,12 @@ from typing import Any
 import yaml
 
 from pipeline.config.schemas import load_schema
+from pipeline.landmarks.scheme import IBUG68
 
 MODEL_DIR = "model"
 MODEL_FILE = "morphable_model.npz"
 CARD = "README.md"
-LANDMARK_VALUES = 136  # landmarks_crop: 68 points as x, y (schemas/trainset.yaml declares it so)
+LANDMARK_VALUES = 2 * IBUG68.points  # landmarks_crop: x, y per point (schemas/trainset.yaml declares it so)
 
 _VALUE = {
     "string": "string",

@@ -38,6 +38,7 @@ from pipeline.fit.calibration import (
     subject_common_share,
 )
 from pipeline.fit.noise import ErrorModel
+from pipeline.models.morphable_model import N_LANDMARKS
 
 log = logging.getLogger(__name__)
 # up to weights that all but give the mean shape: a detector that carries no identity gets it
@@ -80,8 +81,8 @@ def paired_landmarks(
     return {
         "image_id": np.array([r["image_id"] for r in rows]),
         "subject": np.array([x["subject"] for x in g]),
-        "detected": np.array([r["landmarks"] for r in rows], np.float64).reshape(-1, 68, 2),
-        "true": np.array([x[column] for x in g], np.float64).reshape(-1, 68, 2),
+        "detected": np.array([r["landmarks"] for r in rows], np.float64).reshape(-1, N_LANDMARKS, 2),
+        "true": np.array([x[column] for x in g], np.float64).reshape(-1, N_LANDMARKS, 2),
         "scale": np.array([x["scale"] for x in g], np.float64),
         "yaw": np.array([x["yaw"] for x in g], np.float64),
         "roll": np.array([x["roll"] for x in g], np.float64),
@@ -495,8 +496,8 @@ def read_pts(path: str | Path) -> np.ndarray:
         except ValueError:
             raise ValueError(f"{path}:{n}: expected 'x y', got {ln.strip()!r}") from None
         pts.append((x - 1.0, y - 1.0))
-    if len(pts) != 68:
-        raise ValueError(f"{path}: {len(pts)} points, expected 68")
+    if len(pts) != N_LANDMARKS:
+        raise ValueError(f"{path}: {len(pts)} points, expected {N_LANDMARKS}")
     return np.asarray(pts, np.float64)
 
 
@@ -578,7 +579,7 @@ def calibrate_from_annotations(
     R = np.array([fit_rows[r["image_id"]]["rotation"] for r in keep], np.float64).reshape(-1, 3, 3)
     yaw, _, roll = (np.asarray(a) for a in euler_deg(anp.asarray(R)))
     scale = np.array([fit_rows[r["image_id"]]["scale"] for r in keep], np.float64)
-    det = np.array([r["landmarks"] for r in keep], np.float64).reshape(-1, 68, 2)
+    det = np.array([r["landmarks"] for r in keep], np.float64).reshape(-1, N_LANDMARKS, 2)
     ann = np.array([annotated[r["image_id"]] for r in keep])
     res = face_residuals(det, ann, scale, roll)
     meta = {"annotated_dir": str(root), "annotated_images": len(images), "images_with_landmarks": len(keep),

@@ -18,25 +18,13 @@ from __future__ import annotations
 import numpy as np
 
 from pipeline.fit.noise import ErrorModel
+from pipeline.landmarks.scheme import IBUG68
 from pipeline.models.morphable_model import N_LANDMARKS
 
-# iBUG 68-point left/right correspondence (the mirror image of landmark i is MIRROR_68[i])
-MIRROR_68 = np.array(
-    [16, 15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0]  # jaw
-    + [26, 25, 24, 23, 22, 21, 20, 19, 18, 17]  # brows
-    + [27, 28, 29, 30, 35, 34, 33, 32, 31]  # nose
-    + [45, 44, 43, 42, 47, 46, 39, 38, 37, 36, 41, 40]  # eyes
-    + [54, 53, 52, 51, 50, 49, 48, 59, 58, 57, 56, 55]  # outer lip
-    + [64, 63, 62, 61, 60, 67, 66, 65]  # inner lip
-)
+# the mirror image of landmark i is MIRROR[i] (the scheme's data, pipeline/landmarks/schemes/)
+MIRROR = IBUG68.mirror
 MIN_BIN_WEIGHT = 3.0  # images (kernel-weighted) a bin needs for its own bias
-LANDMARK_GROUPS = {
-    "jaw": range(0, 17),
-    "brows": range(17, 27),
-    "nose": range(27, 36),
-    "eyes": range(36, 48),
-    "mouth": range(48, 68),
-}
+LANDMARK_GROUPS = {name: list(ids) for name, ids in IBUG68.groups.items()}
 
 
 def face_residuals(
@@ -75,7 +63,7 @@ def fit_error_model(
     if len(res) < 2:
         raise ValueError(f"calibration needs at least 2 images with all 68 landmarks, got {len(res)}")
     if mirror:
-        flipped = res[:, MIRROR_68] * np.array([-1.0, 1.0])
+        flipped = res[:, MIRROR] * np.array([-1.0, 1.0])
         res, yaw = np.concatenate([res, flipped]), np.concatenate([yaw, -yaw])
     norm = np.linalg.norm(res, axis=-1)  # (N, 68)
     inlier = norm <= 5.0 * np.median(norm, axis=0)  # gross failures never shift the bias

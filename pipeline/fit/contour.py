@@ -23,10 +23,11 @@ from scipy.spatial import cKDTree
 from pipeline.fit.camera import project
 from pipeline.fit.linear import shape_points
 from pipeline.fit.xp import namespace_of
+from pipeline.landmarks.scheme import IBUG68
 from pipeline.models.morphable_model import MorphableModel
 
 Array = Any
-CONTOUR_LANDMARKS = (0, 1, 2, 3, 4, 5, 6, 10, 11, 12, 13, 14, 15, 16)
+CONTOUR_LANDMARKS = IBUG68.contour
 
 
 @dataclass(frozen=True)

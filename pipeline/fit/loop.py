@@ -40,10 +40,11 @@ from pipeline.fit.noise import LandmarkNoise, bias_at
 from pipeline.fit.normalize import face_frame, to_face, to_image
 from pipeline.fit.objective import residuals, rmse_px, subject_objective
 from pipeline.fit.xp import namespace_of, to_numpy
+from pipeline.landmarks.scheme import IBUG68
 from pipeline.models.morphable_model import N_LANDMARKS, MorphableModel
 
 Array = Any
-OUTER_EYE_CORNERS = (36, 45)
+OUTER_EYE_CORNERS = IBUG68.outer_eye_corners
 SHAPE_STEPS = ("joint", "alternating")
 # The detector bias is looked up at the pose of the first BIAS_UPDATES sweeps, then held: the pose
 # is settled by then (the lookup is at 10-degree resolution), and a fixed target lets the objective

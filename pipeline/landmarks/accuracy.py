@@ -13,6 +13,7 @@ import numpy as np
 
 from pipeline.detect.stage import detect_images, detection_row
 from pipeline.landmarks.base import LandmarkBackend
+from pipeline.landmarks.scheme import IBUG68
 
 
 def synthetic_renders(manifest: object, n: int, seed: int = 0) -> tuple[list, list, list]:
@@ -62,8 +63,10 @@ def landmark_errors(
             continue
         e = np.linalg.norm(res[0] - gt, axis=1)
         errs.append(e[vis].mean())
-        inner.append(e[17:][vis[17:]].mean())
-        nme.append(e[vis].mean() / np.linalg.norm(gt[36:42].mean(0) - gt[42:48].mean(0)))
+        inner_ids = IBUG68.inner
+        inner.append(e[inner_ids][vis[inner_ids]].mean())
+        eyes = [gt[IBUG68.group(part)].mean(0) for part in ("right_eye", "left_eye")]
+        nme.append(e[vis].mean() / np.linalg.norm(eyes[0] - eyes[1]))
     return {
         "renders": len(images),
         "detected": len(images) - missed,

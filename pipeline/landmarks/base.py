@@ -7,9 +7,10 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.landmarks.scheme import IBUG68
 from pipeline.storage.hashing import sha256_file
 
-N_POINTS = 68
+N_POINTS = IBUG68.points
 
 # Per face: (points (68, 2) float32 in image pixels, confidence (68,) float32), or an error text.
 LandmarkResult = tuple[np.ndarray, np.ndarray] | str

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.landmarks.scheme import IBUG68
 from pipeline.storage.atomic import atomic_write
 from pipeline.storage.hashing import sha256_file  # noqa: F401  (re-exported)
 
@@ -25,7 +26,7 @@ from pipeline.storage.hashing import sha256_file  # noqa: F401  (re-exported)
 # conversion of format 1 is converted again)
 NPZ_FORMAT_VERSION = 2
 READABLE_NPZ_FORMATS = (1, 2)
-N_LANDMARKS = 68
+N_LANDMARKS = IBUG68.points  # the models' landmarks follow the iBUG-68 scheme
 
 
 class ModelError(ValueError):

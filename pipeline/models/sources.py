@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.landmarks.scheme import IBUG68
 from pipeline.models.morphable_model import N_LANDMARKS, ModelError, MorphableModel, load_npz, sha256_file
 from pipeline.models.triangulation import face_normals
 
@@ -124,13 +125,19 @@ def _read_index_file(path: str | Path, what: str, mat_names: tuple[str, ...]) ->
         if "=" in text:
             return _read_mapping(text, what, path)
         arr = np.array([float(t) for t in text.replace(",", " ").split()])
+    except ModelError:
+        raise
     except (UnicodeDecodeError, ValueError) as exc:
         raise ModelError(f"{path}: expected whitespace/comma-separated integers for {what} ({exc})") from None
     return _indices(arr, False, what, path)
 
 
 def _read_mapping(text: str, what: str, path: Path) -> np.ndarray:
-    """eos-style ``ibug_to_*.txt`` lines ``<iBUG number 1..68> = <vertex index>`` (0-based vertices)."""
+    """eos-style ``ibug_to_*.txt`` lines ``<iBUG number 1..68> = <vertex index>`` (0-based vertices),
+    under an optional ``[landmark_mappings]`` header, ``#`` comments allowed. eos leaves the jaw's
+    contour points out (they follow the face's outline, eos picks them per pose): such points are
+    returned as -1 and :func:`place_contour_points` puts them on the mean shape's outline; any other
+    missing point is an error."""
     pairs: dict[int, int] = {}
     for line in text.splitlines():
         line = line.split("#", 1)[0].strip()
@@ -144,13 +151,64 @@ def _read_mapping(text: str, what: str, path: Path) -> np.ndarray:
                 f"{path}: {what}: cannot read mapping line {line!r} (expected N = index)"
             ) from None
     missing = sorted(set(range(1, N_LANDMARKS + 1)) - set(pairs))
+    # the jaw line but the chin: what eos leaves to its contour files
+    optional = [i for i in IBUG68.group("jaw") if i != IBUG68.named["chin"]]
+    required = [i for i in missing if i - 1 not in optional]
+    if required:
+        raise ModelError(
+            f"{path}: {what}: the mapping lacks iBUG landmarks {required} (1-based); only the jaw's "
+            f"points but the chin ({[i + 1 for i in optional]}) may be left out"
+        )
+    negative = sorted(k for k, v in pairs.items() if v < 0)
+    if negative:
+        raise ModelError(f"{path}: {what}: negative vertex indices for iBUG landmarks {negative}")
     if missing:
-        raise ModelError(f"{path}: {what}: the mapping lacks iBUG landmarks {missing}; all 68 are needed")
-    return _indices(np.array([pairs[i] for i in range(1, N_LANDMARKS + 1)]), False, what, path)
+        log.info("%s: contour points %s not mapped; placed on the mean shape's outline", path, missing)
+    return np.array([pairs[i] if i in pairs else -1 for i in range(1, N_LANDMARKS + 1)], np.int64)
+
+
+def place_contour_points(mean_mm: np.ndarray, landmarks: np.ndarray, where: str) -> np.ndarray:
+    """``landmarks`` with every -1 (a jaw contour point a mapping left out) set to a vertex on the
+    mean shape's frontal outline: per side, the outline from about the outer eye corner's height
+    down to the chin, its points spaced evenly along it as iBUG's jaw points are. Contour marching
+    (``stages.fit.contour``) re-picks these points per pose anyway; this is their frontal place."""
+    lm = np.asarray(landmarks, np.int64).copy()
+    if not (lm < 0).any():
+        return lm
+    named = IBUG68.named
+    needed = ("chin", "right_eye_outer", "left_eye_outer", "nose_tip")
+    if any(lm[named[k]] < 0 for k in needed):
+        raise ModelError(f"{where}: the chin, the outer eye corners and the nose tip must be mapped")
+    v = mean_mm.reshape(-1, 3)
+    chin, eyes = v[lm[named["chin"]]], v[[lm[named["right_eye_outer"]], lm[named["left_eye_outer"]]]]
+    mid_x = float(v[lm[named["nose_tip"]], 0])
+    top = float(eyes[:, 1].mean()) - 0.1 * float(eyes[:, 1].mean() - chin[1])
+    front = v[:, 2] > eyes[:, 2].mean() - 35.0  # ahead of the ears
+    heights = np.linspace(top, chin[1], 40)
+    band = max(1.5, 0.6 * abs(top - chin[1]) / 40)
+    jaw = IBUG68.group("jaw")
+    chin_at = jaw.index(named["chin"])
+    for side, ids in ((-1.0, jaw[:chin_at]), (1.0, jaw[chin_at + 1 :][::-1])):
+        outline = []
+        for h in heights[:-1]:
+            cand = np.flatnonzero(front & (np.abs(v[:, 1] - h) <= band) & (side * (v[:, 0] - mid_x) > 0))
+            if len(cand):
+                outline.append(cand[np.argmax(side * (v[cand, 0] - mid_x))])
+        if len(outline) < 2:
+            raise ModelError(f"{where}: cannot find the face's outline to place the jaw's contour points")
+        path = np.vstack([v[outline], chin[None]])
+        arc = np.r_[0.0, np.cumsum(np.linalg.norm(np.diff(path[:, :2], axis=0), axis=1))]
+        for k, point in enumerate(ids):  # top of the jaw first, towards the chin
+            if lm[point] < 0:
+                at = arc[-1] * k / len(ids)
+                lm[point] = outline[min(int(np.argmin(np.abs(arc[:-1] - at))), len(outline) - 1)]
+    return lm
 
 
 def load_landmark_indices(path: str | Path) -> np.ndarray:
-    """68 iBUG landmark vertex indices (0-based) from .txt/.csv/.npy (0-based) or .mat (1-based)."""
+    """68 iBUG landmark vertex indices (0-based) from .txt/.csv/.npy (0-based) or .mat (1-based), or
+    an eos-style mapping (``N = index`` lines), where the jaw's contour points may be absent (-1:
+    :func:`place_contour_points` places them)."""
     idx = _read_index_file(path, "landmark indices", ("keypoints", "landmarks", "lm", "kpt_ind"))
     if idx.size == 3 * N_LANDMARKS:
         # 3DDFA keypoints: flattened xyz rows (x, x+1, x+2 per landmark)
@@ -259,16 +317,19 @@ def check_landmark_geometry(mean_mm: np.ndarray, landmarks: np.ndarray, where: s
     if landmarks.max() >= len(v):
         raise ModelError(f"{where}: landmark vertex index {landmarks.max()} out of range 0..{len(v) - 1}")
     lm = v[landmarks]
-    eye = np.linalg.norm(lm[36] - lm[45])
-    if not (lm[36, 0] < lm[45, 0] and 40.0 < eye < 140.0):
+    named = IBUG68.named
+    right, left = IBUG68.outer_eye_corners
+    tip, chin, bridge = named["nose_tip"], named["chin"], named["nose_bridge_top"]
+    eye = np.linalg.norm(lm[right] - lm[left])
+    if not (lm[right, 0] < lm[left, 0] and 40.0 < eye < 140.0):
         raise ModelError(
-            f"{where}: landmarks 36/45 (outer eye corners) are {eye:.1f} mm apart at x={lm[36, 0]:.1f}, "
-            f"{lm[45, 0]:.1f}; expected ~86 mm with 36 left of 45: wrong landmark file for this model?"
+            f"{where}: landmarks {right}/{left} (outer eye corners) are {eye:.1f} mm apart at x={lm[right, 0]:.1f}, "
+            f"{lm[left, 0]:.1f}; expected ~86 mm with {right} left of {left}: wrong landmark file for this model?"
         )
-    if lm[30, 2] <= lm[[36, 45], 2].mean() or lm[8, 1] >= lm[27, 1]:
+    if lm[tip, 2] <= lm[[right, left], 2].mean() or lm[chin, 1] >= lm[bridge, 1]:
         raise ModelError(
-            f"{where}: nose tip (30) is not in front of the eyes or the chin (8) is not below the brows (27): "
-            "expected y up and z towards the camera"
+            f"{where}: nose tip ({tip}) is not in front of the eyes or the chin ({chin}) is not below the "
+            f"brows ({bridge}): expected y up and z towards the camera"
         )
 
 
@@ -318,7 +379,7 @@ def assemble(
     (pc, pc_std, pc_path), (e_pc, e_std, e_path) = identity, expression
     scale = unit_scale(mean, str(pc_path))
     mean_mm = (mean + exp_mean) * scale  # the mean face includes the mean expression
-    landmarks = load_landmark_indices(landmarks_path)
+    landmarks = place_contour_points(mean_mm, load_landmark_indices(landmarks_path), str(landmarks_path))
     check_landmark_geometry(mean_mm, landmarks, str(landmarks_path))
     id_basis, id_std = unit_columns(pc * scale, pc_std, str(pc_path))
     exp_basis, exp_std = unit_columns(e_pc * scale, e_std, str(e_path))

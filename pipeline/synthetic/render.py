@@ -25,6 +25,7 @@ import cv2
 import numpy as np
 import scipy.sparse as sp
 
+from pipeline.landmarks.scheme import IBUG68
 from pipeline.models.geometry import vertex_normals
 from pipeline.render.raster import rasterize
 from pipeline.render.shadow import light_visibility
@@ -227,8 +228,10 @@ def trim_face_triangles(vertices: np.ndarray, triangles: np.ndarray, landmarks: 
     centre_z = v[np.asarray(triangles)].mean(axis=1)[:, 2]
     centre_y = v[np.asarray(triangles)].mean(axis=1)[:, 1]
     # behind the top of the jaw contour (ear level) or below the chin's depth behind the jaw
-    behind = centre_z < min(lm[0, 2], lm[16, 2]) - 4.0
-    under = (centre_y < lm[8, 1] + 25.0) & (centre_z < lm[8, 2] - 35.0)
+    jaw_top = [IBUG68.named["right_jaw_top"], IBUG68.named["left_jaw_top"]]
+    chin = IBUG68.named["chin"]
+    behind = centre_z < lm[jaw_top, 2].min() - 4.0
+    under = (centre_y < lm[chin, 1] + 25.0) & (centre_z < lm[chin, 2] - 35.0)
     return np.asarray(triangles)[~(behind | under)]
 
 
@@ -272,8 +275,8 @@ def face_regions(
 
     # brows: iBUG points run along the top edge of the brow, so the band hangs below them
     brow = np.zeros(len(v))
-    for idx in (range(17, 22), range(22, 27)):
-        line = lm[list(idx), :2] - np.array([0.0, 3.2])
+    for part in ("right_brow", "left_brow"):
+        line = lm[IBUG68.group(part), :2] - np.array([0.0, 3.2])
         brow = np.maximum(brow, 1.0 - _smoothstep(2.2, 4.2, _polyline_distance(xy, line)))
     out["brow"] = brow * front
 
@@ -281,8 +284,9 @@ def face_regions(
     iris = np.zeros(len(v))
     pupil = np.zeros(len(v))
     lash = np.zeros(len(v))
-    for idx in (range(36, 42), range(42, 48)):
-        poly = lm[list(idx), :2]
+    for part in ("right_eye", "left_eye"):
+        idx = IBUG68.group(part)  # outer corner, two upper lid points, inner corner, two lower
+        poly = lm[idx, :2]
         inside = _inside_polygon(xy, poly).astype(np.float64)
         edge = _polyline_distance(xy, poly, closed=True)
         eye = np.maximum(eye, np.where(inside > 0, _smoothstep(0.0, 0.8, edge), 0.0))
@@ -299,8 +303,8 @@ def face_regions(
     out["pupil"] = pupil
     out["lash"] = lash
 
-    outer = lm[48:60, :2]
-    inner = lm[60:68, :2]
+    outer = lm[IBUG68.group("outer_lips"), :2]
+    inner = lm[IBUG68.group("inner_lips"), :2]
     in_outer = _inside_polygon(xy, outer)
     in_inner = _inside_polygon(xy, inner)
     lip = np.where(in_outer, 1.0, 1.0 - _smoothstep(0.0, 1.2, _polyline_distance(xy, outer, closed=True)))
@@ -308,11 +312,17 @@ def face_regions(
     out["mouth"] = in_inner.astype(np.float64) * front
 
     nostril = np.zeros(len(v))
-    for left, right in ((31, 32), (34, 35)):
+    named = IBUG68.named
+    nostrils = (
+        (named["right_nostril_outer"], named["right_nostril_inner"]),
+        (named["left_nostril_inner"], named["left_nostril_outer"]),
+    )
+    for left, right in nostrils:
         centre = 0.5 * (lm[left, :2] + lm[right, :2]) + np.array([0.0, 1.2])
         d = (xy - centre) / np.array([2.2, 1.2])
         nostril = np.maximum(nostril, 1.0 - _smoothstep(0.6, 1.0, np.linalg.norm(d, axis=1)))
-    out["nostril"] = nostril * (v[:, 2] > lm[[31, 35], 2].min() - 8.0)
+    outer_nostrils = [named["right_nostril_outer"], named["left_nostril_outer"]]
+    out["nostril"] = nostril * (v[:, 2] > lm[outer_nostrils, 2].min() - 8.0)
     if triangles is not None:
         out["occlusion"] = cavity_occlusion(v, triangles)
     return out
@@ -551,11 +561,13 @@ def head_proxy(
     of the hairline, temples and jaw/neck shadow. Sizes follow the face's landmarks."""
     v = np.asarray(face_vertices, np.float64)
     lm = v[np.asarray(landmarks)]
-    half_width = 0.5 * np.linalg.norm(lm[0] - lm[16])  # ~73 mm on the mean face
-    brow_y = lm[17:27, 1].max()
-    eye_z = lm[36:48, 2].mean()
+    named = IBUG68.named
+    chin = named["chin"]
+    half_width = 0.5 * np.linalg.norm(lm[named["right_jaw_top"]] - lm[named["left_jaw_top"]])  # ~73 mm
+    brow_y = lm[IBUG68.group("brows"), 1].max()
+    eye_z = lm[IBUG68.group("eyes"), 2].mean()
     # skull ellipsoid: centred behind the eyes at brow height
-    centre = np.array([lm[27, 0], brow_y - 15.0, eye_z - 85.0 * style.depth])
+    centre = np.array([lm[named["nose_bridge_top"], 0], brow_y - 15.0, eye_z - 85.0 * style.depth])
     radii = np.array([1.2 * half_width * style.width, 100.0 * style.height, 92.0 * style.depth])
     nu, nv = 48, 32
     theta = np.linspace(0.0, np.pi, nv)  # from the top down
@@ -568,13 +580,13 @@ def head_proxy(
     # the hairline dips towards the temples, where the face mesh ends lower
     hairline = brow_y + 28.0 + style.hairline_mm - 30.0 * ((cap[:, 0] - centre[0]) / half_width) ** 2
     keep_v = (cap[:, 1] > hairline) | (cap[:, 2] < eye_z - 20.0)
-    keep_v &= cap[:, 1] > lm[8, 1] + 30.0
+    keep_v &= cap[:, 1] > lm[chin, 1] + 30.0
     cap_tri = _orient_outward(cap, tri[keep_v[tri].all(axis=1)], centre)
 
     # neck: elliptic cylinder from inside the head down past the image edge
     ny, nphi = 12, 40
-    neck_c = np.array([lm[8, 0], 0.0, eye_z - 85.0])
-    ys = np.linspace(lm[8, 1] + 40.0, lm[8, 1] - 260.0, ny)
+    neck_c = np.array([lm[chin, 0], 0.0, eye_z - 85.0])
+    ys = np.linspace(lm[chin, 1] + 40.0, lm[chin, 1] - 260.0, ny)
     phi2 = np.linspace(0.0, 2 * np.pi, nphi, endpoint=False)
     yy, p2 = np.meshgrid(ys, phi2, indexing="ij")
     neck = np.stack(
@@ -595,7 +607,7 @@ def head_proxy(
             np.broadcast_to(style.hair, (len(cap), 3)),
             # the neck is in the jaw's shadow: darkest just under the jaw, like in photos
             np.asarray(skin)[None, :]
-            * np.interp(neck[:, 1], [lm[8, 1] - 70.0, lm[8, 1]], [0.75, 0.35])[:, None],
+            * np.interp(neck[:, 1], [lm[chin, 1] - 70.0, lm[chin, 1]], [0.75, 0.35])[:, None],
         ]
     )
     return verts, tris, albedo

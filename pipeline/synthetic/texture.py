@@ -37,6 +37,7 @@ import cv2
 import numpy as np
 from scipy.spatial import cKDTree
 
+from pipeline.landmarks.scheme import IBUG68
 from pipeline.models.geometry import vertex_normals
 from pipeline.models.morphable_model import MorphableModel
 from pipeline.render.raster import rasterize
@@ -103,11 +104,16 @@ def find_photos(source: str | Path) -> list[Path]:
 
 
 # --- pure geometry ------------------------------------------------------------------------------------
+def _nose_line() -> list[int]:
+    """The nose's midline points: the bridge's top, the tip, the base."""
+    return [IBUG68.named[k] for k in ("nose_bridge_top", "nose_tip", "nose_base")]
+
+
 def mirror_vertices(model: MorphableModel, tolerance_mm: float = 3.0) -> np.ndarray:
     """(n,) index of each vertex's mirror partner across the face's midline, or -1 (none within
-    ``tolerance_mm``). The midline is the x of the nose landmarks (27-35) of the mean shape."""
+    ``tolerance_mm``). The midline is the x of the nose landmarks of the mean shape."""
     v = model.shape()
-    mid = float(np.mean(v[model.landmarks[27:36], 0]))
+    mid = float(np.mean(v[model.landmarks[IBUG68.group("nose")], 0]))
     reflected = v * np.array([-1.0, 1.0, 1.0]) + np.array([2.0 * mid, 0.0, 0.0])
     dist, idx = cKDTree(v).query(reflected)
     return np.where(dist <= tolerance_mm, idx, -1).astype(np.int64)
@@ -160,10 +166,11 @@ def inside_face(points: np.ndarray, landmarks_2d: np.ndarray) -> np.ndarray:
     import matplotlib.path as mpath
 
     lm = np.asarray(landmarks_2d, np.float64)
-    lift = 0.5 * (lm[8, 1] - lm[17:27, 1].min())
-    brows = lm[26:16:-1] - np.array([0.0, lift])
-    outline = np.vstack([lm[0:17], brows])
-    centre = lm[[27, 30, 33]].mean(axis=0)
+    brow_ids = IBUG68.group("brows")
+    lift = 0.5 * (lm[IBUG68.named["chin"], 1] - lm[brow_ids, 1].min())
+    brows = lm[brow_ids[::-1]] - np.array([0.0, lift])  # jaw end to jaw end, then back over the brows
+    outline = np.vstack([lm[IBUG68.group("jaw")], brows])
+    centre = lm[_nose_line()].mean(axis=0)
     out = np.zeros(len(points))
     # nested outlines shrunk towards the nose: a point inside more of them is deeper in the face
     for k in np.linspace(1.0, 0.92, 5):
@@ -174,11 +181,11 @@ def inside_face(points: np.ndarray, landmarks_2d: np.ndarray) -> np.ndarray:
 
 def landmark_warp(fitted: np.ndarray, detected: np.ndarray, points: np.ndarray) -> np.ndarray:
     """(n, 2) px displacements at ``points``: the smoothed thin-plate spline through the inner
-    landmarks' residuals (detected - fitted, points 17-67), each bounded by the largest of them."""
+    landmarks' residuals (detected - fitted, all but the jaw), each bounded by the largest of them."""
     from scipy.interpolate import RBFInterpolator
 
-    src = np.asarray(fitted, np.float64)[17:]
-    d = np.asarray(detected, np.float64)[17:] - src
+    src = np.asarray(fitted, np.float64)[IBUG68.inner]
+    d = np.asarray(detected, np.float64)[IBUG68.inner] - src
     ok = np.all(np.isfinite(d), axis=1)
     if ok.sum() < 10:
         return np.zeros((len(points), 2))
@@ -243,11 +250,11 @@ def head_mask(landmarks_2d: np.ndarray, height: int, width: int) -> np.ndarray:
     """(H, W) float32 in [0, 1]: where a head (hair, ears, neck) surrounds a face with these 68
     points — an ellipse over the skull and a column under the chin, with soft edges."""
     lm = np.asarray(landmarks_2d, np.float64)
-    half_w = 0.5 * np.linalg.norm(lm[16] - lm[0])
-    brow = lm[17:27, 1].min()
-    chin = lm[8, 1]
+    half_w = 0.5 * np.linalg.norm(lm[IBUG68.named["left_jaw_top"]] - lm[IBUG68.named["right_jaw_top"]])
+    brow = lm[IBUG68.group("brows"), 1].min()
+    chin = lm[IBUG68.named["chin"], 1]
     face_h = max(chin - brow, 1.0)
-    cx = float(np.mean(lm[[27, 30, 33], 0]))
+    cx = float(np.mean(lm[_nose_line(), 0]))
     mask = np.zeros((height, width), np.float32)
     centre = (round(cx), round(brow + 0.15 * face_h))
     axes = (max(1, round(1.3 * half_w)), max(1, round(1.05 * face_h)))
@@ -265,7 +272,9 @@ def skull_centre(landmarks_3d: np.ndarray) -> np.ndarray:
     """(3,) mm: a point near the skull's centre, behind the eyes at brow height (the head
     proxy's centre). Under yaw a head turns about it, not about the face in front."""
     lm = np.asarray(landmarks_3d, np.float64)
-    return np.array([lm[27, 0], lm[17:27, 1].max() - 15.0, lm[36:48, 2].mean() - 85.0])
+    brows, eyes = IBUG68.group("brows"), IBUG68.group("eyes")
+    bridge = IBUG68.named["nose_bridge_top"]
+    return np.array([lm[bridge, 0], lm[brows, 1].max() - 15.0, lm[eyes, 2].mean() - 85.0])
 
 
 def up_angle(rotation: np.ndarray) -> float:
