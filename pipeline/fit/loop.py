@@ -40,8 +40,8 @@ from pipeline.fit.noise import LandmarkNoise, bias_at
 from pipeline.fit.normalize import face_frame, to_face, to_image
 from pipeline.fit.objective import residuals, rmse_px, subject_objective
 from pipeline.fit.xp import namespace_of, to_numpy
-from pipeline.landmarks.scheme import IBUG68
-from pipeline.models.morphable_model import N_LANDMARKS, MorphableModel
+from pipeline.landmarks.scheme import IBUG68, LandmarkScheme
+from pipeline.models.morphable_model import MorphableModel
 
 Array = Any
 OUTER_EYE_CORNERS = IBUG68.outer_eye_corners
@@ -111,8 +111,9 @@ class LandmarkModel:
     exp_scale: Array
     shape_basis: Array  # concat([exp_basis, id_basis], -1), the shape step's columns
     order: np.ndarray  # (L,) landmark order used internally
-    iod_mm: float  # mean-shape outer-eye-corner distance (36-45), for pose-independent NME
+    iod_mm: float  # mean-shape outer-eye-corner distance, for pose-independent NME
     contour: contour_mod.ContourBasis | None = None
+    eye_corners: tuple[int, int] = OUTER_EYE_CORNERS  # the scheme's outer eye corners (input order)
 
     @property
     def k_id(self) -> int:
@@ -123,18 +124,36 @@ class LandmarkModel:
         return int(self.exp_basis.shape[-1])
 
 
-def prepare_model(model: MorphableModel, xp: Any, contour: bool = False, dtype: Any = None) -> LandmarkModel:
-    """Move the landmark part of ``model`` to the namespace ``xp`` (float64 unless ``dtype``)."""
+def prepare_model(
+    model: MorphableModel,
+    xp: Any,
+    contour: bool = False,
+    dtype: Any = None,
+    scheme: LandmarkScheme = IBUG68,
+    vertices: np.ndarray | None = None,
+) -> LandmarkModel:
+    """Move the landmark part of ``model`` to the namespace ``xp`` (float64 unless ``dtype``).
+
+    By default the model's iBUG-68 ``landmarks``; another ``scheme`` needs its points' model
+    ``vertices`` (one per point). Contour marching is defined for iBUG-68 only."""
     dtype = dtype if dtype is not None else xp.float64
-    mean, idb, expb = (a.astype(np.float64) for a in model.landmark_model())
+    if vertices is None and scheme is not IBUG68:
+        raise ValueError(f"landmark scheme {scheme.name!r}: give its points' model vertices")
+    if vertices is not None and len(vertices) != scheme.points:
+        raise ValueError(
+            f"landmark scheme {scheme.name!r} has {scheme.points} points, got {len(vertices)} vertices"
+        )
+    if contour and scheme is not IBUG68:
+        raise ValueError(f"contour marching is defined for iBUG-68 only, not for {scheme.name!r}")
+    mean, idb, expb = (a.astype(np.float64) for a in model.landmark_model(vertices))
     cb = None
-    order = np.arange(N_LANDMARKS)
+    order = np.arange(scheme.points)
     if contour:
         cand = contour_mod.build_candidates(model)
         cb = contour_mod.contour_basis(model, cand, xp, dtype, whiten=True)
         rest = np.setdiff1d(order, cand.landmark_ids)
         order = np.concatenate([cand.landmark_ids, rest])
-    a, b = OUTER_EYE_CORNERS
+    a, b = scheme.outer_eye_corners
     iod_mm = float(np.linalg.norm(mean[a] - mean[b]))
     mean, idb, expb = mean[order], idb[order] * model.id_std, expb[order] * model.exp_std
     return LandmarkModel(
@@ -151,6 +170,7 @@ def prepare_model(model: MorphableModel, xp: Any, contour: bool = False, dtype: 
         order=order,
         iod_mm=iod_mm,
         contour=cb,
+        eye_corners=scheme.outer_eye_corners,
     )
 
 
@@ -389,9 +409,9 @@ def _host(r: FitResult) -> FitResult:
     return FitResult(**{k: to_numpy(getattr(r, k)) for k in r.__dataclass_fields__})
 
 
-def inter_ocular_px(v: np.ndarray, w: np.ndarray) -> np.ndarray:
+def inter_ocular_px(v: np.ndarray, w: np.ndarray, corners: tuple[int, int] = OUTER_EYE_CORNERS) -> np.ndarray:
     """Observed outer-eye-corner distance (S, M); NaN where a corner is missing."""
-    a, b = OUTER_EYE_CORNERS
+    a, b = corners
     d = np.sqrt(np.sum((v[..., :, a] - v[..., :, b]) ** 2, axis=-1))
     return np.where((w[..., a] > 0) & (w[..., b] > 0), d, np.nan)
 
@@ -436,7 +456,7 @@ def fit_subjects(
     v_face = to_face(v, frame)
     first = _host(to_image(fit_batch(lm, v_face, w, fit_mask, fit_mask, opt, noise), frame))
     v_h, w_h, fit_h = to_numpy(v), to_numpy(w), to_numpy(fit_mask).astype(bool)
-    iod = inter_ocular_px(v_h, w_h)
+    iod = inter_ocular_px(v_h, w_h, lm.eye_corners)
     nme = first.rmse_px / iod
     if opt.reject_nme is None:
         return SubjectFits(first, nme, np.zeros_like(fit_h))

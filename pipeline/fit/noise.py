@@ -83,14 +83,15 @@ class ErrorModel:
         return (json.dumps(doc, sort_keys=True, separators=(",", ":")) + "\n").encode()
 
 
-def uniform(sigma_mm: float, backend: str = "uniform") -> ErrorModel:
-    """No bias, the same noise for every landmark: the fallback without a calibrated model."""
+def uniform(sigma_mm: float, backend: str = "uniform", points: int = N_LANDMARKS) -> ErrorModel:
+    """No bias, the same noise for every one of ``points`` landmarks: the fallback without a
+    calibrated model, and the model of any scheme that has none."""
     return ErrorModel(
         backend,
         "fixed_vertex",
         np.zeros(1),
-        np.zeros((1, N_LANDMARKS, 2)),
-        np.full(N_LANDMARKS, float(sigma_mm)),
+        np.zeros((1, points, 2)),
+        np.full(points, float(sigma_mm)),
         np.zeros(1, np.int64),
         {"uniform": True},
     )

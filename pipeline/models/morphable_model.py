@@ -81,16 +81,20 @@ class MorphableModel:
             s = s + np.asarray(a_exp, dtype=np.float64) @ self.exp_basis.T.astype(np.float64)
         return s.reshape(*s.shape[:-1], self.n_vertices, 3)
 
-    def landmark_rows(self) -> np.ndarray:
-        """Flattened row indices (68*3,) of the landmark vertices, xyz interleaved."""
-        return (self.landmarks[:, None] * 3 + np.arange(3)[None, :]).reshape(-1)
+    def landmark_rows(self, vertices: np.ndarray | None = None) -> np.ndarray:
+        """Flattened row indices (L*3,) of the landmark vertices (default the model's iBUG-68
+        ``landmarks``; any other scheme's vertex ids), xyz interleaved."""
+        ids = self.landmarks if vertices is None else np.asarray(vertices, np.int64)
+        return (ids[:, None] * 3 + np.arange(3)[None, :]).reshape(-1)
 
-    def landmark_model(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(mean (68,3), id_basis (68,3,k_id), exp_basis (68,3,k_exp)) restricted to the landmarks."""
-        rows = self.landmark_rows()
-        mean = self.mean[rows].reshape(N_LANDMARKS, 3)
-        idb = self.id_basis[rows].reshape(N_LANDMARKS, 3, self.k_id)
-        expb = self.exp_basis[rows].reshape(N_LANDMARKS, 3, self.k_exp)
+    def landmark_model(self, vertices: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(mean (L,3), id_basis (L,3,k_id), exp_basis (L,3,k_exp)) restricted to the landmark
+        vertices (default the model's ``landmarks``)."""
+        rows = self.landmark_rows(vertices)
+        n = len(rows) // 3
+        mean = self.mean[rows].reshape(n, 3)
+        idb = self.id_basis[rows].reshape(n, 3, self.k_id)
+        expb = self.exp_basis[rows].reshape(n, 3, self.k_exp)
         return mean, idb, expb
 
     # --- checks --------------------------------------------------------------------------
