@@ -94,3 +94,50 @@ def test_reader_refuses_another_schema_version(tmp_path):
     Path(store.sidecar_path(0)).write_text(json.dumps(sc))
     with pytest.raises(SchemaError, match=r"written with schema index v99, this morphset reads index v1"):
         store.read(0, schema)
+
+
+def test_landmark_columns_name_their_scheme_and_a_run_does_not_mix_schemes(tmp_path):
+    import hashlib
+    import json
+
+    schema = load_schema("landmarks")
+    assert schema.arrow.field("landmarks").metadata[b"morphset.landmark_scheme"] == b"ibug68"
+    store = ShardStore(str(tmp_path), "landmarks")
+    row = {"image_id": "a/1.jpg", "subject": "a", "label": 0, "backend": "dlib", "backend_version": "1"}
+    row |= {"weights_sha256": "x", "landmarks": [1.0] * 136, "failure_reason": None}
+    store.write(0, from_rows([row], schema), schema, "fp", "ph", 0.1)
+    assert store.read(0, schema).column("landmarks").to_pylist() == [[1.0] * 136]
+    # as a build with a 68-value scheme of another name would have committed it
+    path = store.data_path(0)
+    t = pq.read_table(path)
+    i = t.schema.get_field_index("landmarks")
+    field = t.schema.field(i)
+    other = field.with_metadata({**field.metadata, b"morphset.landmark_scheme": b"wflw98"})
+    pq.write_table(t.cast(t.schema.set(i, other)), path)
+    sc = store.sidecar(0)
+    data = Path(path).read_bytes()
+    sc["files"][0].update(bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
+    Path(store.sidecar_path(0)).write_text(json.dumps(sc))
+    with pytest.raises(
+        SchemaError, match="column 'landmarks' holds landmarks of scheme 'wflw98'; this run reads"
+    ):
+        store.read(0, schema)
+
+
+def test_a_landmark_column_must_hold_whole_points_of_its_scheme(tmp_path, monkeypatch):
+    import pipeline.config.schemas as schemas
+
+    monkeypatch.setattr(schemas, "SCHEMA_DIR", tmp_path)
+    col = '{name: pts, type: "list<float32>[100]", scheme: ibug68}'
+    (tmp_path / "odd.yaml").write_text(f"name: odd\nversion: 1\ncolumns:\n  - {col}\n")
+    with pytest.raises(
+        SchemaError, match=r"odd.yaml: columns\[0\] \(pts\): a column of landmark scheme 'ibug68'"
+    ):
+        schemas.load_schema.__wrapped__("odd")
+    (tmp_path / "unknown.yaml").write_text(
+        f"name: unknown\nversion: 1\ncolumns:\n  - {col.replace('ibug68', 'five')}\n"
+    )
+    with pytest.raises(
+        SchemaError, match="unknown.yaml: columns.0. .pts.: five: no such landmark scheme file"
+    ):
+        schemas.load_schema.__wrapped__("unknown")

@@ -33,6 +33,8 @@ META_SCHEMA_NAME = b"morphset.schema"
 META_SCHEMA_VERSION = b"morphset.schema_version"
 FIELD_DOC = b"morphset.doc"  # Arrow field metadata: the column's meaning (from schemas/<name>.yaml)
 FIELD_UNIT = b"morphset.unit"  # and its unit, where it has one
+# and, for landmark columns, the landmark scheme its points follow (pipeline/landmarks/schemes/)
+FIELD_SCHEME = b"morphset.landmark_scheme"
 
 
 class SchemaError(ValueError):
@@ -132,10 +134,10 @@ def load_schema(name: str) -> StageSchema:
         where = f"{path}: columns[{i}]"
         if not isinstance(col, dict) or "name" not in col or "type" not in col:
             raise SchemaError(f"{where}: expected a mapping with 'name' and 'type'")
-        unknown = set(col) - {"name", "type", "nullable", "doc", "unit"}
+        unknown = set(col) - {"name", "type", "nullable", "doc", "unit", "scheme"}
         if unknown:
             raise SchemaError(
-                f"{where}: unknown keys {sorted(unknown)} (allowed: name, type, nullable, doc, unit)"
+                f"{where}: unknown keys {sorted(unknown)} (allowed: name, type, nullable, doc, unit, scheme)"
             )
         cname = col["name"]
         if cname in seen:
@@ -150,6 +152,9 @@ def load_schema(name: str) -> StageSchema:
         field_md = {FIELD_DOC: docs[cname].encode()}
         if col.get("unit"):
             field_md[FIELD_UNIT] = str(col["unit"]).encode()
+        if col.get("scheme"):
+            _check_scheme_size(str(col["scheme"]), typ, f"{where} ({cname})")
+            field_md[FIELD_SCHEME] = str(col["scheme"]).encode()
         nullable = bool(col.get("nullable", True))
         if not nullable:
             required.add(cname)
@@ -226,8 +231,38 @@ def conform(table: pa.Table, schema: StageSchema, extra_metadata: dict[str, str]
     return pa.Table.from_arrays(cols, schema=want.with_metadata(schema.metadata(extra_metadata)))
 
 
-def check_version(metadata: dict[bytes, bytes] | None, schema: StageSchema, where: str) -> None:
-    """Refuse a file whose stored schema name/version differ from the declared one."""
+def _check_scheme_size(scheme_name: str, typ: pa.DataType, where: str) -> None:
+    """A landmark column holds 1, 2 or 3 values per point of its scheme (a flag, x y, x y z)."""
+    from pipeline.landmarks.scheme import SchemeError, load_scheme
+
+    try:
+        points = load_scheme(scheme_name).points
+    except SchemeError as exc:
+        raise SchemaError(f"{where}: {exc}") from None
+    size = getattr(typ, "list_size", None)
+    if size not in (points, 2 * points, 3 * points):
+        raise SchemaError(
+            f"{where}: a column of landmark scheme {scheme_name!r} ({points} points) must be a fixed-size "
+            f"list of {points}, {2 * points} or {3 * points} values, got {typ}"
+        )
+
+
+def check_version(
+    metadata: dict[bytes, bytes] | None, schema: StageSchema, where: str, arrow: pa.Schema | None = None
+) -> None:
+    """Refuse a file whose stored schema name/version differ from the declared one, or (given the
+    file's ``arrow`` schema) whose landmark columns follow another landmark scheme."""
+    if arrow is not None:
+        for field in schema.arrow:
+            want = (field.metadata or {}).get(FIELD_SCHEME)
+            if want is None or field.name not in arrow.names:
+                continue
+            got = (arrow.field(field.name).metadata or {}).get(FIELD_SCHEME)
+            if got is not None and got != want:
+                raise SchemaError(
+                    f"{where}: column {field.name!r} holds landmarks of scheme {got.decode()!r}; this run "
+                    f"reads scheme {want.decode()!r}: a run does not mix landmark schemes"
+                )
     md = metadata or {}
     name = md.get(META_SCHEMA_NAME, b"").decode() or None
     ver = md.get(META_SCHEMA_VERSION, b"").decode() or None

@@ -85,7 +85,7 @@ def load_synthetic_truth(path: str | Path) -> SyntheticTruth:
     # files written by morphset synth carry a schema name/version: refuse another version; a table
     # made by other tools (no morphset metadata) is accepted if it has the required columns
     if META_SCHEMA_NAME in md:
-        check_version(md, load_schema("ground_truth"), str(p))
+        check_version(md, load_schema("ground_truth"), str(p), pf.schema_arrow)
     names = pf.schema_arrow.names
     missing = [c for c in GT_REQUIRED if c not in names]
     if missing:

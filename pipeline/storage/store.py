@@ -350,7 +350,7 @@ class ShardStore:
                 pf = pq.ParquetFile(io.BytesIO(data))
             except pa.ArrowInvalid as exc:  # a shard written before checksums existed
                 raise CorruptShard(path, f"not a readable Parquet file ({exc})") from None
-            check_version(pf.schema_arrow.metadata, schema, path)
+            check_version(pf.schema_arrow.metadata, schema, path, pf.schema_arrow)
             parts.append(pf.read(columns=columns))
         return parts[0] if len(parts) == 1 else pa.concat_tables(parts)
 
@@ -367,7 +367,8 @@ class ShardStore:
             paths.extend(self.data_paths(s, sc))
         for p in paths[:1]:
             with self.fs.open(p, "rb") as f:
-                check_version(pq.ParquetFile(f).schema_arrow.metadata, schema, p)
+                arrow = pq.ParquetFile(f).schema_arrow
+                check_version(arrow.metadata, schema, p, arrow)
         return pads.dataset(paths, schema=schema.arrow, format="parquet", filesystem=self.fs)
 
 

@@ -14,6 +14,7 @@ import numpy as np
 from pipeline.config.schemas import from_rows, load_schema
 from pipeline.export.handoff import hf_metadata, split_counts, write_folder
 from pipeline.imaging.crops import image_cell
+from pipeline.landmarks.scheme import IBUG68
 from pipeline.models.morphable_model import MorphableModel
 from pipeline.storage.run import Run
 from pipeline.storage.store import ShardStore
@@ -67,7 +68,7 @@ def synthetic_rows(
                     "label": s,
                     "split": "val" if s >= n_subjects - val_subjects else "train",
                     "crop_jpeg": image_cell(jpeg.tobytes()),
-                    "landmarks_crop": rng.uniform(0, 96, 136).astype(np.float32).tolist(),
+                    "landmarks_crop": rng.uniform(0, 96, 2 * IBUG68.points).astype(np.float32).tolist(),
                     "alpha_id": (z_id * model.id_std).astype(np.float32).tolist(),
                     "alpha_exp": (z_exp * model.exp_std).astype(np.float32).tolist(),
                     "yaw": 0.0,

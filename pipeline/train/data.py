@@ -96,7 +96,7 @@ def scan_trainset(run_root: str, storage_options: dict | None = None) -> Trainse
             with store.fs.open(path, "rb") as f:
                 pf = pq.ParquetFile(f)
                 md = pf.schema_arrow.metadata or {}
-                check_version(md, schema, path)
+                check_version(md, schema, path, pf.schema_arrow)
                 this = {k: md.get(k.encode(), b"").decode() for k in MODEL_META_KEYS}
                 missing = [k for k, v in this.items() if not v]
                 if missing:
