@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -175,3 +176,16 @@ def test_a_foreign_non_empty_directory_is_refused(tmp_path):
     with pytest.raises(ValueError, match="not a synth output"):
         synthesize(load_manifest(), tmp_path, subjects=1, images_per_subject=1, workers=1)
     assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+def test_no_effects_renders_with_the_fits_own_camera(tmp_path, capsys):
+    args = ["synth", "--subjects", "1", "--images-per-subject", "2", "--seed", "2", "--size", "128"]
+    args += ["--workers", "1", "--textures", "painted", "--no-effects", "--out", str(tmp_path)]
+    assert main(args) == 0
+    capsys.readouterr()
+    t = pq.read_table(tmp_path / "ground_truth.parquet")
+    assert t.column("camera_distance_mm").null_count == 2  # orthographic
+    params = json.loads(
+        pq.read_metadata(tmp_path / "ground_truth.parquet").metadata[b"morphset.synth.params"]
+    )
+    assert params["cast_shadows"] is False and params["jpeg_quality"] == 92 and params["subjects"] == 1

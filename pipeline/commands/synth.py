@@ -88,6 +88,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         f"'painted' albedo (stages.synth.textures; default {_default('textures')}; docs/synth.md)",
     )
     p.add_argument(
+        "--no-effects",
+        action="store_true",
+        help="render with the fit's own image model: orthographic camera, no cast shadows, one light colour, "
+        "no skin change, no blur, JPEG 92 (the renders made before the realism effects; docs/synth.md). "
+        "Each effect is also its own stages.synth setting",
+    )
+    p.add_argument(
         "--preview",
         action="store_true",
         default=None,
@@ -114,5 +121,9 @@ def run(args: argparse.Namespace) -> int:
         params["yaw_range"] = list(args.yaw_range)
     if args.preview:
         params["preview"] = True
+    if args.no_effects:
+        from pipeline.synthetic.effects import NO_EFFECTS
+
+        params = {**NO_EFFECTS, **params}
     print_json(api.synth(args.out, overrides=args.overrides, manifest=args.manifest, **params))
     return 0
