@@ -262,7 +262,7 @@ class SynthParams(StageParams):
     camera: Literal["perspective", "orthographic"]
     """perspective: a pinhole camera at camera_distance_mm (what photos are); orthographic: the fit's own scaled-orthographic camera (renders that flatter the fit)"""
     camera_distance_mm: tuple[float, ...]
-    """perspective camera's distance from the head, log-uniform in [min, max] mm: ~400 is a phone at arm's length (strong perspective), 2500 a portrait lens"""
+    """perspective camera's distance from the head, log-uniform in [min, max] mm from the model origin (the nose tip is ~130 mm in front of it): ~400 is a phone at arm's length (strong perspective), 2500 a portrait lens; at least 300"""
     cast_shadows: bool
     """lights cast shadows (nose, brows, hair) by shadow mapping"""
     light_colours: bool
