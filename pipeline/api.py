@@ -382,9 +382,11 @@ def train(
     overrides: list[str] | dict[str, Any] | None = None,
     manifest: str | None = None,
     print_config: bool = False,
+    objective: str | None = None,
 ) -> Any:
     """Train the encoder-decoder on ``RUN/export``; returns :class:`pipeline.train.loop.TrainResult`
-    (or, with ``print_config``, the effective ``stages.train`` parameters).
+    (or, with ``print_config``, the effective ``stages.train`` parameters). ``objective``: liu,
+    genova or liu+genova (``stages.train.objective``).
 
     Precedence: manifest < ``tiny`` < ``config`` file < ``overrides`` (``stages.train.*``) < ``epochs``."""
     from pipeline.train.config import parse_epochs, resolve_params
@@ -399,6 +401,8 @@ def train(
     _migrate(r)
     res = resolve(r, manifest, overrides)
     flags = parse_epochs(epochs) if isinstance(epochs, str) else dict(epochs or {})
+    if objective is not None:
+        flags["objective"] = objective
     train_sets = {k: v for k, v in res.new_overrides.items() if k.startswith("stages.train.")}
     out_dir = Path(require_local(out, "morphset train --out")) if out else Path(r.url) / "train"
     saved = out_dir / "config.json"
@@ -414,7 +418,14 @@ def train(
     from pipeline.train.loop import resolve_model
     from pipeline.train.loop import train as train_loop
 
-    return train_loop(r.url, params, resolve_model(res.manifest), out_dir, resume=resume)
+    identity = None
+    if params.get("objective", "liu") != "liu":  # Genova's identity loss: dlib's face network, verified
+        from pipeline.embed.dlib_resnet import resolve_model as resolve_identity_net
+
+        identity = resolve_identity_net(res.manifest.get("models.dlib_embedding") or {})[0]
+    return train_loop(
+        r.url, params, resolve_model(res.manifest), out_dir, resume=resume, identity_weights=identity
+    )
 
 
 def config(

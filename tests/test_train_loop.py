@@ -153,5 +153,5 @@ def test_asoftmax_batch_loss_and_dataloader_workers_path(run, model, tmp_path):
     result = train(run, params, model, tmp_path / "o")
     steps, epochs = _steps(result.metrics_path)
     assert [e["images"] for e in epochs] == [32, 32]  # every row once per epoch through 2 workers
-    assert all(s["bdist"] > 0 and s["id"] > 0 for s in steps)
+    assert all(s["batch_distribution"] > 0 and s["id"] > 0 for s in steps)
     assert all(np.isfinite(s["loss"]) for s in steps)

@@ -49,6 +49,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--resume", action="store_true", help="continue from the newest checkpoint in OUT/checkpoints"
     )
     p.add_argument(
+        "--objective",
+        choices=("liu", "genova", "liu+genova"),
+        default=None,
+        help="liu: Liu et al.'s phases on the fit's labels (the default); genova: Genova et al.'s "
+        "unsupervised losses alone (loopback, multi-view identity, batch distribution; phase III only); "
+        "liu+genova: both (stages.train.objective; docs/render.md)",
+    )
+    p.add_argument(
         "--print-config", action="store_true", help="print the effective stages.train parameters and exit"
     )
     p.add_argument(
@@ -70,6 +78,7 @@ def run(args: argparse.Namespace) -> int:
         overrides=args.overrides,
         manifest=args.manifest,
         print_config=args.print_config,
+        objective=args.objective,
     )
     if args.print_config:  # the effective stages.train parameters
         print(json.dumps(result, indent=1, sort_keys=True))

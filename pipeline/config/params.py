@@ -347,6 +347,22 @@ class TrainParams(StageParams):
     """A-Softmax annealing: lambda = max(lambda_min, 1000 / (1 + 0.12 * iteration))"""
     batch_dist_weight: float
     """Genova et al. batch-distribution loss on the predicted coefficients in prior units (alpha / std): batch mean -> 0, variance -> 1; 0 = off"""
+    objective: Literal["liu", "genova", "liu+genova"]
+    """liu: Liu et al.'s phases I-III on the fit's labels; genova: Genova et al.'s unsupervised losses alone (loopback + multi-view identity + batch distribution; no 3D labels: phases I and II are skipped and phase III runs epochs_phase3 epochs); liu+genova: Liu's phase III plus Genova's losses (docs/render.md)"""
+    genova_loopback_weight: float
+    """weight of the loopback loss (coefficients re-predicted from a random-pose render of the prediction, normalised units squared)"""
+    genova_identity_weight: float
+    """weight of the multi-view identity loss (1 - cosine of the frozen face network's embeddings of renders and input)"""
+    genova_batch_distribution_weight: float
+    """weight of the batch-distribution loss under the genova objectives (batch_dist_weight is Liu's optional one)"""
+    genova_views_yaw_deg: tuple[float, ...]
+    """yaws (degrees) of the renders the multi-view identity loss compares with the input"""
+    genova_loopback_yaw_deg: float
+    """loopback renders: yaw uniform in +-this, degrees"""
+    genova_loopback_pitch_deg: float
+    """loopback renders: pitch uniform in +-this, degrees"""
+    genova_loopback_light: float
+    """loopback renders: light level 1 +- this, uniform"""
     target_norm: Literal["minmax", "robust"]
     """per-dimension [-1,1] normalisation of the latent targets from the train split: min/max, or the 1st/99th percentiles (robust to outliers)"""
     flip_augment: bool

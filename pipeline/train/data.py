@@ -23,6 +23,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from pipeline.config.schemas import SchemaError, check_version, load_schema
 from pipeline.imaging.crops import CROP_HW, decode_crop
+from pipeline.landmarks.scheme import IBUG68
 from pipeline.storage.store import CorruptShard, ShardStore
 
 log = logging.getLogger(__name__)
@@ -225,6 +226,7 @@ class TrainsetStream(IterableDataset):
         images: bool = True,
         flip_augment: bool = False,
         extra_columns: tuple[str, ...] = (),
+        landmarks: bool = False,
     ) -> None:
         super().__init__()
         if split not in ("train", "val"):
@@ -236,6 +238,7 @@ class TrainsetStream(IterableDataset):
         self.images = images
         self.flip_augment = flip_augment
         self.extra_columns = tuple(extra_columns)
+        self.landmarks = landmarks
         self.epoch = 0
         self.skipped = 0
 
@@ -247,6 +250,7 @@ class TrainsetStream(IterableDataset):
 
     def _columns(self) -> list[str]:
         cols = ["split", "label", "alpha_id", "alpha_exp", *self.extra_columns]
+        cols += ["landmarks_crop"] if self.landmarks and "landmarks_crop" not in cols else []
         return cols + (["crop_jpeg"] if self.images else [])
 
     def _rows(self, unit: Unit, fs: object) -> Iterator[dict]:
@@ -260,6 +264,8 @@ class TrainsetStream(IterableDataset):
         a_exp = _coefficient_matrix(t, "alpha_exp", self.info.k_exp, where)
         labels = t["label"].to_numpy().astype(np.int64)
         extras = {c: t[c].to_pylist() for c in self.extra_columns}
+        if self.landmarks:
+            extras["landmarks_crop"] = t["landmarks_crop"].to_pylist()
         jpegs = t["crop_jpeg"].to_pylist() if self.images else None
         for i in range(t.num_rows):
             row = {"label": labels[i], "alpha_id": a_id[i], "alpha_exp": a_exp[i]}
@@ -282,9 +288,17 @@ class TrainsetStream(IterableDataset):
                 self.skipped += 1
                 log.warning("%s: skipping a row whose crop_jpeg is not a %dx%d JPEG", where, *CROP_HW)
                 return None
-            if self.flip_augment and rng.random() < 0.5:
+            flipped = bool(self.flip_augment and rng.random() < 0.5)
+            if flipped:
                 img = img[:, ::-1]
             out["image"] = to_input_tensor(img[None])[0]
+            if self.landmarks:
+                pts = np.asarray(row["landmarks_crop"], np.float32).reshape(IBUG68.points, 2)
+                if flipped:  # the mirror image: x mirrored, left and right points swapped
+                    pts = pts[IBUG68.mirror] * np.array([-1.0, 1.0], np.float32) + np.array(
+                        [CROP_HW[1] - 1.0, 0.0], np.float32
+                    )
+                out["landmarks"] = torch.from_numpy(np.ascontiguousarray(pts))
         return out
 
     def __iter__(self) -> Iterator[dict]:

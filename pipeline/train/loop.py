@@ -49,6 +49,7 @@ from pipeline.train.data import (
     normalise,
     scan_trainset,
 )
+from pipeline.train.genova import GenovaLosses, GenovaSettings
 from pipeline.train.losses import (
     asoftmax_lambda,
     asoftmax_loss,
@@ -75,6 +76,8 @@ class TrainResult:
 
 
 def phase_schedule(params: dict) -> list[int]:
+    if params.get("objective") == "genova":  # no 3D labels: Genova's losses train end to end only
+        return [3] * params["epochs_phase3"]
     return [1] * params["epochs_phase1"] + [2] * params["epochs_phase2"] + [3] * params["epochs_phase3"]
 
 
@@ -111,11 +114,15 @@ class StepModule(nn.Module):
         norm: dict[str, torch.Tensor],
         rows: torch.Tensor,
         params: dict,
+        genova: GenovaLosses | None = None,
     ) -> None:
         super().__init__()
         self.net = net
         self.targets = targets
         self.params = params
+        self.genova = genova
+        # the loopback's random poses: a generator of its own, seeded, so runs repeat
+        self.loopback_rng = torch.Generator().manual_seed(int(params["seed"]))
         for k, v in norm.items():
             self.register_buffer(k, v.float())
         self.register_buffer("rows", rows)
@@ -136,7 +143,11 @@ class StepModule(nn.Module):
         c_id, c_exp = self.net.encoder(batch["image"])
         out["coef"] = coefficient_loss(c_id, c_exp, t_id, t_exp)
         loss = out["coef"] if phase == 1 else p["coef_loss_weight_phase3"] * out["coef"]
-        if phase == 3:
+        objective = p.get("objective", "liu")
+        if phase == 3 and objective == "genova":
+            # Genova et al. alone: no label enters the loss (coef is logged, not optimised)
+            loss = torch.zeros((), dtype=out["coef"].dtype, device=out["coef"].device)
+        if phase == 3 and objective != "genova":
             _, full = self.net.shapes(c_id, c_exp, self.rows)
             out["recon"] = reconstruction_loss(full, self.targets(a_id, a_exp), p["recon_unit_mm"])
             w = self.net.classifier.weight
@@ -146,7 +157,9 @@ class StepModule(nn.Module):
                 out["id"], logits = softmax_loss(c_id, w, batch["label"])
             out["acc"] = (logits.argmax(1) == batch["label"]).float().mean().detach()
             loss = loss + lambda_r * out["recon"] + out["id"]
-        if p["batch_dist_weight"] > 0:
+        genova_on = phase == 3 and objective != "liu" and self.genova is not None
+        bd_weight = p["genova_batch_distribution_weight"] if genova_on else p["batch_dist_weight"]
+        if bd_weight > 0:
             # prior units: the 3DMM prior is N(0, std^2), so alpha / std should be N(0, 1) over a batch
             z = torch.cat(
                 [
@@ -155,8 +168,24 @@ class StepModule(nn.Module):
                 ],
                 dim=1,
             )
-            out["bdist"] = batch_distribution_loss(z)
-            loss = loss + p["batch_dist_weight"] * out["bdist"]
+            out["batch_distribution"] = batch_distribution_loss(z)
+            loss = loss + bd_weight * out["batch_distribution"]
+        if genova_on:
+            assert self.genova is not None
+            alpha_id = denormalise(c_id, self.mid_id, self.half_id)
+            alpha_exp = denormalise(c_exp, self.mid_exp, self.half_exp)
+            vertices = self.genova.shapes(alpha_id, alpha_exp)
+            colours = self.genova.input_colours(batch["image"], batch["landmarks"], vertices.detach())
+            if p["genova_loopback_weight"] > 0:
+                out["loopback"] = self.genova.loopback(
+                    self.net.encoder, vertices, colours, (c_id, c_exp), self.loopback_rng
+                )
+                loss = loss + p["genova_loopback_weight"] * out["loopback"]
+            if p["genova_identity_weight"] > 0:
+                out["multiview_identity"] = self.genova.multiview_identity(
+                    vertices, colours, batch["image"], batch["landmarks"]
+                )
+                loss = loss + p["genova_identity_weight"] * out["multiview_identity"]
         out["loss"] = loss
         return out
 
@@ -338,10 +367,13 @@ def train(
     stop_after_epoch: int | None = None,
     storage_options: dict | None = None,
     on_epoch: Callable[[dict], None] | None = None,
+    identity_weights: str | Path | None = None,
 ) -> TrainResult:
     """Train on ``run_root``'s committed export shards; write checkpoints/metrics/export to ``out_dir``.
 
     ``params`` are validated ``stages.train`` parameters (see :mod:`pipeline.train.config`).
+    ``identity_weights``: the frozen face network (dlib's ``.dat``, sha256 verified by the caller)
+    the genova objectives' multi-view identity loss needs.
     ``stop_after_epoch`` ends this invocation after that many completed epochs (for time-sliced
     runs; ``resume=True`` continues). Returns where things were written and the epoch records.
     """
@@ -416,7 +448,16 @@ def train(
     buffers = {k: norm_t[k] for k in ("mid_id", "half_id", "mid_exp", "half_exp")}
     buffers["std_id"] = torch.from_numpy(model.id_std.astype(np.float64))
     buffers["std_exp"] = torch.from_numpy(model.exp_std.astype(np.float64))
-    step = StepModule(net, ShapeTargets(model, rows), buffers, rows, params).to(device)
+    genova = None
+    if params.get("objective", "liu") != "liu":
+        if identity_weights is None:
+            raise ValueError(
+                f"stages.train.objective {params['objective']!r} needs the face network's weights"
+            )
+        from pipeline.embed.resnet_torch import load as load_identity_net
+
+        genova = GenovaLosses(model, load_identity_net(identity_weights), GenovaSettings.from_params(params))
+    step = StepModule(net, ShapeTargets(model, rows), buffers, rows, params, genova).to(device)
     runner: nn.Module = step
     if world > 1:
         runner = nn.parallel.DistributedDataParallel(step, find_unused_parameters=True)
@@ -433,7 +474,13 @@ def train(
             metrics_path.unlink()
 
     train_ds = TrainsetStream(
-        info, "train", params["seed"], params["shuffle_buffer"], True, params["flip_augment"]
+        info,
+        "train",
+        params["seed"],
+        params["shuffle_buffer"],
+        True,
+        params["flip_augment"],
+        landmarks=genova is not None,
     )
     coef_ds = TrainsetStream(info, "train", params["seed"], params["shuffle_buffer"], images=False)
     val_ds = TrainsetStream(info, "val", params["seed"], params["shuffle_buffer"]) if info.n_val else None

@@ -1,0 +1,122 @@
+"""Genova et al.'s objectives (pipeline/train/genova.py): the alignments they render into, the
+objective switch of the trainer, and the landmarks the data stream hands them."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.config.manifest import load_manifest
+from pipeline.landmarks.scheme import IBUG68
+from pipeline.synthetic.trainset import write_synthetic_trainset
+from pipeline.train.config import validate_params
+from pipeline.train.genova import aligned_camera, chip_affine, similarity_2d, warp_to_chip
+from pipeline.train.loop import phase_schedule, train
+
+MODEL = {"k_id": 8, "k_exp": 4, "seed": 0, "spacing_mm": 7.0}  # the toy model (conftest.py)
+
+
+def test_the_aligned_camera_puts_the_points_where_asked():
+    rng = np.random.default_rng(0)
+    from pipeline.fit.camera import rotation_from_euler_deg
+
+    rot = torch.as_tensor(np.stack([rotation_from_euler_deg(y, 10.0, -5.0) for y in (-30.0, 0.0, 25.0)]))
+    pts = torch.as_tensor(rng.normal(0, 40, (3, 5, 3)))
+    # targets that a similarity of the view can reach exactly: a turned, scaled, moved projection
+    c = pts @ rot.transpose(1, 2)
+    proj = torch.stack([c[..., 0], -c[..., 1]], -1)
+    a = torch.tensor([[np.cos(0.3), -np.sin(0.3)], [np.sin(0.3), np.cos(0.3)]], dtype=torch.float64)
+    target = 1.7 * proj @ a.T + torch.tensor([40.0, 60.0], dtype=torch.float64)
+    cam = aligned_camera(rot, pts, target)
+    screen, _ = cam.project(pts)
+    assert torch.allclose(screen[..., :2], target, atol=1e-6)
+    assert torch.allclose(torch.linalg.det(cam.rotation), torch.ones(3, dtype=torch.float64))
+    s, _, _ = similarity_2d(proj, target)
+    assert torch.allclose(s, torch.full((3,), 1.7, dtype=torch.float64))
+
+
+def test_the_chip_alignment_is_dlibs_own():
+    """The image -> chip map reproduces dlib.get_face_chip on a real photo (the identity network
+    sees renders and inputs aligned as it was trained)."""
+    dlib = pytest.importorskip("dlib")
+    from skimage import data
+
+    from pipeline.embed.dlib_resnet import face_chip
+    from pipeline.landmarks.dlib_backend import resolve_model
+
+    img = data.astronaut()
+    box = dlib.get_frontal_face_detector()(img, 1)[0]
+    predictor = dlib.shape_predictor(
+        str(resolve_model(load_manifest().get("models.dlib_landmarks") or {})[0])
+    )
+    shape = predictor(img, box)
+    pts = np.array([[shape.part(i).x, shape.part(i).y] for i in range(IBUG68.points)], np.float64)
+    theirs = face_chip(dlib, img, pts).astype(np.float64)
+    image = torch.from_numpy(img).permute(2, 0, 1)[None].double() / 255.0
+    ours = warp_to_chip(image, chip_affine(pts)[None])[0].permute(1, 2, 0).numpy() * 255.0
+    assert np.abs(ours - theirs).mean() < 2.0  # bilinear sampling differences only (0.5 measured)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, model):
+    root = tmp_path_factory.mktemp("genova")
+    write_synthetic_trainset(str(root), model, n_subjects=4, images_per_subject=4, n_shards=1, seed=0)
+    return str(root)
+
+
+def _identity_weights() -> str:
+    from pipeline.embed.dlib_resnet import resolve_model
+
+    return str(resolve_model(load_manifest().get("models.dlib_embedding") or {})[0])
+
+
+@pytest.mark.parametrize("objective", ["genova", "liu+genova"])
+def test_the_genova_objectives_train_and_log_their_terms(run, model, tmp_path, objective):
+    base = {
+        "width_multiplier": 0.125,
+        "embedding_dim": 32,
+        "batch_size": 8,
+        "recon_vertices": 50,
+        "torchscript": False,
+        "progress": "never",
+        "threads": 2,
+        "epochs_phase1": 1,
+        "epochs_phase2": 1,
+        "epochs_phase3": 1,
+        "objective": objective,
+    }
+    params = validate_params(base)
+    # genova uses no 3D label: phases I (coefficients) and II (decoders) do not run
+    assert phase_schedule(params) == ([3] if objective == "genova" else [1, 2, 3])
+    result = train(run, params, model, tmp_path / "out", identity_weights=_identity_weights())
+    recs = [json.loads(line) for line in result.metrics_path.read_text().splitlines()]
+    p3 = [r for r in recs if r["kind"] == "step" and r["phase"] == 3]
+    assert p3
+    for r in p3:
+        assert all(np.isfinite(r[k]) for k in ("loopback", "multiview_identity", "batch_distribution"))
+        assert ("recon" in r) == (objective == "liu+genova")  # genova alone: no label in the loss
+    with pytest.raises(ValueError, match="needs the face network's weights"):
+        train(run, params, model, tmp_path / "again")
+
+
+def test_the_stream_mirrors_the_landmarks_with_the_image(run):
+    from pipeline.train.data import TrainsetStream, scan_trainset
+
+    info = scan_trainset(run)
+    plain = list(TrainsetStream(info, "train", 0, 1, True, False, landmarks=True))
+    flipped = list(TrainsetStream(info, "train", 0, 1, True, True, landmarks=True))
+    mirrored = 0
+    for a, b in zip(plain, flipped, strict=True):
+        if torch.equal(a["image"], b["image"]):
+            assert torch.equal(a["landmarks"], b["landmarks"])
+            continue
+        assert torch.equal(a["image"].flip(-1), b["image"])
+        want = a["landmarks"][torch.as_tensor(IBUG68.mirror)] * torch.tensor([-1.0, 1.0]) + torch.tensor(
+            [95.0, 0.0]
+        )
+        assert torch.allclose(b["landmarks"], want)
+        mirrored += 1
+    assert 0 < mirrored < len(plain)
