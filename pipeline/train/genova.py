@@ -218,9 +218,8 @@ class GenovaLosses(nn.Module):
             tri_id = triangle_ids(screen, self.triangles, h, w)
             normals = vertex_normals(vertices, self.triangles) @ rot_t.transpose(1, 2)
             linear = ((image.permute(0, 2, 3, 1) + 1.0) / 2.0).clamp(0, 1) ** 2.2
-            colours, visible = vertex_colours(
-                linear, screen, self.triangles, tri_id, normals, 4.0 * scale.mean().item()
-            )
+            # 4 mm: the screen's depth is the camera-frame z in mm (synth's landmark tolerance)
+            colours, visible = vertex_colours(linear, screen, self.triangles, tri_id, normals, 4.0)
             vis = visible[..., None].to(colours.dtype)
             mean = (colours * vis).sum(1, keepdim=True) / vis.sum(1, keepdim=True).clamp(min=1.0)
             return torch.where(visible[..., None], colours, mean.expand_as(colours))
