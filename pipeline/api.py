@@ -314,6 +314,7 @@ def overlap(
     """Training subjects whose face-embedding centre lies within ``threshold`` of an evaluation
     subject's (:mod:`pipeline.embed.overlap`); with ``out``, the list is written there as CSV
     (``morphset export --exclude-subjects`` takes it). Returns an ``Overlap``."""
+    from pipeline.core.tables import RunTables
     from pipeline.embed.overlap import find_overlap, subject_centres, write_csv
     from pipeline.fit.stage import screening_from_params
 
@@ -322,8 +323,8 @@ def overlap(
         r = Run(where, storage_options)
         if not r.exists():
             raise FileNotFoundError(f"{r.url}: no such run")
-        params = resolve(r).manifest.stage_params("fit")
-        centres.append(subject_centres(r, screening_from_params(params)))
+        m = resolve(r).manifest
+        centres.append(subject_centres(RunTables(r, m), screening_from_params(m.stage_params("fit"))))
     result = find_overlap(centres[0], centres[1], float(threshold))
     if out is not None:
         write_csv(result, str(out))

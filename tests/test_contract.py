@@ -369,7 +369,7 @@ def test_a_stage_reads_only_the_tables_it_declares(tmp_path):
     from pipeline.core.stage import StageTables, UndeclaredInput
     from pipeline.storage.run import Run
 
-    tables = StageTables(Run(tmp_path / "run"), "export", ("index", "detect", "fit", "crop"))
+    tables = StageTables(Run(tmp_path / "run"), "export", {t: t for t in ("index", "detect", "fit", "crop")})
     assert tables.shards("fit") == []
     with pytest.raises(
         UndeclaredInput, match=r"stage 'export' read table 'landmarks', which it does not declare"

@@ -277,9 +277,10 @@ def test_scan_ground_truth_layout(tmp_path, monkeypatch):
     monkeypatch.setattr(evrun, "load_model", lambda manifest: (model, None))
     run, _ = make_run(tmp_path, model, n_subjects=3)
     scans = tmp_path / "scans"
+    from pipeline.core.tables import RunTables
     from pipeline.evaluate.inputs import load_fits
 
-    fits = load_fits(str(run))
+    fits = load_fits(RunTables(str(run)))
     rows = ["subject,image_id,mesh,landmarks,yaw"]
     for s in ("person_01", "person_02"):
         a_id = fits["alpha_id"][list(fits["subject"]).index(s)]
@@ -320,9 +321,10 @@ def test_export_mesh_keeps_correspondence_in_trimesh_default_load(toy, tmp_path,
     assert main(["export-mesh", str(run), "--subject", "person_02", "-o", str(out), "--json"]) == 0
     doc = json.loads(capsys.readouterr().out)
     assert doc["vertices"] == len(used) and doc["model_vertices"] == model.n_vertices
+    from pipeline.core.tables import RunTables
     from pipeline.evaluate.inputs import load_fits
 
-    fits = load_fits(str(run))
+    fits = load_fits(RunTables(str(run)))
     a_id = fits["alpha_id"][list(fits["subject"]).index("person_02")]
     ids = np.loadtxt(doc["vertex_ids"], dtype=np.int64)
     np.testing.assert_array_equal(ids, used)
@@ -373,9 +375,10 @@ def _write_export(run: Path, model: MorphableModel) -> None:
 
     from PIL import Image
 
+    from pipeline.core.tables import RunTables
     from pipeline.evaluate.inputs import load_fits
 
-    fits = load_fits(str(run))
+    fits = load_fits(RunTables(str(run)))
     rng = np.random.default_rng(5)
     rows = []
     for i in np.flatnonzero(fits.is_null("failure_reason")):

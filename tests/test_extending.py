@@ -108,3 +108,107 @@ def test_a_toy_stage_builds_resumes_and_shows_in_status(toy_stage, tmp_path):
         assert (a["alpha_norm"] is None) == (b["alpha_norm"] is None)
         if a["alpha_norm"] is not None:
             assert b["alpha_norm"] == pytest.approx(2 * a["alpha_norm"], rel=1e-5)
+
+
+def _metadata(table: pa.Table) -> dict[str, str]:
+    """An input table's key-value metadata (the model's sha256, ...), passed on."""
+    return {k.decode(): v.decode() for k, v in (table.schema.metadata or {}).items()}
+
+
+class HalfLandmarks(Stage):
+    """A stage that rewrites the detector's points (as a refinement would): it keeps the points of
+    every other image and records the rest as failed; the fit reads it when configured to."""
+
+    name = "half_landmarks"
+    inputs = ("landmarks",)
+    schema = "landmarks"
+
+    def run(self, inputs: dict[str, pa.Table], ctx: StageContext) -> pa.Table:
+        rows = inputs["landmarks"].to_pylist()
+        for i, r in enumerate(rows):
+            if i % 2 and r["failure_reason"] is None:
+                r.update(landmarks=None, confidence=None, failure_reason="dropped_by_half")
+        return from_rows(rows, load_schema("landmarks"), _metadata(inputs["landmarks"]))
+
+
+class HalvedFits(Stage):
+    """A stage with the fits' schema between the fit and the export (where a refinement goes):
+    every identity halved."""
+
+    name = "halved_fits"
+    inputs = ("fit",)
+    schema = "fits"
+
+    def run(self, inputs: dict[str, pa.Table], ctx: StageContext) -> pa.Table:
+        rows = inputs["fit"].to_pylist()
+        for r in rows:
+            if r["alpha_id"] is not None:
+                r["alpha_id"] = [0.5 * a for a in r["alpha_id"]]
+        return from_rows(rows, load_schema("fits"), _metadata(inputs["fit"]))
+
+
+@pytest.fixture()
+def table_stages(tmp_path, monkeypatch):
+    """Two stages registered where they belong in the data flow (no parameter schema of their own)."""
+    manifest_dir = tmp_path / "manifest-schemas"
+    shutil.copytree(manifest_mod.MANIFEST_SCHEMA_DIR, manifest_dir)
+    for name in ("half_landmarks", "halved_fits"):
+        (manifest_dir / f"stage.{name}.schema.json").write_text(
+            json.dumps({"type": "object", "additionalProperties": False, "properties": {}})
+        )
+    monkeypatch.setattr(manifest_mod, "MANIFEST_SCHEMA_DIR", manifest_dir)
+    for cached in (manifest_mod.manifest_json_schema, stage_mod.params_class):
+        cached.cache_clear()
+    saved_stages, saved_order = dict(registry.STAGES), list(registry.BUILD_ORDER)
+    order = []
+    for name, st in saved_stages.items():
+        order += [("half_landmarks", HalfLandmarks())] if name == "fit" else []
+        order += [("halved_fits", HalvedFits())] if name == "export" else []
+        order.append((name, st))
+    registry.STAGES.clear()
+    registry.STAGES.update(order)
+    registry.BUILD_ORDER[:] = ["ingest", *registry.STAGES]
+    yield
+    registry.STAGES.clear()
+    registry.STAGES.update(saved_stages)
+    registry.BUILD_ORDER[:] = saved_order
+    monkeypatch.undo()
+    for cached in (manifest_mod.manifest_json_schema, stage_mod.params_class):
+        cached.cache_clear()
+
+
+def test_the_fit_and_export_read_the_tables_their_settings_name(table_stages, tmp_path):
+    from pipeline.config.manifest import load_manifest
+    from pipeline.core.registry import InputTableError
+    from pipeline.core.tables import RunTables
+    from pipeline.evaluate.inputs import load_fits
+
+    faces = tmp_path / "faces"
+    api.synth(faces, subjects=3, images_per_subject=4, seed=3, workers=1, textures="painted")
+    run = tmp_path / "run"
+    common = {"scheduler": "sync", "progress": False, "landmarks": "dlib", "shard_size": 8}
+    chosen = {"stages.fit.landmarks_table": "half_landmarks", "stages.export.fits_table": "halved_fits"}
+    built = api.build(run, "synthetic", root=str(faces), overrides=chosen, **common)
+    assert built.ok
+    fits = Run(run).table("fit").to_pylist()
+    assert sum(r["failure_reason"] == "dropped_by_half" for r in fits) == 6  # the fit read the rewritten points
+    halved = {r["image_id"]: r["alpha_id"] for r in Run(run).table("halved_fits").to_pylist()}
+    exported = Run(run).table("export").to_pylist()
+    assert exported and all(
+        np.allclose(r["alpha_id"], halved[r["image_id"]], atol=1e-6) for r in exported
+    )  # the labels came from the configured table
+    # evaluation reads the fits the labels came from
+    m = load_manifest(None, chosen)
+    assert RunTables(run, m).name("fits") == "halved_fits"
+    assert len(load_fits(RunTables(run, m))) == len(halved)
+
+    # the detector's points again (the run remembers its settings): the fit and what reads it
+    # are recomputed, nothing upstream
+    again = api.build(run, overrides={"stages.fit.landmarks_table": "landmarks"}, **common)
+    assert again.stages["fit"].computed == 2 and again.stages["landmarks"].computed == 0
+    assert not any(r["failure_reason"] == "dropped_by_half" for r in Run(run).table("fit").to_pylist())
+
+    # a table of another schema, or one built after the stage, is refused before any work
+    for key, table in (("stages.fit.landmarks_table", "crop"), ("stages.fit.landmarks_table", "halved_fits")):
+        with pytest.raises(InputTableError, match=rf"{key}: '{table}' is not a table the fit stage can read"):
+            api.build(run, overrides={key: table}, **common)

@@ -29,6 +29,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from pipeline.config.resolve import resolve
+    from pipeline.core.tables import RunTables
     from pipeline.evaluate.inputs import load_fits
     from pipeline.evaluate.meshes import (
         MESH_SUFFIXES,
@@ -50,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
     model, why = load_model(m)
     if model is None:
         raise FileNotFoundError(why)
-    fits = load_fits(args.run)
+    fits = load_fits(RunTables(run, m))
     if args.subject is not None:
         verts = subject_identity_shape(fits, model, args.subject)
     else:

@@ -147,6 +147,8 @@ class ExportParams(StageParams):
     """salt of the subject-name hash that orders subjects for the split; change it for another split"""
     exclude_subjects: str | None
     """a file naming subjects to leave out of the training set (their images are recorded as excluded_subject): the CSV of `morphset overlap` (column train_subject), any CSV with a subject column, or one name per line; local path or fsspec URL. Its contents are part of the export's fingerprint"""
+    fits_table: str
+    """the table the labels (alpha, pose) are taken from: fit (the landmark fit), or any table with the fits schema built before the export (a refinement stage); evaluate reads the same table"""
 
 
 @dataclass(frozen=True)
@@ -197,6 +199,8 @@ class FitParams(StageParams):
     """identity screening: a subject's embeddings are clustered by average linkage cut at this distance (dlib-resnet: 0.6, dlib's same-person threshold)"""
     identity_ambiguous_ratio: float
     """identity screening: when a subject's second-largest cluster holds at least this fraction of the largest cluster's images, the subject is two comparable people and all its images are marked identity_ambiguous (none takes part in a fit)"""
+    landmarks_table: str
+    """the table whose points the fit reads: landmarks (the detector's), or any table with the landmarks schema built before the fit (a stage added to refine the points). The table's shards are part of the fit's fingerprint"""
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ planner knows the stages (:mod:`pipeline.core.registry`); storage only stores.
 from __future__ import annotations
 
 from pipeline.config.manifest import Manifest
-from pipeline.core.registry import get_stage
+from pipeline.core.registry import get_stage, input_tables
 from pipeline.storage.run import Run
 from pipeline.storage.store import fingerprint
 
@@ -18,7 +18,7 @@ def shard_fingerprint(run: Run, manifest: Manifest, stage: str, shard: int) -> s
     declared parameters. None while an input is not done."""
     spec = get_stage(stage)
     ups = []
-    for inp in spec.inputs:
+    for inp in input_tables(stage, manifest).values():
         sc = run.store(inp).sidecar(shard)
         if sc is None:
             return None

@@ -51,17 +51,47 @@ def schema_for(stage_or_table: str) -> StageSchema:
     return STAGES[stage_or_table].output_schema()
 
 
-def readable_keys(stage: str) -> tuple[str, ...]:
-    """The manifest keys ``stage`` may read: its own declarations and, transitively, those of its
-    upstream stages (they are in its fingerprint through the upstream fingerprints)."""
+class InputTableError(ValueError):
+    """A stage's input setting names a table it cannot read (the key and the tables it can in the message)."""
+
+
+def input_tables(stage: str, manifest: Manifest | None = None) -> dict[str, str]:
+    """``stage``'s input slots -> the tables the runner reads for them: each slot's own table, or
+    for a slot in ``table_settings`` the table ``stages.<stage>.<key>`` names (the fit reading a
+    refined landmarks table, the export another fits table). Such a table must have the slot's
+    schema and be built before ``stage``. ``manifest`` None: the defaults."""
+    spec = get_stage(stage)
+    out = {slot: slot for slot in spec.inputs}
+    if manifest is None or not spec.table_settings:
+        return out
+    params = manifest.stage_params(stage)
+    for slot, key in spec.table_settings.items():
+        table = params.get(key) or slot
+        if table == slot:
+            continue
+        want = schema_for(slot).name
+        before = BUILD_ORDER[: BUILD_ORDER.index(stage)]
+        fits = [t for t in ("index", *before[1:]) if t != stage and schema_for(t).name == want]
+        if table not in fits:
+            raise InputTableError(
+                f"stages.{stage}.{key}: {table!r} is not a table the {stage} stage can read as its {slot} "
+                f"input; tables with the {want!r} schema built before {stage}: {fits}"
+            )
+        out[slot] = table
+    return out
+
+
+def readable_keys(stage: str, manifest: Manifest | None = None) -> tuple[str, ...]:
+    """The manifest keys ``stage`` may read: its own declarations and, transitively, those of the
+    stages whose tables it reads (they are in its fingerprint through the upstream fingerprints)."""
     if stage in ("index", "ingest"):
         return INGEST_KEYS
     s = STAGES[stage]
     keys = [*s.own_keys(), *s.runtime]
-    for up in s.inputs:
-        keys.extend(readable_keys(stage_dir(up)))
+    for up in input_tables(stage, manifest).values():
+        keys.extend(readable_keys(stage_dir(up), manifest))
     return tuple(dict.fromkeys(keys))
 
 
 def config_view(manifest: Manifest, stage: str) -> ConfigView:
-    return ConfigView(manifest, readable_keys(stage), stage)
+    return ConfigView(manifest, readable_keys(stage, manifest), stage)

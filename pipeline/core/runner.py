@@ -35,7 +35,7 @@ from pipeline.config.manifest import Manifest
 from pipeline.core import planner
 from pipeline.core.planner import shard_fingerprint
 from pipeline.core.progress import ProgressLog, is_batch
-from pipeline.core.registry import STAGES, config_view, get_stage, schema_for
+from pipeline.core.registry import STAGES, config_view, get_stage, input_tables, schema_for
 from pipeline.core.stage import (
     DROPPED_ROWS_KEY,
     STAGE_OFF_KEY,
@@ -87,13 +87,14 @@ def process_shard(
     spec = get_stage(stage)
     out = run.store(stage)
     fp = shard_fingerprint(run, manifest, stage, shard)
+    tables = input_tables(stage, manifest)
     if fp is None:
         from pipeline.core.registry import stage_dir
 
-        missing = [i for i in spec.inputs if run.store(i).sidecar(shard) is None]
+        missing = [t for t in tables.values() if run.store(t).sidecar(shard) is None]
         commands = " and ".join(f"`morphset {stage_dir(i)}`" for i in missing) or "the upstream stages"
         raise RuntimeError(
-            f"{stage} shard {shard}: its input {', '.join(missing) or ', '.join(spec.inputs)} is not done "
+            f"{stage} shard {shard}: its input {', '.join(missing) or ', '.join(tables.values())} is not done "
             f"in {run.url}; run {commands} on it first (or `morphset build`, which runs every stage)"
         )
     done = out.sidecar(shard) if not force and out.is_done(shard, fp) else None
@@ -102,11 +103,11 @@ def process_shard(
     t0 = time.perf_counter()
     cpu0 = time.process_time()  # user + system CPU of this process (all its threads)
     inputs = {}
-    for inp in spec.inputs:
+    for slot, table in tables.items():
         try:
-            inputs[inp] = run.read_shard(inp, shard)
+            inputs[slot] = run.read_shard(table, shard)
         except CorruptShard:
-            run.store(inp).invalidate(shard)  # never served again; the next build recomputes it
+            run.store(table).invalidate(shard)  # never served again; the next build recomputes it
             raise
     if assets is None:
         assets = spec.resolve_assets(config_view(manifest, stage))
@@ -424,6 +425,8 @@ def run_stages(
     unknown = [s for s in stages if s not in STAGES]
     if unknown:
         raise ValueError(f"unknown stage(s) {unknown}; known: {list(STAGES)}")
+    for s in stages:  # a setting naming a table a stage cannot read fails before any work
+        input_tables(s, manifest)
     shards = run.shards()
     if not shards:
         raise FileNotFoundError(f"{run.url}: no index shards; run `morphset ingest` first")
@@ -441,7 +444,10 @@ def run_stages(
     for segment in segments(stages):
         head = STAGES[segment[0]]
         if head.global_input:
-            head.prepare(StageTables(run, head.name, head.inputs), config_view(manifest, head.name))
+            head.prepare(
+                StageTables(run, head.name, input_tables(head.name, manifest)),
+                config_view(manifest, head.name),
+            )
         plan = planner.plan(run, manifest, segment, shards)
         for s in segment:
             stats[s].skipped += sum(1 for i in shards if i not in plan or s not in plan[i])

@@ -3,6 +3,10 @@
 A stage is a small class (one per stage package, registered in :mod:`pipeline.core.registry`) with
 
 - ``name``, ``inputs`` (upstream tables, data-flow order), ``schema`` (its output, ``schemas/``);
+- ``table_settings``: input slots whose table is a setting (slot -> a key of ``stages.<name>``):
+  the fit's landmarks, the export's fits. The runner resolves each to the table the configuration
+  names (:func:`pipeline.core.registry.input_tables`: a table of the slot's schema built earlier)
+  and hands it in under the slot's name, so the stage's code does not change;
 - ``depends_on``: the manifest values besides ``stages.<name>`` that its output depends on (dotted
   keys; a key covers everything under it). They are hashed into every shard's fingerprint;
 - ``runtime``: manifest values that choose *how* it runs but not *what* it writes (the array
@@ -174,21 +178,22 @@ class UndeclaredInput(KeyError):
 @dataclass
 class StageTables:
     """What the runner hands a stage's driver steps: its declared input tables over every
-    committed shard (read-only) and its own stage-level files (``_meta/<stage>/``)."""
+    committed shard (read-only), by slot name (``inputs``: slot -> the table the configuration
+    resolved it to), and its own stage-level files (``_meta/<stage>/``)."""
 
     run: Any  # pipeline.storage.run.Run
     stage: str
-    inputs: tuple[str, ...]
+    inputs: dict[str, str]
 
     def _declared(self, name: str) -> str:
         if name not in self.inputs:
             raise UndeclaredInput(
                 f"stage {self.stage!r} read table {name!r}, which it does not declare in inputs {list(self.inputs)}"
             )
-        return name
+        return self.inputs[name]
 
     def shards(self, name: str) -> list[int]:
-        """The committed shards of input table ``name``."""
+        """The committed shards of input ``name``."""
         return self.run.store(self._declared(name)).shards_with_sidecar()
 
     def read(self, name: str, shard: int, columns: list[str] | None = None) -> pa.Table:
@@ -229,6 +234,7 @@ class Stage:
 
     name: ClassVar[str]
     inputs: ClassVar[tuple[str, ...]]
+    table_settings: ClassVar[dict[str, str]] = {}
     schema: ClassVar[str]
     depends_on: ClassVar[tuple[str, ...]] = ()
     runtime: ClassVar[tuple[str, ...]] = ()

@@ -12,7 +12,7 @@ from collections import Counter
 
 from pipeline.config.manifest import Manifest
 from pipeline.core.planner import shard_fingerprint
-from pipeline.core.registry import BUILD_ORDER, STAGES, stage_dir
+from pipeline.core.registry import BUILD_ORDER, STAGES, input_tables, stage_dir
 from pipeline.storage.run import Run
 
 
@@ -71,7 +71,7 @@ def run_status(run: Run, manifest: Manifest) -> dict:
     out: dict[str, dict] = {}
     not_current: dict[str, set[int]] = {}
     for s in BUILD_ORDER:
-        inputs = STAGES[s].inputs if s in STAGES else ()
+        inputs = input_tables(s, manifest).values() if s in STAGES else ()
         upstream = set().union(*(not_current.get(stage_dir(t), set()) for t in inputs))
         st = stage_status(run, manifest, s, upstream)
         done = set(st.pop("_done_shards"))

@@ -16,10 +16,10 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy.spatial.distance import cdist
 
+from pipeline.core.tables import RunTables
 from pipeline.embed.identity import ScreenParams, embedding_matrix, screen_identities
 from pipeline.errors import MorphsetError
 from pipeline.storage.atomic import atomic_write
-from pipeline.storage.run import Run
 
 CSV_COLUMNS = ("train_subject", "eval_subject", "distance", "train_images", "eval_images")
 
@@ -37,14 +37,14 @@ class SubjectCentres:
     without_centre: list[str] = field(default_factory=list)  # no embedding, or ambiguous
 
 
-def subject_centres(run: Run, screening: ScreenParams) -> SubjectCentres:
-    """Every subject's embedding centre over the run's committed embed shards."""
-    store = run.store("embed")
-    shards = store.shards_with_sidecar()
+def subject_centres(tables: RunTables, screening: ScreenParams) -> SubjectCentres:
+    """Every subject's embedding centre over the run's committed embeddings."""
+    run = tables.run
+    shards = tables.shards("embeddings")
     subjects: list[str] = []
     blocks: list[np.ndarray] = []
     for shard in shards:
-        t = run.read_shard("embed", shard, columns=["subject", "embedding"])
+        t = tables.read("embeddings", shard, columns=["subject", "embedding"])
         subjects.extend(t.column("subject").to_pylist())
         blocks.append(embedding_matrix(t.column("embedding"), t.num_rows))
     dims = {b.shape[1] for b in blocks if b.shape[1]}

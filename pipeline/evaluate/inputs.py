@@ -16,10 +16,10 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from pipeline.config.schemas import META_SCHEMA_NAME, check_version, load_schema
+from pipeline.core.tables import RunTables
 from pipeline.evaluate.frame import Frame
 from pipeline.imaging.crops import decode_crop
 from pipeline.models.morphable_model import N_LANDMARKS
-from pipeline.storage.store import ShardStore
 
 GT_REQUIRED = ("image_id", "subject", "alpha_id", "alpha_exp", "yaw")
 GT_MODEL_SHA_KEYS = (b"morphset.model.sha256", b"morphset.model_sha256")
@@ -41,21 +41,23 @@ FIT_COLUMNS = (
 )
 
 
-def load_fits(run_root: str, storage_options: dict | None = None) -> Frame:
-    """The columns evaluation needs from all committed fit shards of a run (one row per image)."""
-    store = ShardStore(run_root, "fit", storage_options)
+def load_fits(tables: RunTables) -> Frame:
+    """The columns evaluation needs from every committed shard of the run's fits (the table the
+    labels come from, ``stages.export.fits_table``), one row per image."""
+    store = tables.store("fits")
     shards = store.shards_with_sidecar()
     if not shards:
         raise FileNotFoundError(
-            f"{run_root}/fit: no committed fit shards (run `morphset build` or `morphset fit` first)"
+            f"{store.folder}: no committed {tables.name('fits')} shards (run `morphset build` or "
+            f"`morphset {tables.name('fits')}` first)"
         )
-    table = store.dataset(load_schema("fits"), shards).to_table(columns=list(FIT_COLUMNS))
+    table = store.dataset(tables.schema("fits"), shards).to_table(columns=list(FIT_COLUMNS))
     return Frame.from_arrow(table)
 
 
-def fits_model_sha256(run_root: str, storage_options: dict | None = None) -> str | None:
-    """The morphable-model sha256 the fit shards record in their metadata (if any)."""
-    store = ShardStore(run_root, "fit", storage_options)
+def fits_model_sha256(tables: RunTables) -> str | None:
+    """The morphable-model sha256 the run's fit shards record in their metadata (if any)."""
+    store = tables.store("fits")
     for s in store.shards_with_sidecar()[:1]:
         with store.fs.open(store.data_paths(s)[0], "rb") as f:
             md = pq.ParquetFile(f).schema_arrow.metadata or {}
@@ -183,34 +185,29 @@ def load_truth(path: str | Path) -> SyntheticTruth | ScanTruth:
     return load_synthetic_truth(p)
 
 
-def load_export_items(
-    run_root: str, storage_options: dict | None = None, splits: set[str] | None = None
-) -> tuple[list[str], list[str]]:
+def load_export_items(tables: RunTables, splits: set[str] | None = None) -> tuple[list[str], list[str]]:
     """(image ids, subjects) of the run's training set, optionally only rows of ``splits``; no
     crop is read."""
-    store = ShardStore(run_root, "export", storage_options)
+    store = tables.store("trainset")
     shards = store.shards_with_sidecar()
     if not shards:
         return [], []
     flt = pc.field("split").isin(sorted(splits)) if splits is not None else None
-    t = store.dataset(load_schema("trainset"), shards).to_table(columns=["image_id", "subject"], filter=flt)
+    t = store.dataset(tables.schema("trainset"), shards).to_table(columns=["image_id", "subject"], filter=flt)
     return t.column("image_id").to_pylist(), t.column("subject").to_pylist()
 
 
 def load_export_crops(
-    run_root: str,
-    image_ids: set[str] | None = None,
-    storage_options: dict | None = None,
-    splits: set[str] | None = None,
+    tables: RunTables, image_ids: set[str] | None = None, splits: set[str] | None = None
 ) -> tuple[list[str], list[str], np.ndarray]:
     """(image ids, subjects, crops (N,112,96,3) uint8) of the run's training set, optionally only
     the given images (only those are decoded: a full CASIA export does not fit in memory) and only
     rows of the given ``splits`` (``{"val"}``: the subjects the encoder was not trained on)."""
-    store = ShardStore(run_root, "export", storage_options)
+    store = tables.store("trainset")
     shards = store.shards_with_sidecar()
     if not shards:
         return [], [], np.zeros((0, 112, 96, 3), np.uint8)
-    ds = store.dataset(load_schema("trainset"), shards)
+    ds = store.dataset(tables.schema("trainset"), shards)
     flt = pc.field("image_id").isin(sorted(image_ids)) if image_ids is not None else None
     if splits is not None:
         in_split = pc.field("split").isin(sorted(splits))
@@ -222,21 +219,19 @@ def load_export_crops(
     ):
         crop = decode_crop(data)
         if crop is None:
-            raise ValueError(f"{run_root}/export: crop of {image_id} is not a 112x96 JPEG")
+            raise ValueError(f"{store.folder}: crop of {image_id} is not a 112x96 JPEG")
         crops.append(crop)
     arr = np.stack(crops) if crops else np.zeros((0, 112, 96, 3), np.uint8)
     return t.column("image_id").to_pylist(), t.column("subject").to_pylist(), arr
 
 
-def load_index_uris(
-    run_root: str, image_ids: set[str], storage_options: dict | None = None
-) -> dict[str, str]:
+def load_index_uris(tables: RunTables, image_ids: set[str]) -> dict[str, str]:
     """image_id -> uri from the run's index shards."""
-    store = ShardStore(run_root, "ingest", storage_options)
+    store = tables.store("index")
     shards = store.shards_with_sidecar()
     if not shards or not image_ids:
         return {}
-    t = store.dataset(load_schema("index"), shards).to_table(
+    t = store.dataset(tables.schema("index"), shards).to_table(
         columns=["image_id", "uri"], filter=pc.field("image_id").isin(sorted(image_ids))
     )
     return dict(zip(t.column("image_id").to_pylist(), t.column("uri").to_pylist(), strict=True))

@@ -24,6 +24,7 @@ from fsspec.implementations.local import LocalFileSystem
 from pipeline import __version__
 from pipeline.config.manifest import Manifest
 from pipeline.config.schemas import from_rows, load_schema
+from pipeline.core.tables import RunTables
 from pipeline.errors import MorphsetError
 from pipeline.evaluate import report as rp
 from pipeline.evaluate.fit_quality import (
@@ -66,6 +67,7 @@ class Context:
     model: MorphableModel | None
     encoder: object | None  # pipeline.train.inference.TrainedEncoder
     storage_options: dict | None = None
+    tables: RunTables | None = None  # the run's tables by role, under the evaluation's manifest
     notes: list[str] = field(default_factory=list)
     figures: dict[str, rp.FigureData] = field(default_factory=dict)  # data; rendered by report.py
     blocks: dict[str, list[rp.Block]] = field(default_factory=dict)  # data; rendered by report.py
@@ -75,6 +77,8 @@ class Context:
     def __post_init__(self) -> None:
         if self.model is not None and self.shape is None:
             self.shape = ShapeBuilder(self.model)
+        if self.tables is None:
+            self.tables = RunTables(self.run_root, None, self.storage_options)
 
     @property
     def fitted(self) -> Frame:
@@ -553,7 +557,7 @@ def sheet_section(ctx: Context, truth: SyntheticTruth | ScanTruth | None) -> dic
         return {}
     ids = [str(f["image_id"][i]) for i in chosen]
     missing = {i for i in ids if i not in ctx.crops}
-    uris = load_index_uris(ctx.run_root, missing, ctx.storage_options) if missing else {}
+    uris = load_index_uris(ctx.tables, missing) if missing else {}
     gt = truth.table if isinstance(truth, SyntheticTruth) else None
     gt_row = gt.index_of("image_id") if gt is not None else {}
     columns = ["input", "fit: full (pose)", "fit: identity"]
@@ -657,11 +661,11 @@ def identity_curve_section(ctx: Context, truth: SyntheticTruth, manifest: Manife
     """The report's first table: refits on random M-subsets of each subject's images against the
     mean shape (:mod:`.identity_curve`)."""
     from pipeline.evaluate.identity_curve import identity_curve, verdict
-    from pipeline.storage.run import Run
 
     sec = "identity-curve"
+    assert ctx.tables is not None
     try:
-        landmarks = Run(ctx.run_root, ctx.storage_options).table("landmarks")
+        landmarks = ctx.tables.table("landmarks")
     except (FileNotFoundError, ValueError) as exc:
         ctx.add(sec, rp.Paragraph(f"not measured: the run's landmarks cannot be read ({exc})"))
         return {"verdict": None, "points": [], "split": "all subjects"}
@@ -973,15 +977,16 @@ def compute_evaluation(
     progress: Callable[[str], None] = log.info,
 ) -> Evaluation:
     """Measure a run (no files written): fit quality, verification, reconstruction, picture sheet."""
-    fits = load_fits(run_root, storage_options)
+    tables = RunTables(run_root, manifest, storage_options)
+    fits = load_fits(tables)
     model, why = load_model(manifest)
-    ctx = Context(run_root, params, fits, model, None, storage_options)
+    ctx = Context(run_root, params, fits, model, None, storage_options, tables)
     if why:
         ctx.notes.append(why)
-    fit_sha = fits_model_sha256(run_root, storage_options)
+    fit_sha = fits_model_sha256(tables)
     if model is not None and fit_sha and fit_sha != model.sha256:
         raise ValueError(
-            f"{run_root}/fit was fitted with morphable model sha256 {fit_sha[:12]}…, the manifest resolves "
+            f"{tables.store('fits').folder} was fitted with morphable model sha256 {fit_sha[:12]}…, the manifest resolves "
             f"{model.name} ({model.sha256[:12]}…); evaluate with the run's manifest"
         )
     doc: dict = {
@@ -1023,13 +1028,13 @@ def compute_evaluation(
         ctx.encoder = encoder
         split = ctx.params.get("encoder_split", "val")
         splits = {"val"} if split == "val" else None
-        item_ids, item_subjects = load_export_items(run_root, storage_options, splits)
+        item_ids, item_subjects = load_export_items(tables, splits)
         if split == "val" and not item_ids:
             ctx.notes.append(
                 "the export has no validation split: the encoder is evaluated on the subjects it was trained on"
             )
             split, splits = "all", None
-            item_ids, item_subjects = load_export_items(run_root, storage_options)
+            item_ids, item_subjects = load_export_items(tables)
         encoder_on = (
             f"the validation split ({len(set(item_subjects))} subjects held out of training, "
             f"{len(item_ids)} images)"
@@ -1044,7 +1049,7 @@ def compute_evaluation(
                 )
         progress("encoder: decoding crops")
         needed = needed_images(ctx, [ps.pairs for ps in pair_sets] + [file_pairs], truth)
-        ids, subj, crops = load_export_crops(run_root, needed, storage_options, splits)
+        ids, subj, crops = load_export_crops(tables, needed, splits)
         doc["encoder_split"] = {
             "split": split,
             "images": len(item_ids),

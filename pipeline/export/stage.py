@@ -90,6 +90,7 @@ def label_map(
 class ExportStage(Stage):
     name = "export"
     inputs = ("index", "detect", "fit", "crop")
+    table_settings = {"fit": "fits_table"}
     schema = "trainset"
     global_input = LABELS_FILE
     doc = "aligned crops + fit targets, the hand-off to trainers"

@@ -341,12 +341,13 @@ def _build_landmarks(
     remembers what it is: ``morphset fit WORK`` fits it later."""
     from pipeline.config.manifest import load_manifest
     from pipeline.core.inprocess import build_in_process
+    from pipeline.core.tables import RunTables
     from pipeline.models.assets import resolve_morphable_model
 
     m = load_manifest(manifest, overrides).with_overrides({"stages.landmarks.backend": backend})
     # until embed (off for renders, so free): the work run is then ready for `morphset fit`
     run, _ = build_in_process(work, m, name, dataset, until="embed")
-    return m, resolve_morphable_model(m), run.table("landmarks")
+    return m, resolve_morphable_model(m), RunTables(run, m).table("landmarks")
 
 
 def _write(em: ErrorModel, out: str | Path, work: Path, images: int, **extra: Any) -> dict[str, Any]:

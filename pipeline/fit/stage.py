@@ -396,6 +396,7 @@ def _concat_fits(parts: list[SubjectFits]) -> SubjectFits:
 class FitStage(Stage):
     name = "fit"
     inputs = ("landmarks", "embed")
+    table_settings = {"landmarks": "landmarks_table"}
     schema = "fits"
     depends_on = ("models.morphable_model", "models.landmark_error")
     # How, not what: NumPy and CuPy fits agree to float tolerance; the cache only holds the model.

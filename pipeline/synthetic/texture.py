@@ -448,6 +448,7 @@ def _fit_photos(
 ) -> tuple[list[FaceTexture], dict[str, str]]:
     """Detect, landmark and fit every photo alone in a throw-away run; extract the textures."""
     from pipeline.core.inprocess import build_in_process
+    from pipeline.core.tables import RunTables
     from pipeline.storage.atomic import atomic_write
 
     mirror = mirror_vertices(model)
@@ -479,10 +480,11 @@ def _fit_photos(
                 "stages.fit.identity": "image",
             },
         )
-        fits = run.table("fit")
+        tables = RunTables(run)
+        fits = tables.table("fits")
         points = {
-            r["image_id"]: np.asarray(r["landmarks"], np.float64).reshape(68, 2)
-            for r in run.table("landmarks", columns=["image_id", "landmarks"]).to_pylist()
+            r["image_id"]: np.asarray(r["landmarks"], np.float64).reshape(IBUG68.points, 2)
+            for r in tables.table("landmarks", columns=["image_id", "landmarks"]).to_pylist()
             if r["landmarks"] is not None
         }
         back = dict(zip(flat, names, strict=True))

@@ -21,7 +21,8 @@ import pyarrow.parquet as pq
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from pipeline.config.schemas import SchemaError, check_version, load_schema
+from pipeline.config.schemas import SchemaError, check_version
+from pipeline.core.tables import RunTables
 from pipeline.imaging.crops import CROP_HW, decode_crop
 from pipeline.landmarks.scheme import IBUG68
 from pipeline.storage.store import CorruptShard, ShardStore
@@ -60,13 +61,14 @@ class TrainsetInfo:
     n_val: int
 
     def store(self) -> ShardStore:
-        return ShardStore(self.run_root, "export", self.storage_options)
+        return RunTables(self.run_root, None, self.storage_options).store("trainset")
 
 
 def scan_trainset(run_root: str, storage_options: dict | None = None) -> TrainsetInfo:
     """List the committed shards, check schema version and model metadata agree, count rows."""
-    store = ShardStore(run_root, "export", storage_options)
-    schema = load_schema("trainset")
+    tables = RunTables(run_root, None, storage_options)
+    store = tables.store("trainset")
+    schema = tables.schema("trainset")
     shards = store.shards_with_sidecar()
     for s in shards:
         # every committed shard whole (size and sha256, once per training run: row groups are
@@ -77,7 +79,7 @@ def scan_trainset(run_root: str, storage_options: dict | None = None) -> Trainse
             store.invalidate(s)  # the next `morphset build` recomputes it
             raise CorruptShard(*bad)
     # every shard of the run's index exported (where the run has one: a trainset may travel alone)
-    index = ShardStore(run_root, "ingest", storage_options).shards_with_sidecar()
+    index = tables.shards("index")
     missing = sorted(set(index) - set(shards))
     if shards and missing:
         raise FileNotFoundError(
