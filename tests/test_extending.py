@@ -191,7 +191,8 @@ def test_the_fit_and_export_read_the_tables_their_settings_name(table_stages, tm
     built = api.build(run, "synthetic", root=str(faces), overrides=chosen, **common)
     assert built.ok
     fits = Run(run).table("fit").to_pylist()
-    assert sum(r["failure_reason"] == "dropped_by_half" for r in fits) == 6  # the fit read the rewritten points
+    # the fit read the rewritten points
+    assert sum(r["failure_reason"] == "dropped_by_half" for r in fits) == 6
     halved = {r["image_id"]: r["alpha_id"] for r in Run(run).table("halved_fits").to_pylist()}
     exported = Run(run).table("export").to_pylist()
     assert exported and all(
