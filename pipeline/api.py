@@ -457,21 +457,26 @@ def evaluate(
     run: str | os.PathLike,
     ground_truth: str | None = None,
     pairs: str | None = None,
-    encoder: str | None = None,
+    encoder: str | list[str] | None = None,
     genova: bool | None = None,
     overrides: list[str] | dict[str, Any] | None = None,
     manifest: str | None = None,
 ) -> Path | str:
     """Measure a run (verification, 3D error, fit quality); returns the path of ``RUN/eval/report.html``
-    (its URL for a run at an fsspec URL)."""
+    (its URL for a run at an fsspec URL). ``encoder``: a trained encoder, or a list of them (the
+    report compares them side by side)."""
     from pipeline.evaluate.run import evaluate_run
 
     flags: dict[str, Any] = {}
-    for key, value in (("ground_truth", ground_truth), ("pairs", pairs), ("encoder", encoder)):
+    for key, value in (("ground_truth", ground_truth), ("pairs", pairs)):
         if value is not None:
             flags[f"stages.evaluate.{key}"] = require_local(
                 value, f"morphset evaluate --{key.replace('_', '-')}"
             )
+    if encoder is not None:
+        given = [encoder] if isinstance(encoder, (str, os.PathLike)) else list(encoder)
+        paths = [require_local(str(e), "morphset evaluate --encoder") for e in given]
+        flags["stages.evaluate.encoder"] = paths[0] if len(paths) == 1 else paths
     if genova is not None:
         flags["stages.evaluate.genova"] = bool(genova)
     r = Run(run)

@@ -176,6 +176,7 @@ def test_evaluate_writes_report_with_all_sections(toy, capsys):
     assert p.ids == [
         "identity-curve",
         "summary",
+        "encoders",
         "verification",
         "reconstruction",
         "fit-quality",
@@ -186,6 +187,7 @@ def test_evaluate_writes_report_with_all_sections(toy, capsys):
     assert p.h2 == [
         "What multi-image fitting buys",
         "Summary",
+        "Trained encoders side by side",
         "Face verification",
         "3D reconstruction accuracy",
         "Fit quality",
@@ -519,3 +521,64 @@ def test_evaluate_and_train_take_an_fsspec_url_run(tmp_path, monkeypatch, capsys
     err = capsys.readouterr().err
     assert "writes its checkpoints to a local folder: give --out DIR" in err and len(err.splitlines()) == 1
     assert not list(tmp_path.glob("memory*"))  # nothing named after the URL
+
+
+@pytest.mark.slow
+def test_encoders_of_several_objectives_side_by_side(toy, tmp_path):
+    """Two trained encoders (a liu and a genova objective) in one report: each has its own rows in
+    verification and reconstruction, and the side-by-side table puts them beside the landmark fit,
+    each against the mean shape on the same images."""
+    torch = pytest.importorskip("torch")
+    from pipeline.train.inference import export_encoder
+    from pipeline.train.network import MorphNet
+
+    model, run, gt = toy
+    _write_export(run, model)
+    norm = {
+        "mid_id": np.zeros(K_ID),
+        "half_id": np.ones(K_ID),
+        "mid_exp": np.zeros(K_EXP),
+        "half_exp": np.ones(K_EXP),
+    }
+    dirs = []
+    for seed, objective in ((0, "liu"), (1, "genova")):
+        torch.manual_seed(seed)
+        net = MorphNet(K_ID, K_EXP, model.n_vertices, 1, 0.25, 16)
+        net.mean_shape.copy_(torch.from_numpy(model.mean.astype(np.float32)))
+        params = {
+            "width_multiplier": 0.25,
+            "embedding_dim": 16,
+            "identification": "softmax",
+            "objective": objective,
+        }
+        dirs.append(
+            export_encoder(net, tmp_path / objective, params, norm, model, epochs=seed, torchscript=False)
+        )
+    params = load_manifest().stage_params("evaluate") | {
+        "ground_truth": str(gt),
+        "encoder": [str(d) for d in dirs],
+        "genova": False,
+        "sheet_rows": 2,
+    }
+    evrun.evaluate_run(str(run), load_manifest(), params)
+    doc = json.loads((run / "eval" / "report.json").read_text())
+    results = doc["verification"]["results"]
+    for name in ("encoder liu", "encoder genova"):
+        assert {f"{name} c_id", f"{name} α_id", f"{name} c_id + {name} α_id (fused)"} <= set(results)
+        assert doc["reconstruction"]["results"][f"{name}/full"]["measured"] == 47
+        assert f"{name}: full" in doc["picture_sheet"]["columns"]
+    # different networks, different answers
+    assert results["encoder liu c_id"]["summary"] != results["encoder genova c_id"]["summary"]
+    rows = {r["source"]: r for r in doc["encoders"]["rows"]}
+    assert list(rows) == ["fit", "encoder liu", "encoder genova"]
+    assert rows["encoder genova"]["objective"] == "genova" and rows["encoder genova"]["epochs"] == 1
+    for r in rows.values():  # every row on the same images, against the same mean-shape error
+        assert r["images"] == rows["fit"]["images"] > 0
+        assert r["mean_shape_liu_mean_mm"] == rows["fit"]["mean_shape_liu_mean_mm"]
+        assert r["ratio_to_mean_shape"] == pytest.approx(r["liu_mean_mm"] / r["mean_shape_liu_mean_mm"])
+        lo, hi = r["ratio_ci95"]
+        assert lo <= r["ratio_to_mean_shape"] <= hi
+    assert rows["encoder liu"]["c_id_auc"] == results["encoder liu c_id"]["summary"]["auc"]["mean"]
+    assert [e["objective"] for e in doc["provenance"]["encoders"]] == ["liu", "genova"]
+    html = (run / "eval" / "report.html").read_text()
+    assert "Trained encoders side by side" in html and "encoder genova" in html

@@ -35,8 +35,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--encoder",
+        action="append",
         default=None,
-        help="trained encoder export from morphset train (stages.evaluate.encoder; default: fit only)",
+        help="trained encoder from morphset train (stages.evaluate.encoder; default: the run's own "
+        "RUN/train if it has one, else the fit only); repeat it to compare encoders side by side "
+        "(e.g. one per training objective)",
     )
     p.add_argument(
         "--no-genova",

@@ -95,8 +95,8 @@ class EvaluateParams(StageParams):
     """ground_truth.parquet written by morphset synth, or a directory of scans with scans.csv (see docs/evaluation.md); null = no reconstruction accuracy"""
     pairs: str | None
     """verification pairs: LFW pairs.txt, YouTube Faces splits.txt or a CSV (a,b,same[,fold]); null = generate balanced pairs from the run's subjects"""
-    encoder: str | None
-    """trained encoder checkpoint (morphset train); null = evaluate the fit only"""
+    encoder: str | tuple[str, ...] | None
+    """trained encoder (the folder morphset train wrote), or a list of them, compared side by side in the report (each named by the objective it was trained with); null = the run's own RUN/train if it has one, else the fit only"""
     encoder_split: Literal["val", "all"]
     """images the trained encoder is evaluated on: val = only the export's validation split (subjects it was not trained on; all images when the export has none, with a note), all = every exported image"""
     fusion: tuple[Literal["fit α_id", "encoder c_id", "encoder α_id"], ...]

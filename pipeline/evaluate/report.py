@@ -29,6 +29,7 @@ import numpy as np  # noqa: E402
 SECTIONS = (
     ("identity-curve", "What multi-image fitting buys"),
     ("summary", "Summary"),
+    ("encoders", "Trained encoders side by side"),
     ("verification", "Face verification"),
     ("reconstruction", "3D reconstruction accuracy"),
     ("fit-quality", "Fit quality"),

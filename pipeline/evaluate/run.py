@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import bisect
 import datetime as _dt
+import functools
 import io
 import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import fsspec
 import numpy as np
@@ -27,6 +29,7 @@ from pipeline.config.schemas import from_rows, load_schema
 from pipeline.core.tables import RunTables
 from pipeline.errors import MorphsetError
 from pipeline.evaluate import report as rp
+from pipeline.evaluate.bootstrap import ci95_ratio
 from pipeline.evaluate.fit_quality import (
     fit_quality,
     fitted_mask,
@@ -65,7 +68,8 @@ class Context:
     params: dict
     fits: Frame
     model: MorphableModel | None
-    encoder: object | None  # pipeline.train.inference.TrainedEncoder
+    # source name ("encoder", or "encoder <objective>" beside others) -> TrainedEncoder
+    encoders: dict[str, Any]
     storage_options: dict | None = None
     tables: RunTables | None = None  # the run's tables by role, under the evaluation's manifest
     notes: list[str] = field(default_factory=list)
@@ -213,7 +217,9 @@ def generated_pairs(ctx: Context, image_ids: list[str], subjects: list[str], wha
         return None
 
 
-def feature_sources(ctx: Context, encoder_feats: dict[str, np.ndarray], encoder_ids: list[str]) -> dict:
+def feature_sources(ctx: Context, encoder_feats: dict[str, tuple[list[str], dict[str, np.ndarray]]]) -> dict:
+    """Verification features by source name: the fit's whitened α_id, and each encoder's c_id and
+    α_id (``encoder_feats``: source -> (image ids, features))."""
     good = ctx.fitted
     sources: dict[str, tuple[list[str], np.ndarray]] = {}
     if len(good):
@@ -221,9 +227,9 @@ def feature_sources(ctx: Context, encoder_feats: dict[str, np.ndarray], encoder_
         if ctx.model is not None and a.shape[1] == ctx.model.k_id:
             a = a / ctx.model.id_std.astype(np.float64)  # whiten: every component weighs by its prior
         sources["fit α_id"] = (list(good["image_id"]), a)
-    if encoder_ids:
-        sources["encoder c_id"] = (encoder_ids, encoder_feats["c_id"])
-        sources["encoder α_id"] = (encoder_ids, encoder_feats["alpha_id"])
+    for name, (ids, feats) in encoder_feats.items():
+        sources[f"{name} c_id"] = (ids, feats["c_id"])
+        sources[f"{name} α_id"] = (ids, feats["alpha_id"])
     return sources
 
 
@@ -298,14 +304,22 @@ def verification_section(ctx: Context, pair_sets: list[PairSet], sources: dict) 
                 )
                 continue
             scores_by[name] = (s, valid)
-        fusion = list(ctx.params["fusion"])
-        if len(fusion) == 2 and all(n in scores_by for n in fusion):
-            valid = scores_by[fusion[0]][1] & scores_by[fusion[1]][1]
-            fused = np.full(len(pairs), np.nan)
-            fused[valid] = fuse_scores([scores_by[n][0][valid] for n in fusion], pairs.fold[valid])
-            scores_by[" + ".join(fusion) + " (fused)"] = (fused, valid)
-        elif len(fusion) == 2 and any(n in scores_by for n in fusion):
-            ctx.notes.append(f"score fusion of {fusion} skipped: not both measured on {ps.measured_on}")
+        # "encoder ..." in the fusion setting means each encoder's own features
+        for fusion in dict.fromkeys(
+            tuple(
+                n.replace("encoder", name, 1) if n.startswith("encoder ") else n for n in ctx.params["fusion"]
+            )
+            for name in (ctx.encoders or ["encoder"])
+        ):
+            if len(fusion) == 2 and all(n in scores_by for n in fusion):
+                valid = scores_by[fusion[0]][1] & scores_by[fusion[1]][1]
+                fused = np.full(len(pairs), np.nan)
+                fused[valid] = fuse_scores([scores_by[n][0][valid] for n in fusion], pairs.fold[valid])
+                scores_by[" + ".join(fusion) + " (fused)"] = (fused, valid)
+            elif len(fusion) == 2 and any(n in scores_by for n in fusion):
+                ctx.notes.append(
+                    f"score fusion of {list(fusion)} skipped: not both measured on {ps.measured_on}"
+                )
         for name, (s, valid) in scores_by.items():
             res: dict = {
                 "pair_set": ps.key,
@@ -387,12 +401,14 @@ def _even(n: int, k: int) -> set[int]:
     return set(np.linspace(0, n - 1, k).round().astype(int).tolist())
 
 
-def _encoder_shapes(ctx: Context, image_ids: list[str]) -> Iterator[tuple[str, np.ndarray, np.ndarray]]:
-    """(image_id, identity shape, full shape) from the encoder, in batches (bounded memory)."""
+def _encoder_shapes(
+    ctx: Context, name: str, image_ids: list[str]
+) -> Iterator[tuple[str, np.ndarray, np.ndarray]]:
+    """(image_id, identity shape, full shape) from encoder ``name``, in batches (bounded memory)."""
     have = [i for i in image_ids if i in ctx.crops]
     for k in range(0, len(have), ENCODER_BATCH):
         batch = have[k : k + ENCODER_BATCH]
-        ident, full = ctx.encoder.reconstruct(np.stack([ctx.crops[i] for i in batch]))
+        ident, full = ctx.encoders[name].reconstruct(np.stack([ctx.crops[i] for i in batch]))
         yield from zip(batch, ident, full, strict=True)
 
 
@@ -405,7 +421,7 @@ def reconstruction_section(
         ctx.fits,
         ctx.model,
         ctx.shape,
-        (lambda ids: _encoder_shapes(ctx, ids)) if ctx.encoder is not None else None,
+        {name: functools.partial(_encoder_shapes, ctx, name) for name in ctx.encoders},
     )
 
     def samples() -> Iterator[Sample]:
@@ -533,6 +549,82 @@ def _ms(stats: dict | None) -> dict | None:
     return {"mean": stats["mean"], "std": stats["std"]}
 
 
+# --- trained encoders side by side ---------------------------------------------------------------
+def encoders_section(ctx: Context, doc: dict, samples: list[dict] | None) -> dict:
+    """One row per trained encoder (``liu``, ``genova``, ``liu+genova`` objectives, ...) and the
+    landmark fit it learnt from: the 3D error of the full shape on the images the encoders see
+    against the mean shape's on the same images (their ratio with its interval, subjects drawn
+    with replacement), and verification on the encoders' pairs."""
+    sec = "encoders"
+    if not ctx.encoders:
+        return {}
+    liu: dict[tuple[str, str], float] = {}
+    subject_of: dict[str, str] = {}
+    for r in samples or []:
+        if r["target"] == "full" and r["failure_reason"] is None and r["liu_mean_mm"] is not None:
+            liu[(r["source"], r["image_id"])] = float(r["liu_mean_mm"])
+            subject_of[r["image_id"]] = r["subject"]
+    verification = doc.get("verification", {}).get("results", {})
+    split = doc.get("encoder_split", {})
+    configs = {name: enc.config for name, enc in ctx.encoders.items()}
+    rows, table = [], []
+    for name in ["fit", *ctx.encoders]:
+        # every figure on the images the encoders were evaluated on (their crops were decoded)
+        ids = sorted(i for i in ctx.crops if (name, i) in liu and ("mean shape", i) in liu)
+        own = np.array([liu[(name, i)] for i in ids])
+        mean = np.array([liu[("mean shape", i)] for i in ids])
+        people = np.array([subject_of[i] for i in ids], dtype=object)
+        ratio = float(own.mean() / mean.mean()) if len(ids) and mean.mean() > 0 else None
+        cfg = configs.get(name, {})
+        entry = {
+            "source": name,
+            "objective": cfg.get("objective") if name != "fit" else "landmark fit (the labels)",
+            "epochs": cfg.get("epochs"),
+            "images": len(ids),
+            "subjects": len(set(people.tolist())),
+            "liu_mean_mm": float(own.mean()) if len(ids) else None,
+            "mean_shape_liu_mean_mm": float(mean.mean()) if len(ids) else None,
+            "ratio_to_mean_shape": ratio,
+            "ratio_ci95": ci95_ratio(own, mean, people, int(ctx.params["seed"])) if len(ids) else None,
+        }
+        for feature in ("c_id", "α_id"):
+            sm = (verification.get(f"{name} {feature}") or {}).get("summary")
+            entry[f"{feature}_auc"] = sm["auc"]["mean"] if sm else None
+            entry[f"{feature}_auc_ci95"] = sm["auc"].get("ci95") if sm else None
+        rows.append(entry)
+        table.append(
+            {
+                "": name,
+                "objective": entry["objective"] or "–",
+                "epochs": entry["epochs"] if entry["epochs"] is not None else "–",
+                "images (subjects)": f"{entry['images']} ({entry['subjects']})",
+                "Liu error (mm)": entry["liu_mean_mm"],
+                "mean shape (mm)": entry["mean_shape_liu_mean_mm"],
+                "÷ mean shape": entry["ratio_to_mean_shape"],
+                "95% CI": rp.Interval(entry["ratio_ci95"]),
+                "c_id AUC": entry["c_id_auc"] if entry["c_id_auc"] is not None else "–",
+                "α_id AUC": entry["α_id_auc"] if entry["α_id_auc"] is not None else "–",
+            }
+        )
+    if not any(r["images"] for r in rows):
+        ctx.add(
+            sec, rp.Paragraph("not measured: no ground truth for the images the encoders were evaluated on")
+        )
+        return {"rows": rows}
+    ctx.add(
+        sec,
+        rp.Paragraph(
+            f"Each trained encoder on {split.get('measured_on', 'the exported images')}, beside the landmark "
+            "fit whose labels they learnt from. 3D error: Liu et al.'s mean per-vertex distance of the full "
+            "shape (mm), against the mean shape's on the same images; below 1 the prediction carries shape "
+            "the mean lacks. Verification: AUC of the encoder's pairs (the fit's α_id is shared by a "
+            "subject's images, so it has none). The per-source tables below hold the rest."
+        ),
+        rp.Table(table),
+    )
+    return {"rows": rows}
+
+
 # --- picture sheet -----------------------------------------------------------------------------------
 def sheet_images(fits: Frame, n: int) -> list[int]:
     """Rows for the picture sheet: one fitted image per subject first (sorted), then further images."""
@@ -563,11 +655,10 @@ def sheet_section(ctx: Context, truth: SyntheticTruth | ScanTruth | None) -> dic
     columns = ["input", "fit: full (pose)", "fit: identity"]
     if gt is not None:
         columns.append("ground truth: full")
-    if ctx.encoder is not None:
-        columns += ["encoder: full", "encoder: identity"]
-    enc = (
-        {i: (ident, full) for i, ident, full in _encoder_shapes(ctx, ids)} if ctx.encoder is not None else {}
-    )
+    enc = {}
+    for name in ctx.encoders:
+        columns += [f"{name}: full", f"{name}: identity"]
+        enc[name] = {i: (ident, full) for i, ident, full in _encoder_shapes(ctx, name, ids)}
     size, tri = ctx.params["render_size"], ctx.model.triangles
     rows = []
     for i, image_id in zip(chosen, ids, strict=True):
@@ -592,8 +683,8 @@ def sheet_section(ctx: Context, truth: SyntheticTruth | ScanTruth | None) -> dic
                 if j is None
                 else render_shaded(ctx.shape(gt["alpha_id"][j], gt["alpha_exp"][j]), tri, size)
             )
-        if ctx.encoder is not None:
-            e = enc.get(image_id)
+        for name in ctx.encoders:
+            e = enc[name].get(image_id)
             cells += [render_shaded(e[1], tri, size), render_shaded(e[0], tri, size)] if e else [None, None]
         rows.append((f"{f['subject'][i]}\n{Path(image_id).name}", cells))
     ctx.figure(sec, "picture_sheet", rp.Sheet(rows, columns))
@@ -765,16 +856,28 @@ def provenance(
     backend = str(manifest.stage_params("landmarks")["backend"])
     fit = manifest.stage_params("fit")
     error_model = manifest.get(f"models.landmark_error.{backend}") if fit.get("error_model") else None
-    encoder = None
-    if params.get("encoder"):
-        meta = Path(params["encoder"]) / "export" / "encoder.json"
-        encoder = {"path": str(params["encoder"])}
-        if meta.is_file():
+    encoders = []
+    for path in encoder_paths(params.get("encoder")):
+        # the folder morphset train wrote, or its export folder
+        meta = next(
+            (m for m in (Path(path) / "export" / "encoder.json", Path(path) / "encoder.json") if m.is_file()),
+            None,
+        )
+        entry = {"path": str(path)}
+        if meta is not None:
             import json
 
             doc = json.loads(meta.read_text(encoding="utf-8"))
-            keep = ("state_sha256", "torchscript_sha256", "model_sha256", "epochs", "identification")
-            encoder.update({k: doc[k] for k in keep if k in doc})
+            keep = (
+                "state_sha256",
+                "torchscript_sha256",
+                "model_sha256",
+                "epochs",
+                "identification",
+                "objective",
+            )
+            entry.update({k: doc[k] for k in keep if k in doc})
+        encoders.append(entry)
     return {
         "morphset_version": __version__,
         "built_with_version": record.morphset_version if record else None,
@@ -785,7 +888,8 @@ def provenance(
         "embed_backend": manifest.stage_params("embed").get("backend"),
         "morphable_model": {"name": model.name, "sha256": model.sha256} if model is not None else None,
         "landmark_error_model": error_model if isinstance(error_model, dict) else None,
-        "encoder": encoder,
+        "encoder": encoders[0] if len(encoders) == 1 else None,
+        "encoders": encoders,
         "seeds": {
             "evaluate": params.get("seed"),
             "export_split_salt": manifest.stage_params("export").get("split_salt"),
@@ -803,7 +907,6 @@ def provenance(
 def provenance_section(ctx: Context, prov: dict) -> None:
     em = prov.get("landmark_error_model") or {}
     mm = prov.get("morphable_model") or {}
-    enc = prov.get("encoder") or {}
     rows = [
         {
             "": "morphset version (evaluated / built)",
@@ -816,11 +919,14 @@ def provenance_section(ctx: Context, prov: dict) -> None:
         },
         {"": "morphable model", "value": f"{mm.get('name', '–')} sha256 {mm.get('sha256', '–')}"},
         {"": "landmark error model", "value": f"{em.get('path', 'none')} sha256 {em.get('sha256', '–')}"},
-        {
-            "": "encoder",
-            "value": enc.get("path", "none")
-            + (f" weights sha256 {enc['state_sha256']}" if enc.get("state_sha256") else ""),
-        },
+        *(
+            {
+                "": "encoder" + (f" ({enc['objective']})" if enc.get("objective") else ""),
+                "value": enc["path"]
+                + (f" weights sha256 {enc['state_sha256']}" if enc.get("state_sha256") else ""),
+            }
+            for enc in prov.get("encoders") or [{"path": "none"}]
+        ),
         {
             "": "seeds: evaluate / train / export split salt",
             "value": " / ".join(str(prov["seeds"][k]) for k in ("evaluate", "train", "export_split_salt")),
@@ -883,7 +989,8 @@ def summary_section(ctx: Context, doc: dict) -> None:
     on_of = {"fit": fitted_on}
     if "encoder_split" in doc:
         es = doc["encoder_split"]
-        on_of["encoder"] = es.get("measured_on") or f"{es['split']} split ({es['subjects']} subjects)"
+        for name in ctx.encoders or ["encoder"]:
+            on_of[name] = es.get("measured_on") or f"{es['split']} split ({es['subjects']} subjects)"
     for name, e in doc.get("reconstruction", {}).get("results", {}).items():
         for metric, key in (("Liu error mm", "liu_mean_mm"), ("Genova error mm", "genova_mm")):
             st = e["overall"].get(key, {})
@@ -969,6 +1076,30 @@ def _write_evaluation(out_dir: Path, ev: Evaluation) -> Path:
     return rp.write_report(out_dir, ev.doc, ev.figures, ev.blocks)
 
 
+def encoder_paths(value: str | list[str] | tuple[str, ...] | None) -> list[str]:
+    """``stages.evaluate.encoder``: one trained encoder, several (a list: compared side by side), or none."""
+    if not value:
+        return []
+    paths = [value] if isinstance(value, str) else [str(v) for v in value]
+    seen = [p for i, p in enumerate(paths) if p in paths[:i]]
+    if seen:
+        raise ValueError(f"stages.evaluate.encoder: {seen[0]} is given twice")
+    return paths
+
+
+def encoder_names(encoders: dict[str, Any]) -> list[str]:
+    """Source names of trained encoders (path -> TrainedEncoder): ``encoder`` for one; beside
+    others, ``encoder <objective>`` (the training objective its export records, else the folder's
+    name), with the folder's name added where two share an objective."""
+    if len(encoders) == 1:
+        return ["encoder"]
+    labels = [str(e.config.get("objective") or Path(p).name) for p, e in encoders.items()]
+    return [
+        f"encoder {label}" + (f" ({Path(p).name})" if labels.count(label) > 1 else "")
+        for label, p in zip(labels, encoders, strict=True)
+    ]
+
+
 def compute_evaluation(
     run_root: str,
     manifest: Manifest,
@@ -980,7 +1111,7 @@ def compute_evaluation(
     tables = RunTables(run_root, manifest, storage_options)
     fits = load_fits(tables)
     model, why = load_model(manifest)
-    ctx = Context(run_root, params, fits, model, None, storage_options, tables)
+    ctx = Context(run_root, params, fits, model, {}, storage_options, tables)
     if why:
         ctx.notes.append(why)
     fit_sha = fits_model_sha256(tables)
@@ -1012,20 +1143,21 @@ def compute_evaluation(
         if fit_pairs is not None:
             pair_sets.append(PairSet("fit", fit_pairs, True, fit_on, fit_sources, "pairs.csv"))
 
-    encoder_feats: dict[str, np.ndarray] = {}
-    encoder_ids: list[str] = []
-    encoder_sources = ["encoder c_id", "encoder α_id"]
-    if params.get("encoder"):
+    encoder_feats: dict[str, tuple[list[str], dict[str, np.ndarray]]] = {}
+    paths = encoder_paths(params.get("encoder"))
+    if paths:
         from pipeline.train.inference import load_encoder
 
-        encoder = load_encoder(params["encoder"])
-        if model is not None and encoder.model_sha256 != model.sha256:
-            raise ValueError(
-                f"{params['encoder']}: encoder was trained with morphable model {encoder.model_sha256[:12]}…, "
-                f"this run uses {model.sha256[:12]}…"
-            )
-        encoder.batch_size = params["batch_size"]
-        ctx.encoder = encoder
+        loaded = {path: load_encoder(path) for path in paths}
+        for path, encoder in loaded.items():
+            if model is not None and encoder.model_sha256 != model.sha256:
+                raise ValueError(
+                    f"{path}: encoder was trained with morphable model {encoder.model_sha256[:12]}…, "
+                    f"this run uses {model.sha256[:12]}…"
+                )
+            encoder.batch_size = params["batch_size"]
+        ctx.encoders = dict(zip(encoder_names(loaded), loaded.values(), strict=True))
+        encoder_sources = [f"{name} {feature}" for name in ctx.encoders for feature in ("c_id", "α_id")]
         split = ctx.params.get("encoder_split", "val")
         splits = {"val"} if split == "val" else None
         item_ids, item_subjects = load_export_items(tables, splits)
@@ -1069,20 +1201,23 @@ def compute_evaluation(
         )
         if not ids:
             ctx.notes.append(f"{run_root}/export has no committed shards: encoder predictions skipped")
-            ctx.encoder = None
+            ctx.encoders = {}
         else:
             ctx.crops = dict(zip(ids, crops, strict=True))
-            progress(f"encoder: embedding {len(ids)} crops")
-            encoder_feats = encoder.embed(crops)
-            encoder_ids = ids
-            if model is not None:
-                shapes = identity_vertices(model, encoder_feats["alpha_id"], vertex_subset(model))
-                row_of = ctx.fits.index_of("image_id")
-                subj = np.array([str(ctx.fits["subject"][row_of[i]]) if i in row_of else i for i in ids])
-                ic = identity_consistency(subj, shapes)
-                doc["fit_quality"]["identity_consistency_encoder"] = ic
-                ctx.add("fit-quality", rp.Table([{"source": "encoder α_id", **ic}]))
+            row_of = ctx.fits.index_of("image_id")
+            subj = np.array([str(ctx.fits["subject"][row_of[i]]) if i in row_of else i for i in ids])
+            for name, encoder in ctx.encoders.items():
+                progress(f"{name}: embedding {len(ids)} crops")
+                feats = encoder.embed(crops)
+                encoder_feats[name] = (ids, feats)
+                if model is not None:
+                    shapes = identity_vertices(model, feats["alpha_id"], vertex_subset(model))
+                    ic = identity_consistency(subj, shapes)
+                    key = "identity_consistency_encoder" + ("" if name == "encoder" else f" {name[8:]}")
+                    doc["fit_quality"][key] = ic
+                    ctx.add("fit-quality", rp.Table([{"source": f"{name} α_id", **ic}]))
     else:
+        encoder_sources = ["encoder c_id", "encoder α_id"]
         ctx.notes.append(
             "no trained encoder given (--encoder): encoder predictions and c_id verification skipped"
         )
@@ -1092,9 +1227,7 @@ def compute_evaluation(
 
     progress("verification")
     if pair_sets:
-        doc["verification"] = verification_section(
-            ctx, pair_sets, feature_sources(ctx, encoder_feats, encoder_ids)
-        )
+        doc["verification"] = verification_section(ctx, pair_sets, feature_sources(ctx, encoder_feats))
 
     if truth is not None and model is not None:
         if isinstance(truth, SyntheticTruth) and truth.model_sha256 and truth.model_sha256 != model.sha256:
@@ -1111,6 +1244,7 @@ def compute_evaluation(
         samples = None
         ctx.notes.append("no ground truth given (--ground-truth): reconstruction accuracy not measured")
 
+    doc["encoders"] = encoders_section(ctx, doc, samples)
     doc["provenance"] = provenance(run_root, manifest, params, model, storage_options)
     provenance_section(ctx, doc["provenance"])
     progress("picture sheet")

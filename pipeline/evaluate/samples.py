@@ -9,7 +9,7 @@ failure_reason instead of raising.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -25,13 +25,16 @@ BATCH = 32
 
 @dataclass
 class Predictors:
-    """Where predictions come from: the run's fits (+ model) and optionally an encoder."""
+    """Where predictions come from: the run's fits (+ model) and any trained encoders."""
 
     fits: Frame
     model: MorphableModel
     shape: ShapeBuilder
-    # image ids -> (image_id, identity shape, full shape) for the ids that have a crop; None = no encoder
-    encoder_shapes: Callable[[list[str]], Iterator[tuple[str, np.ndarray, np.ndarray]]] | None = None
+    # per encoder (its source name: "encoder", or "encoder <objective>" beside others): image ids ->
+    # (image_id, identity shape, full shape) for the ids that have a crop
+    encoder_shapes: dict[str, Callable[[list[str]], Iterator[tuple[str, np.ndarray, np.ndarray]]]] = field(
+        default_factory=dict
+    )
 
 
 @dataclass
@@ -167,9 +170,9 @@ def synthetic_samples(p: Predictors, truth: SyntheticTruth) -> Iterator[Sample]:
                 yield Sample(**base, **_no_pred("fit_failed"))
             else:
                 yield Sample(**base, pred=preds[i], pred_triangles=tri, pred_landmarks=preds[i][lm])
-    if p.encoder_shapes is not None:
+    for source, encoder_shapes in p.encoder_shapes.items():
         for ids in _chunks(sorted(gt_first)):
-            batch = list(p.encoder_shapes(ids))
+            batch = list(encoder_shapes(ids))
             js = [gt_first[image_id] for image_id, _, _ in batch]
             full_gt = shape.many(gt["alpha_id"][js], gt["alpha_exp"][js])
             ident_gt = shape.many(gt["alpha_id"][js], None)
@@ -180,7 +183,7 @@ def synthetic_samples(p: Predictors, truth: SyntheticTruth) -> Iterator[Sample]:
                     "image_id": image_id,
                     "gt_triangles": tri,
                     "pred_triangles": tri,
-                    "source": "encoder",
+                    "source": source,
                 }
                 yield Sample(
                     target="full",
@@ -231,10 +234,10 @@ def scan_samples(p: Predictors, truth: ScanTruth) -> Iterator[Sample]:
             else:
                 pred = p.shape(f["alpha_id"][i], f["alpha_exp"][i])
                 yield Sample(source="fit", pred=pred, pred_triangles=tri, pred_landmarks=pred[lm], **base)
-            if p.encoder_shapes is not None:
-                for _, _, full in p.encoder_shapes([key]):
+            for source, encoder_shapes in p.encoder_shapes.items():
+                for _, _, full in encoder_shapes([key]):
                     yield Sample(
-                        source="encoder", pred=full, pred_triangles=tri, pred_landmarks=full[lm], **base
+                        source=source, pred=full, pred_triangles=tri, pred_landmarks=full[lm], **base
                     )
         else:
             base = {
@@ -257,11 +260,11 @@ def scan_samples(p: Predictors, truth: ScanTruth) -> Iterator[Sample]:
                     pred_landmarks=pred[lm],
                     **base,
                 )
-            if p.encoder_shapes is not None:
-                ids = sorted(str(x) for x, s in zip(f["image_id"], f["subject"], strict=True) if s == key)
-                for image_id, ident, _ in p.encoder_shapes(ids):
+            ids = sorted(str(x) for x, s in zip(f["image_id"], f["subject"], strict=True) if s == key)
+            for source, encoder_shapes in p.encoder_shapes.items():
+                for image_id, ident, _ in encoder_shapes(ids):
                     yield Sample(
-                        source="encoder",
+                        source=source,
                         image_id=image_id,
                         pred=ident,
                         pred_triangles=tri,

@@ -57,6 +57,7 @@ def export_encoder(
         "model_sha256": model.sha256,
         "epochs": epochs,
         "identification": params["identification"],
+        "objective": params.get("objective", "liu"),
         "state_sha256": sha256_file(d / STATE_FILE),
     }
     if torchscript:
