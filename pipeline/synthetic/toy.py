@@ -84,7 +84,7 @@ def toy_model(k_id: int = 40, k_exp: int = 10, seed: int = 0, spacing_mm: float 
     z += 24 * np.exp(-(xy[:, 0] ** 2 / (2 * 10**2) + (xy[:, 1] + 2) ** 2 / (2 * 18**2)))
     verts = np.column_stack([xy, z])
     lm = np.argmin(np.sum((xy[None] - TOY_LANDMARKS_XY[:, None]) ** 2, axis=-1), axis=1)
-    if len(set(lm.tolist())) != 68:
+    if len(set(lm.tolist())) != len(TOY_LANDMARKS_XY):
         raise ValueError(f"toy_model: spacing {spacing_mm} mm merges landmark vertices; use a finer grid")
     tri = Delaunay(xy).simplices.astype(np.int64)
     e1, e2 = xy[tri[:, 1]] - xy[tri[:, 0]], xy[tri[:, 2]] - xy[tri[:, 0]]
