@@ -582,3 +582,17 @@ def test_encoders_of_several_objectives_side_by_side(toy, tmp_path):
     assert [e["objective"] for e in doc["provenance"]["encoders"]] == ["liu", "genova"]
     html = (run / "eval" / "report.html").read_text()
     assert "Trained encoders side by side" in html and "encoder genova" in html
+
+
+def test_the_encoder_flag_repeats_and_refuses_one_encoder_twice(toy, tmp_path, monkeypatch, capsys):
+    from pipeline import api
+
+    model, run, gt = toy
+    seen = {}
+    monkeypatch.setattr(api, "evaluate", lambda run, **kw: seen.update(kw) or tmp_path / "report.html")
+    assert main(["evaluate", str(run), "--encoder", "a", "--encoder", "b"]) == 0
+    assert seen["encoder"] == ["a", "b"]
+    monkeypatch.undo()
+    assert main(["evaluate", str(run), "--encoder", str(tmp_path), "--encoder", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "stages.evaluate.encoder" in err and "non-unique" in err

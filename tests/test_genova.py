@@ -120,3 +120,24 @@ def test_the_stream_mirrors_the_landmarks_with_the_image(run):
         assert torch.allclose(b["landmarks"], want)
         mirrored += 1
     assert 0 < mirrored < len(plain)
+
+
+def test_a_flat_appearance_colours_every_vertex_alike(model):
+    """genova_appearance: flat gives every vertex the visible mean of the sampled colours, so
+    renders of two shapes differ in geometry only."""
+    from pipeline.train.genova import GenovaLosses, GenovaSettings
+
+    params = load_manifest().stage_params("train")
+    sampled = GenovaLosses(model, torch.nn.Identity(), GenovaSettings.from_params(params))
+    flat = GenovaLosses(
+        model, torch.nn.Identity(), GenovaSettings.from_params(params | {"genova_appearance": "flat"})
+    )
+    rng = np.random.default_rng(0)
+    image = torch.from_numpy(rng.uniform(-1, 1, (2, 3, 112, 96)).astype(np.float32))
+    vertices = sampled.shapes(torch.zeros(2, model.k_id), torch.zeros(2, model.k_exp))
+    lm3 = vertices[:, sampled.landmarks]
+    points = torch.stack([lm3[..., 0] * 0.6 + 48, -lm3[..., 1] * 0.6 + 56], -1)  # a frontal face in the crop
+    a, b = sampled.input_colours(image, points, vertices), flat.input_colours(image, points, vertices)
+    assert a.std(dim=1).min() > 0.01  # sampled colours vary over the face
+    assert torch.allclose(b, b[:, :1].expand_as(b))  # flat: one colour per image
+    assert not torch.allclose(b[0, 0], b[1, 0])  # each image its own

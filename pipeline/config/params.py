@@ -365,6 +365,8 @@ class TrainParams(StageParams):
     """loopback renders: yaw uniform in +-this, degrees"""
     genova_loopback_pitch_deg: float
     """loopback renders: pitch uniform in +-this, degrees"""
+    genova_appearance: Literal["sampled", "flat"]
+    """colours of the genova renders: sampled = the input crop's colours at the prediction's visible vertices (the hidden ones their mean); flat = every vertex that mean colour, so only the geometry differs between shapes (docs/render.md measures both)"""
     genova_loopback_light: float
     """loopback renders: light level 1 +- this, uniform"""
     target_norm: Literal["minmax", "robust"]

@@ -53,6 +53,7 @@ class GenovaSettings:
     loopback_yaw_deg: float
     loopback_pitch_deg: float
     loopback_light: float
+    appearance: str = "sampled"  # or "flat": every vertex the visible mean colour
 
     @classmethod
     def from_params(cls, p: dict) -> GenovaSettings:
@@ -64,6 +65,7 @@ class GenovaSettings:
             float(p["genova_loopback_yaw_deg"]),
             float(p["genova_loopback_pitch_deg"]),
             float(p["genova_loopback_light"]),
+            str(p.get("genova_appearance", "sampled")),
         )
 
 
@@ -201,7 +203,8 @@ class GenovaLosses(nn.Module):
 
     def input_colours(self, image: Tensor, landmarks: Tensor, vertices: Tensor) -> Tensor:
         """(B, n, 3) linear colours of the input crops (B, 3, H, W in [-1, 1]) at the vertices of
-        ``vertices`` posed as the crops' ``landmarks`` (B, 68, 2) say; hidden ones the visible mean."""
+        ``vertices`` posed as the crops' ``landmarks`` (B, 68, 2) say; hidden ones the visible mean
+        (every vertex that mean with ``appearance`` flat)."""
         with torch.no_grad():
             b, _, h, w = image.shape
             lm3 = vertices[:, self.landmarks].double().cpu().numpy()
@@ -222,6 +225,8 @@ class GenovaLosses(nn.Module):
             colours, visible = vertex_colours(linear, screen, self.triangles, tri_id, normals, 4.0)
             vis = visible[..., None].to(colours.dtype)
             mean = (colours * vis).sum(1, keepdim=True) / vis.sum(1, keepdim=True).clamp(min=1.0)
+            if self.settings.appearance == "flat":
+                return mean.expand_as(colours).contiguous()
             return torch.where(visible[..., None], colours, mean.expand_as(colours))
 
     def loopback(
