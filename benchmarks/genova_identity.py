@@ -50,7 +50,9 @@ def main() -> None:
     model = resolve_morphable_model(m)
     net = load_identity_net(resolve_identity(m.get("models.dlib_embedding") or {})[0])
     losses = GenovaLosses(model, net, GenovaSettings.from_params(m.stage_params("train")))
-    stream = TrainsetStream(scan_trainset(args.run), "train", args.seed, 4096, True, False, ("image_id",), True)
+    stream = TrainsetStream(
+        scan_trainset(args.run), "train", args.seed, 4096, True, False, ("image_id",), True
+    )
     rows = []
     for row in stream:
         rows.append(row)
