@@ -22,6 +22,7 @@ from scipy.spatial.transform import Rotation
 from pipeline.evaluate.reconstruction import NOSE_TIP, Similarity, genova_error, liu_error
 from pipeline.evaluate.shading import render_shaded
 from pipeline.evaluate.verification import verification_report
+from pipeline.landmarks.scheme import IBUG68
 
 
 def face_grid(n: int = 230) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -32,7 +33,7 @@ def face_grid(n: int = 230) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     idx = np.arange(n * n).reshape(n, n)
     a, b, c, d = idx[:-1, :-1].ravel(), idx[:-1, 1:].ravel(), idx[1:, :-1].ravel(), idx[1:, 1:].ravel()
     tri = np.concatenate([np.stack([a, b, d], 1), np.stack([a, d, c], 1)])
-    lm = np.random.default_rng(0).choice(len(v), 68, replace=False)
+    lm = np.random.default_rng(0).choice(len(v), IBUG68.points, replace=False)
     lm[NOSE_TIP] = int(np.argmax(v[:, 2]))
     return v, tri, lm
 

