@@ -497,11 +497,23 @@ def renders_experiment(model, params, out_dir: Path, subjects: int = 30, images:
         return pa.Table.from_pylist(out, schema=landmarks.schema)
 
     exact_over = {"identity_prior_weight": 1.0, "identity_shrinkage": {"common": 0.0, "per_image": 0.0}}
-    for label, table in (
-        ("exact landmark projections of the renders, no noise, sigma 1 mm, weight 1", exact_plus(lambda r: 0.0)),
-        ("the same scenes through the fit's scaled-orthographic camera, no noise, sigma 1 mm, weight 1", orthographic_table()),
+    exact = exact_plus(lambda r: 0.0)
+    for label, table, camera in (
+        ("exact landmark projections of the renders, no noise, sigma 1 mm, weight 1", exact, "orthographic"),
+        ("the same, the fit's camera perspective (stages.fit.camera)", exact, "perspective"),
+        ("the same scenes through the fit's scaled-orthographic camera, no noise, sigma 1 mm, weight 1", orthographic_table(), "orthographic"),
     ):  # fmt: skip
-        rows.append(_ratio_row(label, model, table, by_subject, mean_err, params, uniform(1.0), exact_over))
+        over = exact_over | {"camera": camera}
+        rows.append(_ratio_row(label, model, table, by_subject, mean_err, params, uniform(1.0), over))
+    for label, em, over in (
+        (f"dlib, calibrated prior weight ({w_fixed:g}), camera perspective", fixed, {"identity_prior_weight": None}),
+        ("dlib, calibrated bias by yaw, weight 1, camera perspective", fixed, {"identity_prior_weight": 1.0}),
+    ):  # fmt: skip
+        rows.append(
+            _ratio_row(
+                label, model, landmarks, by_subject, mean_err, params, em, over | {"camera": "perspective"}
+            )
+        )
     sigma = fixed.sigma_mm[:, None]
     bound = exact_plus(lambda r: rng.normal(size=(N_POINTS, 2)) * sigma)
     name = "bound: exact landmarks + independent noise of the calibrated sigma, weight 1"

@@ -111,6 +111,8 @@ def main() -> None:
         }
     )
     settings["error model off"] = {"stages.fit.error_model": False}
+    # the fit's camera: a pinhole per image around the orthographic fit (docs/fit.md)
+    settings["default, perspective camera"] = {"stages.fit.camera": "perspective"}
     results = {}
     for name, extra in settings.items():
         for key, run in runs.items():

@@ -201,6 +201,12 @@ class FitParams(StageParams):
     """identity screening: when a subject's second-largest cluster holds at least this fraction of the largest cluster's images, the subject is two comparable people and all its images are marked identity_ambiguous (none takes part in a fit)"""
     landmarks_table: str
     """the table whose points the fit reads: landmarks (the detector's), or any table with the landmarks schema built before the fit (a stage added to refine the points). The table's shards are part of the fit's fingerprint"""
+    camera: Literal["orthographic", "perspective"]
+    """the fit's camera: orthographic = scaled orthographic (Liu et al.'s; the faces' own perspective distortion is then absorbed by the identity); perspective = a pinhole per image, its distance estimated: the orthographic fit repeated perspective_rounds times on landmarks moved to where that camera would put them (pipeline/fit/perspective.py; fits record camera_distance_mm). Costs perspective_rounds + 1 fits. docs/fit.md measures both"""
+    perspective_rounds: int
+    """camera perspective: refits after the first orthographic one (the first at perspective_start_mm, each later one at the distances the previous fit gives)"""
+    perspective_start_mm: float
+    """camera perspective: the pinhole distance (mm from the face) every image starts from; the same at any image size"""
 
 
 @dataclass(frozen=True)

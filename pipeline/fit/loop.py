@@ -74,8 +74,17 @@ class FitOptions:
     # (common, per_image): a subject's identity scaled by 1 / (1 + common + per_image / M) after
     # the fit (M its images in the identity); (0, 0) = none. See pipeline.fit.identity.shrinkage
     identity_shrinkage: tuple[float, float] = (0.0, 0.0)
+    # orthographic, or perspective: pinholes estimated per image around the orthographic fit
+    # (pipeline.fit.perspective; the stage's fit_landmark_table runs the rounds)
+    camera: str = "orthographic"
+    perspective_rounds: int = 4
+    perspective_start_mm: float = 1000.0
 
     def __post_init__(self) -> None:
+        if self.camera not in ("orthographic", "perspective"):
+            raise ValueError(f"camera: expected orthographic or perspective, got {self.camera!r}")
+        if self.perspective_rounds < 1 or not self.perspective_start_mm > 0:
+            raise ValueError("perspective_rounds must be >= 1 and perspective_start_mm > 0")
         if self.max_iterations < 1:
             raise ValueError(f"max_iterations must be >= 1, got {self.max_iterations}")
         if self.robust_loss not in robust.LOSSES:

@@ -33,6 +33,7 @@ from pipeline.fit.noise import (
     resolve_error_model,
     uniform,
 )
+from pipeline.fit.perspective import best_distance, camera_points, to_orthographic
 from pipeline.fit.xp import get_namespace, resolve_backend
 from pipeline.models.morphable_model import N_LANDMARKS, MorphableModel
 from pipeline.storage.hashing import sha256_file
@@ -65,6 +66,9 @@ def options_from_params(params: dict, error_model: ErrorModel | None = None) -> 
         shape_step=str(params["shape_step"]),
         gauss_newton=bool(params["gauss_newton"]),
         identity_shrinkage=shrinkage_from_params(params.get("identity_shrinkage"), error_model),
+        camera=str(params.get("camera", "orthographic")),
+        perspective_rounds=int(params.get("perspective_rounds", 4)),
+        perspective_start_mm=float(params.get("perspective_start_mm", 1000.0)),
     )
 
 
@@ -195,7 +199,87 @@ def fit_landmark_table(
     shared identity per subject) or ``image`` (every image fitted alone). ``embeddings`` (N, dim),
     NaN rows where missing, with ``screening``: images that are not the subject's person are
     kept out of its identity (:mod:`pipeline.embed.identity`; subject mode only).
+
+    ``opt.camera`` perspective: the scaled-orthographic fit is repeated ``perspective_rounds``
+    times on landmarks moved to where that camera would put them (:mod:`pipeline.fit.perspective`),
+    the first time for pinholes at ``perspective_start_mm``, then at each image's estimated
+    distance, which ``camera_distance_mm`` records.
     """
+
+    def once(t: pa.Table) -> pa.Table:
+        return _fit_once(
+            t, model, opt, lm, backend, min_landmarks, min_spread_px, batch_images, precision,
+            noise, identity, embeddings, screening,
+        )  # fmt: skip
+
+    fits = once(table)
+    if opt.camera != "perspective":
+        return fits
+    observed, _ = parse_landmarks(table)
+    mean, id_basis, exp_basis = (a.astype(np.float64) for a in model.landmark_model())
+    distance = np.full(table.num_rows, float(opt.perspective_start_mm))
+    for rnd in range(opt.perspective_rounds):
+        alpha_id = _matrix(fits.column("alpha_id"), model.k_id)
+        alpha_exp = _matrix(fits.column("alpha_exp"), model.k_exp)
+        rotation = _matrix(fits.column("rotation"), 9).reshape(-1, 3, 3)
+        t = _matrix(fits.column("translation"), 2)
+        scale = fits.column("scale").to_numpy(zero_copy_only=False).astype(np.float64)
+        fitted = (
+            np.isfinite(alpha_id).all(1) & np.isfinite(alpha_exp).all(1) & np.isfinite(rotation).all((1, 2))
+        ) & np.isfinite(scale)
+        cam = camera_points(
+            mean, id_basis, exp_basis, *(np.nan_to_num(a) for a in (alpha_id, alpha_exp, rotation))
+        )
+        t, scale = np.nan_to_num(t), np.nan_to_num(scale)
+        if rnd > 0:
+            distance = np.where(fitted, best_distance(observed, t, scale, cam), distance)
+        moved = to_orthographic(observed, t, cam, np.where(fitted, distance, np.inf))
+        fits = once(_with_landmarks(table, moved))
+    fitted = fits.column("failure_reason").is_null().to_numpy(zero_copy_only=False)
+    recorded = np.where(fitted & np.isfinite(distance), distance, np.nan)
+    column = _float(recorded, np.isfinite(recorded))
+    return fits.set_column(
+        fits.schema.get_field_index("camera_distance_mm"), fits.schema.field("camera_distance_mm"), column
+    )
+
+
+def _matrix(column: pa.ChunkedArray, width: int) -> np.ndarray:
+    """A list column as an (N, width) float64 array, NaN rows where null."""
+    out = np.full((len(column), width), np.nan)
+    for i, v in enumerate(column.to_pylist()):
+        if v is not None:
+            out[i] = v
+    return out
+
+
+def _with_landmarks(table: pa.Table, points: np.ndarray) -> pa.Table:
+    """``table`` with its non-null landmarks replaced by ``points`` (N, L, 2; NaN kept as missing)."""
+    idx = table.schema.get_field_index("landmarks")
+    old = table.column("landmarks").to_pylist()
+    new = [
+        None if o is None else points[i].reshape(-1).astype(np.float32).tolist() for i, o in enumerate(old)
+    ]
+    return table.set_column(
+        idx, table.schema.field("landmarks"), pa.array(new, type=table.schema.field("landmarks").type)
+    )
+
+
+def _fit_once(
+    table: pa.Table,
+    model: MorphableModel,
+    opt: FitOptions,
+    lm: LandmarkModel | None,
+    backend: str,
+    min_landmarks: int,
+    min_spread_px: float,
+    batch_images: int,
+    precision: str,
+    noise: LandmarkNoise | None,
+    identity: str,
+    embeddings: np.ndarray | None,
+    screening: ScreenParams | None,
+) -> pa.Table:
+    """One scaled-orthographic fit of the table (see :func:`fit_landmark_table`)."""
     if identity not in IDENTITY_MODES:
         raise ValueError(f"identity: expected one of {list(IDENTITY_MODES)}, got {identity!r}")
     xp = get_namespace(backend)
@@ -320,6 +404,7 @@ def fit_landmark_table(
         ),
         "objective_history": _var_list(sub["history"][codes_all], iters, hist_valid),
         "failure_reason": pa.array(reasons, type=pa.string()),
+        "camera_distance_mm": pa.nulls(n, pa.float32()),
     }
     out = pa.table(cols)
     meta = {
