@@ -53,7 +53,7 @@ def default_model_mesh() -> tuple[str, np.ndarray, np.ndarray, np.ndarray]:
         from pipeline.models.assets import resolve_morphable_model
 
         m = resolve_morphable_model(load_manifest())
-        return m.name, m.shape(), m.triangles, m.landmarks
+        return m.name, m.shape(), m.triangles, m.landmarks_of(IBUG68).nearest
     except Exception as exc:  # offline machine without the converted model: measure on the grid
         print(f"(default model unavailable: {exc}; using a 230x230 grid)", file=sys.stderr)
         return ("grid-230x230", *face_grid())

@@ -71,7 +71,7 @@ def render_set(model, regions, base, per_bin, textures):
 
 def mean_identity_points(model, row):
     """The 68 landmark vertices of the mean identity with this image's expression, projected."""
-    lm = model.shape(None, np.asarray(row["alpha_exp"]))[model.landmarks]
+    lm = model.landmarks_of(IBUG68).locate(model.shape(None, np.asarray(row["alpha_exp"])))
     cam = Camera(
         np.asarray(row["rotation"]).reshape(3, 3),
         row["scale"],

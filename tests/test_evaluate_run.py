@@ -19,6 +19,8 @@ from pipeline.config.manifest import load_manifest
 from pipeline.config.schemas import from_rows, load_schema
 from pipeline.evaluate import run as evrun
 from pipeline.evaluate.meshes import read_mesh, write_mesh
+from pipeline.landmarks.scheme import IBUG68
+from pipeline.models.correspondence import Correspondence
 from pipeline.models.morphable_model import MorphableModel
 from pipeline.storage.store import ShardStore
 
@@ -53,7 +55,7 @@ def toy_model(n: int = 24, seed: int = 0) -> MorphableModel:
         np.full(K_ID, 3.0, np.float32),
         exp_basis.astype(np.float32),
         np.full(K_EXP, 2.0, np.float32),
-        lm.astype(np.int64),
+        {IBUG68.name: Correspondence.at_vertices(IBUG68.name, lm)},
         tri.astype(np.int64),
         "0" * 64,
     )
@@ -288,7 +290,7 @@ def test_scan_ground_truth_layout(tmp_path, monkeypatch):
         a_id = fits["alpha_id"][list(fits["subject"]).index(s)]
         verts = model.shape(a_id) * 1.1 + 4.0  # a scan in other units/placement: similarity removes it
         write_mesh(verts, model.triangles, scans / f"{s}.ply")
-        np.savetxt(scans / f"{s}.lm.txt", verts[model.landmarks])
+        np.savetxt(scans / f"{s}.lm.txt", model.landmarks_of(IBUG68).locate(verts))
         rows.append(f"{s},,{s}.ply,{s}.lm.txt,")
     (scans / "scans.csv").write_text("\n".join(rows) + "\n")
     params = load_manifest().stage_params("evaluate") | {

@@ -11,6 +11,7 @@ from pipeline.config.schemas import from_rows, load_schema
 from pipeline.fit import stage as fit_stage
 from pipeline.fit.camera import rotation_from_euler_deg
 from pipeline.fit.perspective import DISTANCE_GRID_MM, best_distance, pinhole_offsets, to_orthographic
+from pipeline.landmarks.scheme import IBUG68
 
 MODEL = {"k_id": 16, "k_exp": 6, "seed": 2}  # the toy model (conftest.py)
 
@@ -34,7 +35,7 @@ def test_points_seen_by_a_pinhole_go_back_to_the_orthographic_camera():
 def _pinhole_table(model, distance_mm: float, subjects: int = 4, images: int = 6, seed: int = 0):
     """Landmarks of toy faces seen by pinholes ``distance_mm`` away, and the true identities."""
     rng = np.random.default_rng(seed)
-    lm_mean, idb, expb = model.landmark_model()
+    lm_mean, idb, expb = model.landmark_model(IBUG68)
     rows, truth = [], {}
     for s in range(subjects):
         a_id = rng.standard_normal(model.k_id) * model.id_std

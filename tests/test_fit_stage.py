@@ -12,6 +12,7 @@ from pipeline.config.schemas import from_rows, load_schema
 from pipeline.core.runner import process_shard
 from pipeline.fit import stage as fit_stage
 from pipeline.fit.loop import FitOptions
+from pipeline.landmarks.scheme import IBUG68
 from pipeline.storage.run import Run
 from pipeline.storage.store import ShardStore
 from pipeline.synthetic.toy import synthesize
@@ -100,7 +101,7 @@ def test_fits_table_conforms_and_records_every_outcome(model):
 def test_translation_and_rotation_reproduce_the_landmarks_in_image_pixels(model):
     rows, _ = landmarks_table(model, n_subjects=1, n_images=2, noise=0.0)
     out = fit_stage.fit_landmark_table(to_table(rows), model, FitOptions(robust_loss="none")).to_pylist()
-    mean, idb, expb = (a.astype(np.float64) for a in model.landmark_model())
+    mean, idb, expb = (a.astype(np.float64) for a in model.landmark_model(IBUG68))
     for row, src in zip(out, rows, strict=True):
         X = mean + idb @ np.asarray(row["alpha_id"]) + expb @ np.asarray(row["alpha_exp"])
         R = np.asarray(row["rotation"]).reshape(3, 3)

@@ -22,7 +22,7 @@ from pipeline.fit.noise import (
     resolve_error_model,
     uniform,
 )
-from pipeline.models.morphable_model import N_LANDMARKS
+from pipeline.landmarks.base import N_POINTS as N_LANDMARKS
 from pipeline.synthetic.toy import synthesize
 
 MODEL = {"k_id": 20, "k_exp": 8, "seed": 1}  # the model fixture (conftest.py)

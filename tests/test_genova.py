@@ -135,7 +135,7 @@ def test_a_flat_appearance_colours_every_vertex_alike(model):
     rng = np.random.default_rng(0)
     image = torch.from_numpy(rng.uniform(-1, 1, (2, 3, 112, 96)).astype(np.float32))
     vertices = sampled.shapes(torch.zeros(2, model.k_id), torch.zeros(2, model.k_exp))
-    lm3 = vertices[:, sampled.landmarks]
+    lm3 = sampled.landmarks.locate(vertices)
     points = torch.stack([lm3[..., 0] * 0.6 + 48, -lm3[..., 1] * 0.6 + 56], -1)  # a frontal face in the crop
     a, b = sampled.input_colours(image, points, vertices), flat.input_colours(image, points, vertices)
     assert a.std(dim=1).min() > 0.01  # sampled colours vary over the face

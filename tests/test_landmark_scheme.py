@@ -63,15 +63,31 @@ def test_an_unknown_scheme_name_lists_the_packaged_ones():
         load_scheme("wflw98")
 
 
+def five_point_map(tmp_path, model):
+    """An eos-format mapping of FIVE onto ``model``: the eye centres halfway between iBUG's eye
+    corners (barycentric points, between vertices), the nose tip and mouth corners on vertices."""
+    ibug = model.landmarks_of(IBUG68).nearest
+    lines = ["[landmark_mappings]  # five points, 1-based, as eos writes them"]
+    for k, (a, b) in enumerate(((36, 39), (42, 45)), 1):
+        lines.append(f"{k} = {ibug[a]}:0.5 {ibug[b]}:0.5 {ibug[b]}:0.0  # an eye centre")
+    lines += [f"3 = {ibug[30]}", f"4 = {ibug[48]}", f"5 = {ibug[54]}  # a mouth corner"]
+    path = tmp_path / "five_to_model.txt"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
 def test_a_five_point_scheme_from_a_file_fits_renders_end_to_end(tmp_path):
-    """A scheme the project does not ship (5 points: eye corners, nose tip, mouth corners), its
-    model vertices given, fitted by the same solver to renders' true 5 points: the pose comes back."""
+    """A scheme the project does not ship (5 points: eye centres, nose tip, mouth corners) and its
+    map onto the default model (two points between vertices) from data files, added through the
+    manifest, fitted by the same solver to renders' true 5 points: the pose comes back."""
     import array_api_compat.numpy as anp
     import pyarrow.parquet as pq
+    import yaml
 
     from pipeline.fit.loop import FitOptions, fit_subjects, prepare_model
     from pipeline.fit.noise import prepare_noise, uniform
     from pipeline.models.assets import resolve_morphable_model
+    from pipeline.models.morphable_model import ModelError
     from pipeline.synthetic.synth import synthesize
 
     path = tmp_path / "five.yaml"
@@ -90,10 +106,19 @@ def test_a_five_point_scheme_from_a_file_fits_renders_end_to_end(tmp_path):
         yaw_range=[-30, 30],
     )
     rows = pq.read_table(out / "ground_truth.parquet").to_pylist()
-    model = resolve_morphable_model(manifest)
-    ibug = [36, 45, 30, 48, 54]  # the five points' iBUG numbers: the model's vertices for them
-    lm = prepare_model(model, anp, scheme=five, vertices=model.landmarks[ibug])
-    pts = np.array([np.reshape(r["landmarks_2d"], (68, 2))[ibug] for r in rows])  # (M, 5, 2) px
+    plain = resolve_morphable_model(manifest)
+    with pytest.raises(ModelError, match=r"has no landmark map of scheme 'five' \(it has \['ibug68'\]\)"):
+        prepare_model(plain, anp, scheme=five)
+    user = tmp_path / "manifest.yaml"
+    entry = {"scheme": str(path), "file": str(five_point_map(tmp_path, plain))}
+    user.write_text(yaml.safe_dump({"models": {"morphable_model": {"landmark_maps": {"five": entry}}}}))
+    model = resolve_morphable_model(load_manifest(user))
+    assert sorted(model.landmark_maps) == ["five", "ibug68"] and model.sha256 != plain.sha256
+    lm = prepare_model(model, anp, scheme=five)
+    ibug = [[36, 39], [42, 45], [30], [48], [54]]  # the iBUG points each of the five stands for
+    pts = np.array(
+        [[np.reshape(r["landmarks_2d"], (68, 2))[i].mean(0) for i in ibug] for r in rows]
+    )  # (M, 5, 2) px
     v = np.swapaxes(pts, -1, -2)[None].copy()  # (1, M, 2, 5)
     v[..., 1, :] *= -1.0  # y up
     w = np.ones((1, len(rows), 5))
@@ -107,7 +132,12 @@ def test_a_five_point_scheme_from_a_file_fits_renders_end_to_end(tmp_path):
     # the renders' pinhole magnifies the face (in front of the model origin) by D / (D - z); five
     # points tell a larger face from a nearer one only through the identity prior: within 12 %
     depth = [
-        np.mean((np.reshape(r["landmarks_3d"], (68, 3))[ibug] @ np.reshape(r["rotation"], (3, 3)).T)[:, 2])
+        np.mean(
+            (
+                np.reshape(r["landmarks_3d"], (68, 3))[[36, 39, 42, 45, 30, 48, 54]]
+                @ np.reshape(r["rotation"], (3, 3)).T
+            )[:, 2]
+        )
         for r in rows
     ]
     true_scale = np.array(
@@ -118,7 +148,26 @@ def test_a_five_point_scheme_from_a_file_fits_renders_end_to_end(tmp_path):
     )
     assert np.all(np.abs(fits.result.scale[0] / true_scale - 1) < 0.12), (fits.result.scale[0], true_scale)
     assert np.all(fits.nme[0] < 0.05)  # the five points reprojected within 5 % of the eye distance
-    with pytest.raises(ValueError, match="landmark scheme 'five' has 5 points, got 4 vertices"):
-        prepare_model(model, anp, scheme=five, vertices=model.landmarks[ibug[:4]])
     with pytest.raises(ValueError, match="contour marching is defined for iBUG-68 only"):
-        prepare_model(model, anp, contour=True, scheme=five, vertices=model.landmarks[ibug])
+        prepare_model(model, anp, contour=True, scheme=five)
+
+
+def test_a_barycentric_map_interpolates_the_model_linearly(tmp_path):
+    """A point between vertices is the weighted mean of its corners on every shape, so the model
+    restricted to it (mean and bases) is the same weighted mean: the linear solver stays exact."""
+    from pipeline.models.correspondence import read_mapping
+    from pipeline.synthetic.toy import toy_model
+
+    path = tmp_path / "five.yaml"
+    path.write_text(FIVE)
+    five = load_scheme(path)
+    model = toy_model(k_id=6, k_exp=3)
+    model = model.with_landmarks(read_mapping(five_point_map(tmp_path, model), five))
+    c = model.landmarks_of(five)
+    assert not c.on_vertices and c.points == 5
+    a_id, a_exp = np.linspace(-1, 1, model.k_id), np.linspace(1, -1, model.k_exp)
+    mean, idb, expb = model.landmark_model(five)
+    direct = mean + idb @ a_id + expb @ a_exp
+    np.testing.assert_allclose(direct, c.locate(model.shape(a_id, a_exp)), atol=1e-4)
+    ibug = model.landmarks_of(IBUG68).locate(model.shape(a_id, a_exp))
+    np.testing.assert_allclose(direct[0], ibug[[36, 39]].mean(0), atol=1e-4)

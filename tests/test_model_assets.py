@@ -12,12 +12,14 @@ import numpy as np
 import pytest
 
 from pipeline.config.manifest import load_manifest
+from pipeline.landmarks.scheme import IBUG68
 from pipeline.models.assets import (
     _PREFIX,
     build_from_pypi,
     load_model_entry,
     whitening_arrays,
 )
+from pipeline.models.correspondence import Correspondence
 from pipeline.models.morphable_model import ModelError, MorphableModel, load_npz
 from pipeline.models.triangulation import face_normals
 from pipeline.storage.hashing import sha256_file
@@ -36,7 +38,7 @@ def test_default_model_sizes_units_and_provenance(model):
 
 def test_landmarks_land_on_the_expected_face_regions(model):
     v = model.shape()
-    lm = v[model.landmarks]
+    lm = model.landmarks_of(IBUG68).locate(v)
     assert 80 < np.linalg.norm(lm[36] - lm[45]) < 92  # outer eye corners ~86 mm apart
     assert lm[30, 2] >= v[:, 2].max() - 2.0  # nose tip is (within 2 mm of) the most frontal point
     assert lm[8, 1] < lm[57, 1] < lm[33, 1] < lm[27, 1]  # chin below mouth below nose below brows
@@ -48,7 +50,9 @@ def test_triangles_have_outward_normals_over_the_face(model):
     n = face_normals(v, model.triangles)
     n /= np.linalg.norm(n, axis=1, keepdims=True)
     centres = v[model.triangles].mean(axis=1)
-    front = (np.abs(centres[:, 0]) < 35) & (np.abs(centres[:, 1] - v[model.landmarks[30], 1]) < 40)
+    front = (np.abs(centres[:, 0]) < 35) & (
+        np.abs(centres[:, 1] - model.landmarks_of(IBUG68).locate(v)[IBUG68.named["nose_tip"], 1]) < 40
+    )
     assert front.sum() > 5000
     assert (n[front, 2] > 0).mean() > 0.99
     assert len(np.unique(model.triangles)) > 0.95 * model.n_vertices
@@ -152,7 +156,7 @@ def test_npz_errors_name_the_file(tmp_path, model):
     corrupt.write_bytes(b"PK\x03\x04 truncated")
     with pytest.raises(ModelError, match="corrupt.npz: cannot read"):
         load_npz(corrupt)
-    with pytest.raises(ModelError, match="landmark vertex index out of range"):
+    with pytest.raises(ModelError, match="landmark vertex index of 'ibug68' out of range"):
         MorphableModel(
             "bad",
             model.mean,
@@ -160,7 +164,7 @@ def test_npz_errors_name_the_file(tmp_path, model):
             model.id_std,
             model.exp_basis,
             model.exp_std,
-            np.full(68, model.n_vertices, np.int64),
+            {"ibug68": Correspondence.at_vertices("ibug68", np.full(68, model.n_vertices))},
             model.triangles,
             "x",
         )
@@ -169,15 +173,24 @@ def test_npz_errors_name_the_file(tmp_path, model):
 def test_the_documented_model_hash_is_reproducible_from_the_npz(model):
     """docs/trainset.md: morphset.model.sha256 from the .npz's arrays, as the manifest records it."""
     import hashlib
+    import io
 
     import numpy as np
 
-    from pipeline.models.assets import cache_path
-
-    m = load_manifest()
-    entry = m.model("morphable_model")
-    with np.load(cache_path(entry, m.cache_dir), allow_pickle=False) as z:
-        h = hashlib.sha256()
-        for k in ("mean", "id_basis", "id_std", "exp_basis", "exp_std", "landmarks"):
-            h.update(np.ascontiguousarray(z[k]).tobytes())
-    assert h.hexdigest() == model.sha256 == entry["content_sha256"]
+    entry = load_manifest().model("morphable_model")
+    five = Correspondence(
+        "five", np.array([[1, 2, 3]] * 5), np.array([[0.2, 0.3, 0.5]] * 5)
+    )  # a second map, between vertices, as a user's landmark_maps adds one
+    for m in (model, model.with_landmarks(five)):
+        with np.load(io.BytesIO(m.to_npz_bytes()), allow_pickle=False) as z:  # the exported file
+            h = hashlib.sha256()
+            for k in ("mean", "id_basis", "id_std", "exp_basis", "exp_std"):
+                h.update(np.ascontiguousarray(z[k]).tobytes())
+            for name in sorted(k.split("__")[1] for k in z.files if k.endswith("__vertices")):
+                v, w = z[f"landmarks__{name}__vertices"], z[f"landmarks__{name}__weights"]
+                if np.all(w[:, 0] == 1.0):
+                    h.update(np.ascontiguousarray(v[:, 0], np.int64).tobytes())
+                else:
+                    h.update(name.encode() + b"\0" + hashlib.sha256(v.tobytes() + w.tobytes()).digest())
+        assert h.hexdigest() == m.sha256
+    assert model.sha256 == entry["content_sha256"]

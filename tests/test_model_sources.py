@@ -9,6 +9,7 @@ import pytest
 import scipy.io
 
 from pipeline.config.manifest import load_manifest
+from pipeline.landmarks.scheme import IBUG68
 from pipeline.models.assets import load_model_entry
 from pipeline.models.morphable_model import ModelError, load_npz, sha256_file
 from pipeline.models.sources import (
@@ -83,7 +84,7 @@ def test_bfm2009_units_bases_and_priors(bfm2009):
     m = load_bfm2009(files["shape"], files["exp"], files["lm"])
     assert (m.n_vertices, m.k_id, m.k_exp) == (N_SIDE**2, 5, 3)
     np.testing.assert_allclose(m.shape(), raw["v"], atol=1e-3)  # micrometres -> mm, mean expression folded in
-    np.testing.assert_array_equal(m.landmarks, raw["lm"])
+    np.testing.assert_array_equal(m.landmarks_of(IBUG68).nearest, raw["lm"])
     np.testing.assert_allclose(np.linalg.norm(m.id_basis, axis=0), 1.0, rtol=1e-5)
     # a one-standard-deviation sample is the same shape as in the file's own parametrisation
     for k in range(5):
@@ -260,7 +261,7 @@ def test_manifest_entry_converts_once_into_the_cache_and_checks_sha(bfm2009, tmp
     lm2[0] = (lm2[0] + 1) % (N_SIDE**2)
     files["lm"].write_text(" ".join(map(str, lm2)))
     m3 = load_model_entry(entry, cache)
-    assert m3.landmarks[0] == lm2[0] and m3.source_sha256 != m1.source_sha256
+    assert m3.landmarks_of(IBUG68).nearest[0] == lm2[0] and m3.source_sha256 != m1.source_sha256
     with pytest.raises(ModelError, match="01_MorphableModel.mat: sha256 .* does not match"):
         load_user_model({**entry, "sha256": "0" * 64})
     with pytest.raises(ModelError, match="models.morphable_model.expression: required for BFM 2009"):
@@ -279,7 +280,7 @@ def test_eos_style_mapping_files(tmp_path):
     np.testing.assert_array_equal(load_landmark_indices(p), lm)
     p.write_text("\n".join(f"{i + 1} = {v}" for i, v in enumerate(lm) if i >= 17))
     # the jaw but the chin may be left out (eos leaves it to its contour files); the chin may not
-    with pytest.raises(ModelError, match=r"lacks iBUG landmarks \[9\] \(1-based\)"):
+    with pytest.raises(ModelError, match=r"lacks points \[9\] \(1-based\) of scheme 'ibug68'"):
         load_landmark_indices(p)
 
 
@@ -293,27 +294,30 @@ def test_an_eos_mapping_file_without_contour_points_is_read_and_the_jaw_placed_o
     files["lm"].write_text("\n".join(lines) + "\n")
     m = load_bfm2009(files["shape"], files["exp"], files["lm"])
     keep = [i for i in range(68) if i not in contour]
-    np.testing.assert_array_equal(m.landmarks[keep], lm[keep])  # the mapped points as given
+    np.testing.assert_array_equal(
+        m.landmarks_of(IBUG68).nearest[keep], lm[keep]
+    )  # the mapped points as given
     v = m.shape().reshape(-1, 3)
-    placed = v[m.landmarks]
+    placed = v[m.landmarks_of(IBUG68).nearest]
     right, left = placed[:8], placed[9:17][::-1]  # each from the top of the jaw towards the chin
     # on the outline: the outermost vertex in front of the ears at its height, mirrored on the two sides
     assert np.all(right[:, 0] < -60) and np.all(left[:, 0] > 60)
     np.testing.assert_allclose(right[:, 0], -left[:, 0])
-    eye_z = v[m.landmarks[[36, 45]], 2].mean()
+    eye_z = v[m.landmarks_of(IBUG68).nearest[[36, 45]], 2].mean()
     for p in right:
         level = (np.abs(v[:, 1] - p[1]) < 1e-6) & (v[:, 2] > eye_z - 35.0)
         assert p[0] == v[level, 0].min()
     # descending towards the chin (the 14-row test grid repeats heights at its bottom)
     assert np.all(np.diff(right[:, 1]) <= 0) and right[0, 1] - right[-1, 1] > 80
-    assert right[0, 1] < v[m.landmarks[36], 1] and right[-1, 1] > v[m.landmarks[8], 1]
+    assert (
+        right[0, 1] < v[m.landmarks_of(IBUG68).nearest[36], 1]
+        and right[-1, 1] > v[m.landmarks_of(IBUG68).nearest[8], 1]
+    )
 
 
 def test_an_eos_mapping_missing_a_non_contour_point_names_it(bfm2009):
     files, truth = bfm2009
     lm = truth["lm"]
     files["lm"].write_text("\n".join(f"{i + 1} = {lm[i]}" for i in range(68) if i not in (0, 30)) + "\n")
-    with pytest.raises(
-        ModelError, match=r"landmarks\.txt: landmark indices: the mapping lacks iBUG landmarks \[31\]"
-    ):
+    with pytest.raises(ModelError, match=r"landmarks\.txt: the mapping lacks points \[31\] \(1-based\)"):
         load_bfm2009(files["shape"], files["exp"], files["lm"])

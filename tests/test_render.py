@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from pipeline.fit.camera import rotation_from_euler_deg
+from pipeline.landmarks.scheme import IBUG68
 from pipeline.synthetic import render as R
 
 MODEL = "default"  # the model fixture (conftest.py)
@@ -13,14 +14,14 @@ MODEL = "default"  # the model fixture (conftest.py)
 
 @pytest.fixture(scope="module")
 def regions(model):
-    return R.face_regions(model.shape(), model.landmarks)
+    return R.face_regions(model.shape(), model.landmarks_of(IBUG68))
 
 
 def _render(model, regions, seed: int, yaw: float, size: int = 250, supersample: int = 2):
     rng = np.random.default_rng(seed)
     v = model.shape(rng.standard_normal(model.k_id) * model.id_std)
     rot = rotation_from_euler_deg(yaw, 0.0, 0.0)
-    lm = v[model.landmarks]
+    lm = model.landmarks_of(IBUG68).locate(v)
     f = 0.45 * size / np.ptp(lm[:, 1])
     c = R.Camera(rot, f, np.zeros(2)).project(lm).mean(axis=0)
     cam = R.Camera(rot, f, np.array([size / 2, size / 2]) - c)
@@ -29,7 +30,7 @@ def _render(model, regions, seed: int, yaw: float, size: int = 250, supersample:
         v,
         model.triangles,
         albedo,
-        model.landmarks,
+        model.landmarks_of(IBUG68),
         cam,
         R.sample_lighting(rng),
         R.sample_background(rng, size, size),

@@ -12,6 +12,7 @@ import pytest
 from pipeline.cli import main
 from pipeline.config.manifest import load_manifest
 from pipeline.config.schemas import check_version, load_schema
+from pipeline.landmarks.scheme import IBUG68
 from pipeline.synthetic.synth import synthesize
 
 
@@ -98,7 +99,7 @@ def test_landmarks_3d_are_the_model_shape(synth_dir):
     model = resolve_morphable_model(load_manifest())
     r = pq.read_table(out / "ground_truth.parquet").slice(5, 1).to_pylist()[0]
     shape = model.shape(np.asarray(r["alpha_id"]), np.asarray(r["alpha_exp"]))
-    assert np.allclose(shape[model.landmarks].reshape(-1), r["landmarks_3d"], atol=1e-3)
+    assert np.allclose(model.landmarks_of(IBUG68).locate(shape).reshape(-1), r["landmarks_3d"], atol=1e-3)
 
 
 @pytest.mark.slow

@@ -12,6 +12,7 @@ import pytest
 from pipeline import api
 from pipeline.config.manifest import load_manifest
 from pipeline.fit.camera import rotation_from_euler_deg
+from pipeline.landmarks.scheme import IBUG68
 from pipeline.synthetic.render import (
     Camera,
     Lighting,
@@ -67,7 +68,7 @@ def test_mirror_partners_are_symmetric(model):
     back = mirror[mirror[has]]
     assert np.mean(back == np.flatnonzero(has)) > 0.9
     v = model.shape()
-    mid = np.mean(v[model.landmarks[27:36], 0])
+    mid = np.mean(model.landmarks_of(IBUG68).locate(v)[IBUG68.group("nose"), 0])
     # a partner sits across the midline: x reflected, y and z kept
     d = v[mirror[has]] - v[has] * [-1, 1, 1] - [2 * mid, 0, 0]
     assert np.median(np.linalg.norm(d, axis=1)) < 1.5
@@ -90,7 +91,7 @@ def test_extract_texture_recovers_a_rendered_albedo(model):
     from the render: where the photo sees the face, the texture is the albedo (up to the overall
     exposure), and the shading of a side light is divided out."""
     tri = model_face_triangles(model)
-    regions = face_regions(model.shape(), model.landmarks, model.triangles)
+    regions = face_regions(model.shape(), model.landmarks_of(IBUG68), model.triangles)
     albedo = paint_albedo(regions, sample_appearance(np.random.default_rng(3)))
     vertices = model.shape()
     camera = Camera(rotation_from_euler_deg(10.0, 0.0, 0.0), 1.4, np.array([160.0, 170.0]))
@@ -101,7 +102,9 @@ def test_extract_texture_recovers_a_rendered_albedo(model):
         specular=0.0,
     )
     bg = np.full((320, 320, 3), 40, np.uint8)
-    photo = render_face(vertices, tri, albedo, model.landmarks, camera, light, bg, supersample=2).image
+    photo = render_face(
+        vertices, tri, albedo, model.landmarks_of(IBUG68), camera, light, bg, supersample=2
+    ).image
     got, coverage, skin, face = extract_texture(model, tri, photo, vertices, camera, mirror_vertices(model))
     seen = coverage > 0.9
     assert seen.sum() > 5000 and face.any() and not face.all()

@@ -22,11 +22,15 @@ import functools
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pyarrow as pa
 import yaml
 
 from pipeline.config.data import data_root
+
+if TYPE_CHECKING:
+    from pipeline.landmarks.scheme import LandmarkScheme
 
 SCHEMA_DIR = data_root() / "schemas"
 META_SCHEMA_NAME = b"morphset.schema"
@@ -245,6 +249,20 @@ def _check_scheme_size(scheme_name: str, typ: pa.DataType, where: str) -> None:
             f"{where}: a column of landmark scheme {scheme_name!r} ({points} points) must be a fixed-size "
             f"list of {points}, {2 * points} or {3 * points} values, got {typ}"
         )
+
+
+def column_scheme(schema: pa.Schema, column: str) -> LandmarkScheme:
+    """The landmark scheme the points of ``column`` follow (its field metadata; a column without
+    one, as in tables made by hand, is iBUG-68, the scheme of the shipped detectors)."""
+    from pipeline.landmarks.scheme import IBUG68, SchemeError, load_scheme
+
+    name = (schema.field(column).metadata or {}).get(FIELD_SCHEME)
+    if name is None:
+        return IBUG68
+    try:
+        return load_scheme(name.decode())
+    except SchemeError as exc:
+        raise SchemaError(f"column {column!r}: {exc}") from None
 
 
 def check_version(

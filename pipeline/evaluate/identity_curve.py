@@ -23,6 +23,7 @@ import pyarrow as pa
 
 from pipeline.evaluate.bootstrap import ci95_ratio
 from pipeline.evaluate.reconstruction import liu_error, similarity_transform
+from pipeline.landmarks.scheme import IBUG68
 from pipeline.models.morphable_model import MorphableModel
 
 M_VALUES = (1, 2, 4, 8)
@@ -118,10 +119,10 @@ def identity_curve(
     )
     rng = np.random.default_rng(seed)
     mean = identity_shape(model, np.zeros(model.k_id))
-    lm = model.landmarks
+    at = model.landmarks_of(IBUG68).locate
     truth = {s: identity_shape(model, a) for s, a in true_alpha.items()}
     baseline = {
-        s: (all_vertex_error(mean, g), liu_error(mean, g, mean[lm], g[lm], crop_radius_mm).mean_mm)
+        s: (all_vertex_error(mean, g), liu_error(mean, g, at(mean), at(g), crop_radius_mm).mean_mm)
         for s, g in truth.items()
     }
     points = []
@@ -145,7 +146,7 @@ def identity_curve(
                 a = np.zeros(model.k_id)
             pred, g = identity_shape(model, a), truth[s]
             fit_all.append(all_vertex_error(pred, g))
-            fit_liu.append(liu_error(pred, g, pred[lm], g[lm], crop_radius_mm).mean_mm)
+            fit_liu.append(liu_error(pred, g, at(pred), at(g), crop_radius_mm).mean_mm)
             base_all.append(baseline[s][0])
             base_liu.append(baseline[s][1])
         points.append(

@@ -19,7 +19,7 @@ from pipeline.config.schemas import META_SCHEMA_NAME, check_version, load_schema
 from pipeline.core.tables import RunTables
 from pipeline.evaluate.frame import Frame
 from pipeline.imaging.crops import decode_crop
-from pipeline.models.morphable_model import N_LANDMARKS
+from pipeline.landmarks.base import N_POINTS as N_LANDMARKS
 
 GT_REQUIRED = ("image_id", "subject", "alpha_id", "alpha_exp", "yaw")
 GT_MODEL_SHA_KEYS = (b"morphset.model.sha256", b"morphset.model_sha256")

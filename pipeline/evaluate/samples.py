@@ -18,6 +18,7 @@ from pipeline.evaluate.frame import Frame
 from pipeline.evaluate.inputs import ScanTruth, SyntheticTruth, read_landmarks_3d
 from pipeline.evaluate.meshes import ShapeBuilder, read_mesh
 from pipeline.evaluate.reconstruction import genova_error, liu_error, yaw_bin
+from pipeline.landmarks.scheme import IBUG68
 from pipeline.models.morphable_model import MorphableModel
 
 BATCH = 32
@@ -118,7 +119,7 @@ def synthetic_samples(p: Predictors, truth: SyntheticTruth) -> Iterator[Sample]:
     """Fit (and encoder) predictions, and the mean shape as a baseline, against shapes rebuilt from
     the synthetic coefficients. Shapes are built in batches (see :class:`ShapeBuilder`)."""
     f, gt, shape = p.fits, truth.table, p.shape
-    lm, tri = p.model.landmarks, p.model.triangles
+    at, tri = p.model.landmarks_of(IBUG68).locate, p.model.triangles
     row_of = f.index_of("image_id")
     fitted_subject = _fitted_by(p.fits, "subject")
     gt_first = gt.index_of("image_id")
@@ -135,7 +136,7 @@ def synthetic_samples(p: Predictors, truth: SyntheticTruth) -> Iterator[Sample]:
                 "image_id": str(gt["image_id"][j]),
                 "gt": full_gt[k],
                 "gt_triangles": tri,
-                "gt_landmarks": full_gt[k][lm],
+                "gt_landmarks": at(full_gt[k]),
                 "yaw": float(gt["yaw"][j]),
                 "expression_level_mm": float(levels[k]),
                 "source": "fit",
@@ -146,10 +147,10 @@ def synthetic_samples(p: Predictors, truth: SyntheticTruth) -> Iterator[Sample]:
             elif i not in preds:
                 yield Sample(**base, **_no_pred("fit_failed"))
             else:
-                yield Sample(**base, pred=preds[i], pred_triangles=tri, pred_landmarks=preds[i][lm])
+                yield Sample(**base, pred=preds[i], pred_triangles=tri, pred_landmarks=at(preds[i]))
             # baseline: the model's mean shape for every image (what a fit must beat)
             yield Sample(
-                **{**base, "source": "mean shape"}, pred=mean, pred_triangles=tri, pred_landmarks=mean[lm]
+                **{**base, "source": "mean shape"}, pred=mean, pred_triangles=tri, pred_landmarks=at(mean)
             )
     for subjects in _chunks(sorted(gt.index_of("subject").items())):
         ident_gt = shape.many(gt["alpha_id"][[j for _, j in subjects]], None)
@@ -162,14 +163,14 @@ def synthetic_samples(p: Predictors, truth: SyntheticTruth) -> Iterator[Sample]:
                 "image_id": None,
                 "gt": ident_gt[k],
                 "gt_triangles": tri,
-                "gt_landmarks": ident_gt[k][lm],
+                "gt_landmarks": at(ident_gt[k]),
                 "source": "fit",
                 "target": "identity",
             }
             if i is None:
                 yield Sample(**base, **_no_pred("fit_failed"))
             else:
-                yield Sample(**base, pred=preds[i], pred_triangles=tri, pred_landmarks=preds[i][lm])
+                yield Sample(**base, pred=preds[i], pred_triangles=tri, pred_landmarks=at(preds[i]))
     for source, encoder_shapes in p.encoder_shapes.items():
         for ids in _chunks(sorted(gt_first)):
             batch = list(encoder_shapes(ids))
@@ -188,9 +189,9 @@ def synthetic_samples(p: Predictors, truth: SyntheticTruth) -> Iterator[Sample]:
                 yield Sample(
                     target="full",
                     pred=full,
-                    pred_landmarks=full[lm],
+                    pred_landmarks=at(full),
                     gt=full_gt[k],
-                    gt_landmarks=full_gt[k][lm],
+                    gt_landmarks=at(full_gt[k]),
                     yaw=float(gt["yaw"][j]),
                     expression_level_mm=float(levels[k]),
                     **common,
@@ -198,9 +199,9 @@ def synthetic_samples(p: Predictors, truth: SyntheticTruth) -> Iterator[Sample]:
                 yield Sample(
                     target="identity",
                     pred=ident,
-                    pred_landmarks=ident[lm],
+                    pred_landmarks=at(ident),
                     gt=ident_gt[k],
-                    gt_landmarks=ident_gt[k][lm],
+                    gt_landmarks=at(ident_gt[k]),
                     **common,
                 )
 
@@ -208,7 +209,7 @@ def synthetic_samples(p: Predictors, truth: SyntheticTruth) -> Iterator[Sample]:
 def scan_samples(p: Predictors, truth: ScanTruth) -> Iterator[Sample]:
     """Fit (and encoder) predictions against user-supplied scans (different topology)."""
     model, f = p.model, p.fits
-    lm, tri = model.landmarks, model.triangles
+    at, tri = model.landmarks_of(IBUG68).locate, model.triangles
     by_image, by_subject = _fitted_by(p.fits, "image_id"), _fitted_by(p.fits, "subject")
     row_of = p.fits.index_of("image_id")
     for r in truth.rows:
@@ -233,11 +234,11 @@ def scan_samples(p: Predictors, truth: ScanTruth) -> Iterator[Sample]:
                 yield Sample(source="fit", **base, **_no_pred("fit_failed"))
             else:
                 pred = p.shape(f["alpha_id"][i], f["alpha_exp"][i])
-                yield Sample(source="fit", pred=pred, pred_triangles=tri, pred_landmarks=pred[lm], **base)
+                yield Sample(source="fit", pred=pred, pred_triangles=tri, pred_landmarks=at(pred), **base)
             for source, encoder_shapes in p.encoder_shapes.items():
                 for _, _, full in encoder_shapes([key]):
                     yield Sample(
-                        source=source, pred=full, pred_triangles=tri, pred_landmarks=full[lm], **base
+                        source=source, pred=full, pred_triangles=tri, pred_landmarks=at(full), **base
                     )
         else:
             base = {
@@ -257,7 +258,7 @@ def scan_samples(p: Predictors, truth: ScanTruth) -> Iterator[Sample]:
                     image_id=None,
                     pred=pred,
                     pred_triangles=tri,
-                    pred_landmarks=pred[lm],
+                    pred_landmarks=at(pred),
                     **base,
                 )
             ids = sorted(str(x) for x, s in zip(f["image_id"], f["subject"], strict=True) if s == key)
@@ -268,6 +269,6 @@ def scan_samples(p: Predictors, truth: ScanTruth) -> Iterator[Sample]:
                         image_id=image_id,
                         pred=ident,
                         pred_triangles=tri,
-                        pred_landmarks=ident[lm],
+                        pred_landmarks=at(ident),
                         **base,
                     )

@@ -89,7 +89,10 @@ def model_record(model: Any, data: bytes) -> dict:
             "exp_basis": "(3n, k_exp) float32 mm per unit of alpha_exp",
             "exp_std": "(k_exp,)",
             "triangles": "(t, 3) int64 vertex indices, outward winding",
-            "landmarks": "(68,) int64 vertex index of each iBUG landmark",
+            "landmarks__<scheme>__vertices, landmarks__<scheme>__weights": "(P, 3) int64 vertex ids and "
+            "(P, 3) float64 barycentric weights: where each point of a landmark scheme lies on the mesh "
+            f"(point = sum of weights x vertices; {IBUG68.name!r}: the {IBUG68.points} iBUG points, each on "
+            "one vertex, weights 1, 0, 0)",
             "name, licence, source_sha256, format_version": "the model's name, licence and origin "
             "(the project's own model file: pipeline.models.morphable_model.load_npz reads it too)",
         },

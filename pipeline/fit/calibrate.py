@@ -38,7 +38,8 @@ from pipeline.fit.calibration import (
     subject_common_share,
 )
 from pipeline.fit.noise import ErrorModel
-from pipeline.models.morphable_model import N_LANDMARKS
+from pipeline.landmarks.base import N_POINTS as N_LANDMARKS
+from pipeline.landmarks.scheme import IBUG68
 
 log = logging.getLogger(__name__)
 # up to weights that all but give the mean shape: a detector that carries no identity gets it
@@ -454,7 +455,7 @@ def calibrate(
     chosen_by |= {"identity_shrinkage_by_images": shrink_by_m}
     em = replace(em, identity_shrinkage=shrink, made_by=em.made_by | chosen_by)
     a, b = OUTER_EYE_CORNERS
-    lm3 = model.mean.reshape(-1, 3)[model.landmarks]
+    lm3 = model.landmarks_of(IBUG68).locate(model.mean.reshape(-1, 3))
     iod = float(np.linalg.norm(lm3[a] - lm3[b]))
     extra: dict[str, Any] = {}
     try:  # what more images per subject cannot average away (needs subjects with 2+ images)

@@ -18,8 +18,8 @@ from __future__ import annotations
 import numpy as np
 
 from pipeline.fit.noise import ErrorModel
+from pipeline.landmarks.base import N_POINTS as N_LANDMARKS
 from pipeline.landmarks.scheme import IBUG68
-from pipeline.models.morphable_model import N_LANDMARKS
 
 # the mirror image of landmark i is MIRROR[i] (the scheme's data, pipeline/landmarks/schemes/)
 MIRROR = IBUG68.mirror

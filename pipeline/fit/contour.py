@@ -65,7 +65,7 @@ def build_candidates(
     ids = np.asarray(CONTOUR_LANDMARKS, dtype=np.int64)
     sets, sides = [], []
     for lm in ids:  # 14 landmarks, once per model: a loop here is set-up, not the fitting path
-        v0 = int(model.landmarks[lm])
+        v0 = int(model.landmarks_of(IBUG68).nearest[lm])
         x0, y0, z0 = V[v0]
         side = 1.0 if x0 >= 0 else -1.0
         ax = np.abs(V[:, 0])

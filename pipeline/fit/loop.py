@@ -139,22 +139,15 @@ def prepare_model(
     contour: bool = False,
     dtype: Any = None,
     scheme: LandmarkScheme = IBUG68,
-    vertices: np.ndarray | None = None,
 ) -> LandmarkModel:
-    """Move the landmark part of ``model`` to the namespace ``xp`` (float64 unless ``dtype``).
-
-    By default the model's iBUG-68 ``landmarks``; another ``scheme`` needs its points' model
-    ``vertices`` (one per point). Contour marching is defined for iBUG-68 only."""
+    """Move the landmark part of ``model`` to the namespace ``xp`` (float64 unless ``dtype``):
+    the points of ``scheme`` where the model's map of that scheme puts them (a vertex or a
+    barycentric point each; a model without such a map is refused). Contour marching is defined
+    for iBUG-68 only."""
     dtype = dtype if dtype is not None else xp.float64
-    if vertices is None and scheme is not IBUG68:
-        raise ValueError(f"landmark scheme {scheme.name!r}: give its points' model vertices")
-    if vertices is not None and len(vertices) != scheme.points:
-        raise ValueError(
-            f"landmark scheme {scheme.name!r} has {scheme.points} points, got {len(vertices)} vertices"
-        )
     if contour and scheme is not IBUG68:
         raise ValueError(f"contour marching is defined for iBUG-68 only, not for {scheme.name!r}")
-    mean, idb, expb = (a.astype(np.float64) for a in model.landmark_model(vertices))
+    mean, idb, expb = model.landmark_model(scheme)
     cb = None
     order = np.arange(scheme.points)
     if contour:

@@ -35,7 +35,7 @@ import numpy as np
 
 from pipeline.fit.camera import euler_deg
 from pipeline.fit.xp import namespace_of
-from pipeline.models.morphable_model import N_LANDMARKS
+from pipeline.landmarks.base import N_POINTS as N_LANDMARKS
 
 Array = Any
 FORMAT = "morphset.landmark_error"

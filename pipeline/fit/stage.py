@@ -16,7 +16,7 @@ import array_api_compat.numpy as anp
 import numpy as np
 import pyarrow as pa
 
-from pipeline.config.schemas import conform, load_schema
+from pipeline.config.schemas import column_scheme, conform, load_schema
 from pipeline.core import workercache
 from pipeline.core.stage import Asset, ConfigView, Stage, StageContext
 from pipeline.embed.identity import ScreenParams, embedding_matrix, screen_identities
@@ -35,7 +35,7 @@ from pipeline.fit.noise import (
 )
 from pipeline.fit.perspective import best_distance, camera_points, to_orthographic
 from pipeline.fit.xp import get_namespace, resolve_backend
-from pipeline.models.morphable_model import N_LANDMARKS, MorphableModel
+from pipeline.models.morphable_model import MorphableModel
 from pipeline.storage.hashing import sha256_file
 
 TOO_FEW = "too_few_landmarks"
@@ -90,18 +90,19 @@ def contour_on(setting: object, error_model: ErrorModel | None) -> bool:
 
 # --- parsing and screening -------------------------------------------------------------------
 def parse_landmarks(table: pa.Table) -> tuple[np.ndarray, list[str | None]]:
-    """(N, 68, 2) float64 image pixels (NaN where null) and the upstream failure reasons."""
+    """(N, P, 2) float64 image pixels (NaN where null; P the points of the column's scheme) and
+    the upstream failure reasons."""
     col = table.column("landmarks").combine_chunks()
-    n = len(col)
-    pts = np.full((n, N_LANDMARKS * 2), np.nan)
+    n, points = len(col), column_scheme(table.schema, "landmarks").points
+    pts = np.full((n, points * 2), np.nan)
     valid = col.is_valid().to_numpy(zero_copy_only=False)
     if valid.any():
-        pts[valid] = col.flatten().to_numpy(zero_copy_only=False).reshape(-1, N_LANDMARKS * 2)
+        pts[valid] = col.flatten().to_numpy(zero_copy_only=False).reshape(-1, points * 2)
     reasons = table.column("failure_reason").to_pylist()
     reasons = [
         r if r is not None else (None if ok else MISSING) for r, ok in zip(reasons, valid, strict=True)
     ]
-    return pts.reshape(n, N_LANDMARKS, 2), reasons
+    return pts.reshape(n, points, 2), reasons
 
 
 def screen(
@@ -216,7 +217,7 @@ def fit_landmark_table(
     if opt.camera != "perspective":
         return fits
     observed, _ = parse_landmarks(table)
-    mean, id_basis, exp_basis = (a.astype(np.float64) for a in model.landmark_model())
+    mean, id_basis, exp_basis = model.landmark_model(column_scheme(table.schema, "landmarks"))
     distance = np.full(table.num_rows, float(opt.perspective_start_mm))
     for rnd in range(opt.perspective_rounds):
         alpha_id = _matrix(fits.column("alpha_id"), model.k_id)
@@ -284,7 +285,8 @@ def _fit_once(
         raise ValueError(f"identity: expected one of {list(IDENTITY_MODES)}, got {identity!r}")
     xp = get_namespace(backend)
     if lm is None:
-        lm = prepare_model(model, xp, contour=opt.contour, dtype=getattr(xp, precision))
+        scheme = column_scheme(table.schema, "landmarks")
+        lm = prepare_model(model, xp, contour=opt.contour, dtype=getattr(xp, precision), scheme=scheme)
     n = table.num_rows
     pts, upstream = parse_landmarks(table)
     reasons, w_all = screen(pts, upstream, min_landmarks, min_spread_px)
@@ -573,9 +575,12 @@ def run_shard(inputs: dict[str, pa.Table], ctx: StageContext) -> pa.Table:
     model = _load_model(ctx)
     precision = str(params["precision"])
     xp = get_namespace(backend)
+    # the points of the scheme the landmarks table's column records, where the model's map of
+    # that scheme puts them
+    scheme = column_scheme(inputs["landmarks"].schema, "landmarks")
     lm = workercache.get_or_create(
-        ("fit.landmark_model", model.sha256, backend, opt.contour, precision),
-        lambda: prepare_model(model, xp, contour=opt.contour, dtype=getattr(xp, precision)),
+        ("fit.landmark_model", model.sha256, backend, opt.contour, precision, scheme.name),
+        lambda: prepare_model(model, xp, contour=opt.contour, dtype=getattr(xp, precision), scheme=scheme),
     )
     return fit_landmark_table(
         inputs["landmarks"],

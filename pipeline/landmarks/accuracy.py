@@ -25,7 +25,7 @@ def synthetic_renders(manifest: object, n: int, seed: int = 0) -> tuple[list, li
 
     mm = resolve_morphable_model(manifest)
     rng = np.random.default_rng(seed)
-    regions = R.face_regions(mm.shape(), mm.landmarks)
+    regions = R.face_regions(mm.shape(), mm.landmarks_of(IBUG68))
     images, truth, visible = [], [], []
     for _ in range(n):
         verts = mm.shape(rng.normal(size=mm.k_id) * mm.id_std, rng.normal(size=mm.k_exp) * mm.exp_std * 0.5)
@@ -35,7 +35,7 @@ def synthetic_renders(manifest: object, n: int, seed: int = 0) -> tuple[list, li
             verts,
             mm.triangles,
             R.paint_albedo(regions, R.sample_appearance(rng)),
-            mm.landmarks,
+            mm.landmarks_of(IBUG68),
             cam,
             R.sample_lighting(rng),
             R.sample_background(rng, 250, 250),

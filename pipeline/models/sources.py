@@ -13,7 +13,8 @@
 Neither ships iBUG-68 landmark vertex indices; they come from a user file (see docs/models.md).
 Index base: ``.mat`` files are MATLAB (1-based), ``.npy``/``.txt`` files are 0-based. A 204-long
 list is read as 3DDFA-style flattened xyz indices (vertex = index // 3); a text file of
-``N = index`` lines (eos ``ibug_to_*.txt`` mappings) as iBUG number -> 0-based vertex.
+``N = index`` lines (eos ``ibug_to_*.txt`` mappings, ``correspondence.read_mapping``) as iBUG
+number -> 0-based vertex (or a barycentric point).
 
 Conversion into the project's conventions: units become millimetres (the files' unit is detected
 from the size of the mean face: BFM 2009 is in micrometres), and every basis is rescaled to
@@ -29,9 +30,12 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.landmarks.scheme import IBUG68
-from pipeline.models.morphable_model import N_LANDMARKS, ModelError, MorphableModel, load_npz, sha256_file
+from pipeline.landmarks.scheme import IBUG68, LandmarkScheme
+from pipeline.models.correspondence import Correspondence, CorrespondenceError, read_mapping
+from pipeline.models.morphable_model import ModelError, MorphableModel, load_npz, sha256_file
 from pipeline.models.triangulation import face_normals
+
+N_LANDMARKS = IBUG68.points  # the scheme of a user model's ``landmarks`` file
 
 # A face is ~150 mm wide: a mean shape whose widest extent exceeds this is in micrometres.
 _MICROMETRE_EXTENT = 2000.0
@@ -122,8 +126,6 @@ def _read_index_file(path: str | Path, what: str, mat_names: tuple[str, ...]) ->
         return _indices(arr, False, what, path)
     try:
         text = path.read_text(encoding="utf-8")
-        if "=" in text:
-            return _read_mapping(text, what, path)
         arr = np.array([float(t) for t in text.replace(",", " ").split()])
     except ModelError:
         raise
@@ -132,63 +134,40 @@ def _read_index_file(path: str | Path, what: str, mat_names: tuple[str, ...]) ->
     return _indices(arr, False, what, path)
 
 
-def _read_mapping(text: str, what: str, path: Path) -> np.ndarray:
-    """eos-style ``ibug_to_*.txt`` lines ``<iBUG number 1..68> = <vertex index>`` (0-based vertices),
-    under an optional ``[landmark_mappings]`` header, ``#`` comments allowed. eos leaves the jaw's
-    contour points out (they follow the face's outline, eos picks them per pose): such points are
-    returned as -1 and :func:`place_contour_points` puts them on the mean shape's outline; any other
-    missing point is an error."""
-    pairs: dict[int, int] = {}
-    for line in text.splitlines():
-        line = line.split("#", 1)[0].strip()
-        if "=" not in line:
-            continue  # section headers such as [landmark_mappings]
-        key, value = (t.strip().strip('"') for t in line.split("=", 1))
-        try:
-            pairs[int(key)] = int(value)
-        except ValueError:
-            raise ModelError(
-                f"{path}: {what}: cannot read mapping line {line!r} (expected N = index)"
-            ) from None
-    missing = sorted(set(range(1, N_LANDMARKS + 1)) - set(pairs))
-    # the jaw line but the chin: what eos leaves to its contour files
-    optional = [i for i in IBUG68.group("jaw") if i != IBUG68.named["chin"]]
-    required = [i for i in missing if i - 1 not in optional]
-    if required:
-        raise ModelError(
-            f"{path}: {what}: the mapping lacks iBUG landmarks {required} (1-based); only the jaw's "
-            f"points but the chin ({[i + 1 for i in optional]}) may be left out"
-        )
-    negative = sorted(k for k, v in pairs.items() if v < 0)
-    if negative:
-        raise ModelError(f"{path}: {what}: negative vertex indices for iBUG landmarks {negative}")
-    if missing:
-        log.info("%s: contour points %s not mapped; placed on the mean shape's outline", path, missing)
-    return np.array([pairs[i] if i in pairs else -1 for i in range(1, N_LANDMARKS + 1)], np.int64)
+def place_contour_points(mean_mm: np.ndarray, landmarks: Correspondence, where: str) -> Correspondence:
+    """``landmarks`` with every point a mapping left out (vertex -1: a jaw contour point) set to
+    a vertex on the mean shape's frontal outline: per side, the outline from about the outer eye
+    corner's height down to the chin, its points spaced evenly along it as iBUG's jaw points are.
+    Contour marching (``stages.fit.contour``) re-picks these points per pose anyway; this is their
+    frontal place. Defined for schemes with a ``jaw`` group and named chin, outer eye corners and
+    nose tip (iBUG-68)."""
+    missing = np.flatnonzero(landmarks.vertices[:, 0] < 0)
+    if not len(missing):
+        return landmarks
+    from pipeline.landmarks.scheme import load_scheme
 
-
-def place_contour_points(mean_mm: np.ndarray, landmarks: np.ndarray, where: str) -> np.ndarray:
-    """``landmarks`` with every -1 (a jaw contour point a mapping left out) set to a vertex on the
-    mean shape's frontal outline: per side, the outline from about the outer eye corner's height
-    down to the chin, its points spaced evenly along it as iBUG's jaw points are. Contour marching
-    (``stages.fit.contour``) re-picks these points per pose anyway; this is their frontal place."""
-    lm = np.asarray(landmarks, np.int64).copy()
-    if not (lm < 0).any():
-        return lm
-    named = IBUG68.named
+    scheme = load_scheme(landmarks.scheme)
+    named = scheme.named
     needed = ("chin", "right_eye_outer", "left_eye_outer", "nose_tip")
-    if any(lm[named[k]] < 0 for k in needed):
+    if "jaw" not in scheme.groups or any(k not in named for k in needed):
+        raise ModelError(
+            f"{where}: points {(missing + 1).tolist()} are unmapped and scheme {scheme.name!r} "
+            "has no jaw outline to place them on"
+        )
+    if any(landmarks.vertices[named[k], 0] < 0 for k in needed):
         raise ModelError(f"{where}: the chin, the outer eye corners and the nose tip must be mapped")
     v = mean_mm.reshape(-1, 3)
-    chin, eyes = v[lm[named["chin"]]], v[[lm[named["right_eye_outer"]], lm[named["left_eye_outer"]]]]
-    mid_x = float(v[lm[named["nose_tip"]], 0])
+    at = landmarks.locate(v)
+    chin, eyes = at[named["chin"]], at[[named["right_eye_outer"], named["left_eye_outer"]]]
+    mid_x = float(at[named["nose_tip"], 0])
     top = float(eyes[:, 1].mean()) - 0.1 * float(eyes[:, 1].mean() - chin[1])
     front = v[:, 2] > eyes[:, 2].mean() - 35.0  # ahead of the ears
     heights = np.linspace(top, chin[1], 40)
     band = max(1.5, 0.6 * abs(top - chin[1]) / 40)
-    jaw = IBUG68.group("jaw")
+    jaw = scheme.group("jaw")
     chin_at = jaw.index(named["chin"])
-    for side, ids in ((-1.0, jaw[:chin_at]), (1.0, jaw[chin_at + 1 :][::-1])):
+    ids, weights = landmarks.vertices.copy(), landmarks.weights.copy()
+    for side, points in ((-1.0, jaw[:chin_at]), (1.0, jaw[chin_at + 1 :][::-1])):
         outline = []
         for h in heights[:-1]:
             cand = np.flatnonzero(front & (np.abs(v[:, 1] - h) <= band) & (side * (v[:, 0] - mid_x) > 0))
@@ -198,26 +177,50 @@ def place_contour_points(mean_mm: np.ndarray, landmarks: np.ndarray, where: str)
             raise ModelError(f"{where}: cannot find the face's outline to place the jaw's contour points")
         path = np.vstack([v[outline], chin[None]])
         arc = np.r_[0.0, np.cumsum(np.linalg.norm(np.diff(path[:, :2], axis=0), axis=1))]
-        for k, point in enumerate(ids):  # top of the jaw first, towards the chin
-            if lm[point] < 0:
-                at = arc[-1] * k / len(ids)
-                lm[point] = outline[min(int(np.argmin(np.abs(arc[:-1] - at))), len(outline) - 1)]
-    return lm
+        for k, point in enumerate(points):  # top of the jaw first, towards the chin
+            if ids[point, 0] < 0:
+                s = arc[-1] * k / len(points)
+                ids[point] = outline[min(int(np.argmin(np.abs(arc[:-1] - s))), len(outline) - 1)]
+                weights[point] = (1.0, 0.0, 0.0)
+    return Correspondence(landmarks.scheme, ids, weights)
+
+
+def load_landmark_map(path: str | Path, scheme: LandmarkScheme = IBUG68) -> Correspondence:
+    """Where ``scheme``'s points lie on a model, from a user file: an eos-style mapping
+    (``N = index`` lines; the points the scheme lets a mapping leave out come back as -1 for
+    :func:`place_contour_points`), or the vertex indices alone: .txt/.csv/.npy (0-based) or .mat
+    (1-based), a 3-per-point list read as 3DDFA's flattened xyz indices."""
+    p = Path(path).expanduser()
+    if p.suffix.lower() not in (".mat", ".npy") and p.is_file():
+        try:
+            text = p.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            text = ""
+        if "=" in text:
+            try:
+                return read_mapping(p, scheme)
+            except CorrespondenceError as exc:
+                raise ModelError(str(exc)) from None
+    idx = _read_index_file(path, "landmark indices", ("keypoints", "landmarks", "lm", "kpt_ind"))
+    if idx.size == 3 * scheme.points:
+        # 3DDFA keypoints: flattened xyz rows (x, x+1, x+2 per landmark)
+        if np.any(idx[1::3] != idx[0::3] + 1) or np.any(idx[2::3] != idx[0::3] + 2):
+            raise ModelError(f"{path}: {idx.size} landmark values but not xyz-interleaved flattened indices")
+        idx = idx[0::3] // 3
+    if idx.size != scheme.points:
+        raise ModelError(
+            f"{path}: expected {scheme.points} landmark vertex indices, got {idx.size} (scheme {scheme.name})"
+        )
+    return Correspondence.at_vertices(scheme.name, idx)
 
 
 def load_landmark_indices(path: str | Path) -> np.ndarray:
-    """68 iBUG landmark vertex indices (0-based) from .txt/.csv/.npy (0-based) or .mat (1-based), or
-    an eos-style mapping (``N = index`` lines), where the jaw's contour points may be absent (-1:
-    :func:`place_contour_points` places them)."""
-    idx = _read_index_file(path, "landmark indices", ("keypoints", "landmarks", "lm", "kpt_ind"))
-    if idx.size == 3 * N_LANDMARKS:
-        # 3DDFA keypoints: flattened xyz rows (x, x+1, x+2 per landmark)
-        if np.any(idx[1::3] != idx[0::3] + 1) or np.any(idx[2::3] != idx[0::3] + 2):
-            raise ModelError(f"{path}: 204 landmark values but not xyz-interleaved flattened indices")
-        idx = idx[0::3] // 3
-    if idx.size != N_LANDMARKS:
-        raise ModelError(f"{path}: expected {N_LANDMARKS} landmark vertex indices, got {idx.size}")
-    return idx
+    """The iBUG-68 vertex indices (0-based) of a user file (see :func:`load_landmark_map`); -1 for
+    a contour point an eos mapping left out."""
+    found = load_landmark_map(path, IBUG68)
+    if not found.on_vertices:
+        raise ModelError(f"{path}: points between vertices where vertex indices are expected")
+    return found.vertices[:, 0]
 
 
 def load_vertex_subset(path: str | Path) -> np.ndarray:
@@ -311,12 +314,15 @@ def crop(
     return rows, t
 
 
-def check_landmark_geometry(mean_mm: np.ndarray, landmarks: np.ndarray, where: str) -> None:
-    """Refuse landmark files that do not fit the model's axes (eyes ordered left-right, nose in front)."""
+def check_landmark_geometry(mean_mm: np.ndarray, landmarks: Correspondence, where: str) -> None:
+    """Refuse iBUG-68 landmark files that do not fit the model's axes (eyes ordered left-right,
+    nose in front)."""
     v = mean_mm.reshape(-1, 3)
-    if landmarks.max() >= len(v):
-        raise ModelError(f"{where}: landmark vertex index {landmarks.max()} out of range 0..{len(v) - 1}")
-    lm = v[landmarks]
+    if landmarks.vertices.max() >= len(v):
+        raise ModelError(
+            f"{where}: landmark vertex index {landmarks.vertices.max()} out of range 0..{len(v) - 1}"
+        )
+    lm = landmarks.locate(v)
     named = IBUG68.named
     right, left = IBUG68.outer_eye_corners
     tip, chin, bridge = named["nose_tip"], named["chin"], named["nose_bridge_top"]
@@ -379,7 +385,7 @@ def assemble(
     (pc, pc_std, pc_path), (e_pc, e_std, e_path) = identity, expression
     scale = unit_scale(mean, str(pc_path))
     mean_mm = (mean + exp_mean) * scale  # the mean face includes the mean expression
-    landmarks = place_contour_points(mean_mm, load_landmark_indices(landmarks_path), str(landmarks_path))
+    landmarks = place_contour_points(mean_mm, load_landmark_map(landmarks_path), str(landmarks_path))
     check_landmark_geometry(mean_mm, landmarks, str(landmarks_path))
     id_basis, id_std = unit_columns(pc * scale, pc_std, str(pc_path))
     exp_basis, exp_std = unit_columns(e_pc * scale, e_std, str(e_path))
@@ -390,7 +396,7 @@ def assemble(
         id_std,
         exp_basis,
         exp_std,
-        landmarks,
+        {landmarks.scheme: landmarks},
         wind_outward(mean_mm.reshape(-1, 3), triangles),
         combined_sha256(sources),
         licence,
@@ -548,7 +554,9 @@ def load_user_model(entry: dict, where: str = "models.morphable_model") -> Morph
     elif sha != entry["sha256"]:
         raise ModelError(f"{source}: sha256 {sha} does not match {where}.sha256 {entry['sha256']}")
     if not entry.get("landmarks"):
-        raise ModelError(f"{where}.landmarks: required for {source.name} (a file of 68 vertex indices)")
+        raise ModelError(
+            f"{where}.landmarks: required for {source.name} (where the {N_LANDMARKS} iBUG points lie: a mapping or vertex-index file)"
+        )
     name = entry.get("name")
     licence = entry.get("licence")
     extra = {k: v for k, v in (("name", name), ("licence", licence)) if v}

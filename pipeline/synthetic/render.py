@@ -26,6 +26,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from pipeline.landmarks.scheme import IBUG68
+from pipeline.models.correspondence import Correspondence
 from pipeline.models.geometry import vertex_normals
 from pipeline.render.raster import rasterize
 from pipeline.render.shadow import light_visibility
@@ -218,13 +219,13 @@ def _smoothstep(edge0: float, edge1: float, x: np.ndarray) -> np.ndarray:
     return t * t * (3 - 2 * t)
 
 
-def trim_face_triangles(vertices: np.ndarray, triangles: np.ndarray, landmarks: np.ndarray) -> np.ndarray:
+def trim_face_triangles(vertices: np.ndarray, triangles: np.ndarray, landmarks: Correspondence) -> np.ndarray:
     """The triangles of a (frontal, mean) face mesh in front of the ears and above the neck rim.
 
     The model's crop ends in ragged ears and a ragged rim under the jaw; the head proxy (hair
     cap and neck) looks more like a photo there, so those triangles are not drawn."""
     v = np.asarray(vertices, np.float64)
-    lm = v[np.asarray(landmarks)]
+    lm = landmarks.locate(v)
     centre_z = v[np.asarray(triangles)].mean(axis=1)[:, 2]
     centre_y = v[np.asarray(triangles)].mean(axis=1)[:, 1]
     # behind the top of the jaw contour (ear level) or below the chin's depth behind the jaw
@@ -261,14 +262,14 @@ def cavity_occlusion(vertices: np.ndarray, triangles: np.ndarray) -> np.ndarray:
 
 
 def face_regions(
-    vertices: np.ndarray, landmarks: np.ndarray, triangles: np.ndarray | None = None
+    vertices: np.ndarray, landmarks: Correspondence, triangles: np.ndarray | None = None
 ) -> dict[str, np.ndarray]:
     """Soft per-vertex weights (n,) in [0, 1] of facial regions, painted from the 68 landmark
     vertices on a (near-frontal, y-up) shape. Computed once per model on its mean shape: the dense
     correspondence of the model carries the paint along with identity and expression. With
     ``triangles`` also an ``occlusion`` factor (see :func:`cavity_occlusion`)."""
     v = np.asarray(vertices, np.float64)
-    lm = v[np.asarray(landmarks)]
+    lm = landmarks.locate(v)
     xy = v[:, :2]
     front = _smoothstep(lm[:, 2].min() - 40.0, lm[:, 2].min() - 15.0, v[:, 2])  # not the sides/ears
     out: dict[str, np.ndarray] = {}
@@ -385,7 +386,7 @@ def render_face(
     vertices: np.ndarray,
     triangles: np.ndarray,
     albedo: np.ndarray,
-    landmarks: np.ndarray,
+    landmarks: Correspondence,
     camera: Camera,
     lighting: Lighting,
     background: np.ndarray,
@@ -396,7 +397,7 @@ def render_face(
 ) -> RenderResult:
     """Render a mesh (model frame, mm) over ``background`` (H, W, 3 uint8).
 
-    ``landmarks`` are the 68 landmark vertex indices. The image is rendered at ``supersample``
+    ``landmarks``: where the scheme's points lie on the mesh (their projections and visibility are returned). The image is rendered at ``supersample``
     times the resolution and area-averaged down (anti-aliased silhouettes and features).
     Triangles with index >= ``closed_from`` form closed outward-wound surfaces and are back-face
     culled; the others (an open face mesh) are drawn from both sides, the inside darker.
@@ -457,9 +458,8 @@ def render_face(
     mask_hi = covered.astype(np.float32)
     mask = (cv2.resize(mask_hi, (w, h), interpolation=cv2.INTER_AREA) if ss > 1 else mask_hi) >= 0.5
 
-    lm_idx = np.asarray(landmarks, np.int64)
-    lm2d = uv[lm_idx]
-    visible = landmark_visibility(screen[lm_idx], frags.depth_buffer(), VISIBILITY_TOLERANCE_MM)
+    lm2d = landmarks.locate(uv)
+    visible = landmark_visibility(landmarks.locate(screen), frags.depth_buffer(), VISIBILITY_TOLERANCE_MM)
     inside = (lm2d[:, 0] >= 0) & (lm2d[:, 0] <= w - 1) & (lm2d[:, 1] >= 0) & (lm2d[:, 1] <= h - 1)
     return RenderResult(np.ascontiguousarray(image), lm2d, visible & inside, mask)
 
@@ -553,14 +553,14 @@ def sample_head_style(rng: np.random.Generator, skin: np.ndarray | None = None) 
 
 
 def head_proxy(
-    face_vertices: np.ndarray, landmarks: np.ndarray, style: HeadStyle, skin: np.ndarray
+    face_vertices: np.ndarray, landmarks: Correspondence, style: HeadStyle, skin: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(vertices, triangles, albedo) of a hair cap (an ellipsoid behind and above the face mesh,
     which ends at the forehead and in front of the ears) and a neck (an elliptic cylinder under
     the jaw). Real photos always show these, and detectors trained on photos use the contrast
     of the hairline, temples and jaw/neck shadow. Sizes follow the face's landmarks."""
     v = np.asarray(face_vertices, np.float64)
-    lm = v[np.asarray(landmarks)]
+    lm = landmarks.locate(v)
     named = IBUG68.named
     chin = named["chin"]
     half_width = 0.5 * np.linalg.norm(lm[named["right_jaw_top"]] - lm[named["left_jaw_top"]])  # ~73 mm

@@ -35,6 +35,7 @@ from pipeline.core.processes import refuse_unguarded_main
 from pipeline.core.progress import ProgressLog
 from pipeline.core.workercache import get_or_create
 from pipeline.fit.camera import rotation_from_euler_deg
+from pipeline.landmarks.scheme import IBUG68
 from pipeline.models.assets import resolve_morphable_model
 from pipeline.models.morphable_model import MorphableModel
 from pipeline.storage.atomic import atomic_write
@@ -195,7 +196,7 @@ def render_sample(
     # copy of the bases, and exact to ~1e-4 mm
     flat = model.mean + model.id_basis @ alpha_id + model.exp_basis @ alpha_exp
     vertices = flat.astype(np.float64).reshape(-1, 3)
-    lm3d = vertices[model.landmarks]
+    lm3d = model.landmarks_of(IBUG68).locate(vertices)
     # the realism effects come from their own generator: on or off, the draws above stay put
     fx = sample_image_effects(p.effects, np.random.default_rng([p.seed, s, i, 1]), p.size, n_lights=2)
     distance = None if fx.distance_mm is None else float(np.float32(fx.distance_mm))
@@ -273,14 +274,16 @@ def _render_painted(
 ) -> RenderResult:
     """Painted albedo on the face (times ``gain`` (n, 3) where given), a hair cap and a neck."""
     # face vertices first, so the model's landmark indices stay valid in the combined mesh
-    head_v, head_t, head_a = head_proxy(vertices, model.landmarks, draw.style, draw.appearance.skin)
+    head_v, head_t, head_a = head_proxy(
+        vertices, model.landmarks_of(IBUG68), draw.style, draw.appearance.skin
+    )
     # hair (the darker-than-skin part of the proxy) is matte; the neck is skin
     head_gloss = np.where(np.all(head_a == draw.style.hair, axis=1), 0.3, 1.0)
     return render_face(
         np.vstack([vertices, head_v]),
         np.vstack([face_t, head_t + len(vertices)]),
         np.vstack([paint_albedo(regions, draw.appearance) * (1.0 if gain is None else gain), head_a]),
-        model.landmarks,
+        model.landmarks_of(IBUG68),
         camera,
         lighting,
         background,
@@ -305,12 +308,12 @@ def _render_textured(
 ) -> RenderResult:
     """A photo's texture (times ``gain`` (n, 3) where given) on the face, over that photo's head moved with the face; the face's
     outline fades into the head over a pixel or two, like a photographed edge."""
-    plate = head_fill(texture, camera, vertices[model.landmarks], background)
+    plate = head_fill(texture, camera, model.landmarks_of(IBUG68).locate(vertices), background)
     out = render_face(
         vertices,
         face_t,
         np.clip(texture.albedo * draw.brightness * (1.0 if gain is None else gain), 0.0, 1.0),
-        model.landmarks,
+        model.landmarks_of(IBUG68),
         camera,
         lighting,
         plate,
@@ -351,14 +354,15 @@ def model_face_triangles(model: MorphableModel) -> np.ndarray:
     """The face triangles drawn (ears and neck rim left to the head proxy), once per process."""
     return get_or_create(
         ("face_triangles", model.sha256),
-        lambda: trim_face_triangles(model.shape(), model.triangles, model.landmarks),
+        lambda: trim_face_triangles(model.shape(), model.triangles, model.landmarks_of(IBUG68)),
     )
 
 
 def model_regions(model: MorphableModel) -> dict[str, np.ndarray]:
     """Region weights of the model's mean shape, computed once per process and model."""
     return get_or_create(
-        ("face_regions", model.sha256), lambda: face_regions(model.shape(), model.landmarks, model.triangles)
+        ("face_regions", model.sha256),
+        lambda: face_regions(model.shape(), model.landmarks_of(IBUG68), model.triangles),
     )
 
 

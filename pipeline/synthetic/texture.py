@@ -113,7 +113,7 @@ def mirror_vertices(model: MorphableModel, tolerance_mm: float = 3.0) -> np.ndar
     """(n,) index of each vertex's mirror partner across the face's midline, or -1 (none within
     ``tolerance_mm``). The midline is the x of the nose landmarks of the mean shape."""
     v = model.shape()
-    mid = float(np.mean(v[model.landmarks[IBUG68.group("nose")], 0]))
+    mid = float(np.mean(model.landmarks_of(IBUG68).locate(v)[IBUG68.group("nose"), 0]))
     reflected = v * np.array([-1.0, 1.0, 1.0]) + np.array([2.0 * mid, 0.0, 0.0])
     dist, idx = cKDTree(v).query(reflected)
     return np.where(dist <= tolerance_mm, idx, -1).astype(np.int64)
@@ -229,8 +229,9 @@ def extract_texture(
     normals = vertex_normals(vertices, triangles, weighting="area") @ np.asarray(camera.rotation).T
     # outward normals point towards the camera (+z) on the seen side
     facing = _smoothstep(0.25, 0.6, normals[:, 2])
-    at = uv if detected is None else uv + landmark_warp(uv[model.landmarks], detected, uv)
-    outline = uv[model.landmarks] if detected is None else np.asarray(detected, np.float64)
+    fitted = model.landmarks_of(IBUG68).locate(uv)
+    at = uv if detected is None else uv + landmark_warp(fitted, detected, uv)
+    outline = fitted if detected is None else np.asarray(detected, np.float64)
     own = (visible * facing * inside_face(at, outline)).astype(np.float64)
     linear = (sample_bilinear(photo, at).astype(np.float64) / 255.0) ** 2.2
     linear = linear / delight(linear, normals, own)[:, None]
@@ -518,7 +519,7 @@ def _texture_from_fit(
     vertices = model.shape(np.asarray(fit["alpha_id"]), np.asarray(fit["alpha_exp"]))
     rotation = np.asarray(fit["rotation"], np.float64).reshape(3, 3)
     camera = Camera(rotation, float(fit["scale"]), np.asarray(fit["translation"], np.float64))
-    lm3d = vertices[model.landmarks]
+    lm3d = model.landmarks_of(IBUG68).locate(vertices)
     face_h = float(np.ptp(camera.project(lm3d)[:, 1]))
     k = min(1.0, MAX_FACE_PX / max(face_h, 1.0))
     if k < 1.0:  # work on a smaller copy: texture detail beyond a 250-px render is wasted

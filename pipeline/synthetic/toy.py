@@ -20,6 +20,8 @@ from scipy.spatial import Delaunay
 
 from pipeline.fit import contour as contour_mod
 from pipeline.fit.camera import rotation_from_euler_deg
+from pipeline.landmarks.scheme import IBUG68
+from pipeline.models.correspondence import Correspondence
 from pipeline.models.morphable_model import MorphableModel
 
 # iBUG-68 layout on the toy face, (x, y) mm, x to image right, y up.
@@ -99,7 +101,7 @@ def toy_model(k_id: int = 40, k_exp: int = 10, seed: int = 0, spacing_mm: float 
         id_std=np.geomspace(4.0, 0.4, k_id).astype(np.float32),
         exp_basis=_rbf_fields(rng, verts, k_exp, exp_centres, 14.0).astype(np.float32),
         exp_std=np.geomspace(3.0, 0.5, k_exp).astype(np.float32),
-        landmarks=lm.astype(np.int64),
+        landmark_maps={IBUG68.name: Correspondence.at_vertices(IBUG68.name, lm)},
         triangles=tri,
         source_sha256="0" * 64,
         licence="synthetic test model",
@@ -143,7 +145,7 @@ def synthesize(
     f = scale * rng.uniform(0.9, 1.1, (S, M))
     c = image_size / 2.0
     t = np.stack([c + rng.uniform(-5, 5, (S, M)), c + rng.uniform(-5, 5, (S, M))], axis=-1)
-    mean, idb, expb = (a.astype(np.float64) for a in model.landmark_model())
+    mean, idb, expb = (a.astype(np.float64) for a in model.landmark_model(IBUG68))
     X = mean + np.einsum("lck,sk->slc", idb, a_id)[:, None] + np.einsum("lck,smk->smlc", expb, a_exp)
     if silhouette:
         cand = contour_mod.build_candidates(model, max_candidates=None)

@@ -188,7 +188,7 @@ class GenovaLosses(nn.Module):
             "exp_basis", torch.from_numpy(model.exp_basis.reshape(n, 3, -1).astype(np.float32))
         )
         self.register_buffer("triangles", torch.from_numpy(np.asarray(model.triangles, np.int64)))
-        self.register_buffer("landmarks", torch.from_numpy(np.asarray(model.landmarks, np.int64)))
+        self.landmarks = model.landmarks_of(IBUG68)  # the crops' landmarks are iBUG-68
         self.identity_net = identity_net.eval()
         for p in self.identity_net.parameters():
             p.requires_grad_(False)
@@ -207,7 +207,7 @@ class GenovaLosses(nn.Module):
         (every vertex that mean with ``appearance`` flat)."""
         with torch.no_grad():
             b, _, h, w = image.shape
-            lm3 = vertices[:, self.landmarks].double().cpu().numpy()
+            lm3 = self.landmarks.locate(vertices).double().cpu().numpy()
             pts = landmarks.double().cpu().numpy()
             x = np.moveaxis(lm3, -1, 1)  # (B, 3, L)
             v = np.stack([pts[..., 0], -pts[..., 1]], axis=1)  # y up
@@ -251,7 +251,7 @@ class GenovaLosses(nn.Module):
             device=vertices.device,
         )
         ref = torch.as_tensor(REFERENCE_POINTS, dtype=vertices.dtype, device=vertices.device).expand(b, 5, 2)
-        cam = aligned_camera(rot, five_points(vertices[:, self.landmarks]).detach(), ref)
+        cam = aligned_camera(rot, five_points(self.landmarks.locate(vertices)).detach(), ref)
         gain = 1.0 + (torch.rand(b, generator=rng) * 2 - 1) * s.loopback_light
         light = flat_light(b, vertices.dtype, vertices.device, gain.to(vertices.dtype))
         bg = torch.full(
@@ -280,13 +280,13 @@ class GenovaLosses(nn.Module):
             )
             rot = rot.expand(b, 3, 3)
             with torch.no_grad():  # where the view's 68 points fall, for the chip's alignment
-                c = vertices[:, self.landmarks] @ rot.transpose(1, 2)
+                c = self.landmarks.locate(vertices) @ rot.transpose(1, 2)
                 img_pts = torch.stack([c[..., 0], -c[..., 1]], -1)
                 img_pts = img_pts - img_pts.amin(1, keepdim=True) + 10.0
                 affines = np.stack([chip_affine(p) for p in img_pts.double().cpu().numpy()])
                 m = torch.as_tensor(affines, dtype=vertices.dtype, device=vertices.device)
                 chip_pts = img_pts @ m[:, :, :2].transpose(1, 2) + m[:, None, :, 2]
-            cam = aligned_camera(rot, vertices[:, self.landmarks].detach(), chip_pts)
+            cam = aligned_camera(rot, self.landmarks.locate(vertices).detach(), chip_pts)
             light = flat_light(b, vertices.dtype, vertices.device)
             bg = torch.full((b, CHIP, CHIP, 3), BACKGROUND, dtype=vertices.dtype, device=vertices.device)
             out = render(vertices, self.triangles, colours, cam, light, CHIP, CHIP, bg)
