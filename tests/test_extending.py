@@ -57,6 +57,20 @@ class ToyStage(Stage):
         return from_rows(rows, load_schema("toy"))
 
 
+CACHES = (manifest_mod.manifest_json_schema, schemas_mod.load_schema, stage_mod.params_class)
+
+
+def add_parameter_schemas(tmp_path, monkeypatch, blocks: dict[str, dict]) -> None:
+    """``stages.<name>`` parameter schemas as files beside copies of the project's own."""
+    manifest_dir = tmp_path / "manifest-schemas"
+    shutil.copytree(manifest_mod.MANIFEST_SCHEMA_DIR, manifest_dir)
+    for name, block in blocks.items():
+        (manifest_dir / f"stage.{name}.schema.json").write_text(json.dumps(block))
+    monkeypatch.setattr(manifest_mod, "MANIFEST_SCHEMA_DIR", manifest_dir)
+    for cached in CACHES:
+        cached.cache_clear()
+
+
 @pytest.fixture()
 def toy_stage(tmp_path, monkeypatch):
     # the output schema and the parameter schema, as files beside the project's own
@@ -67,12 +81,7 @@ def toy_stage(tmp_path, monkeypatch):
     monkeypatch.setattr(
         schemas_mod, "_schema_path", lambda n: out_dir / "toy.yaml" if n == "toy" else real(n)
     )
-    manifest_dir = tmp_path / "manifest-schemas"
-    shutil.copytree(manifest_mod.MANIFEST_SCHEMA_DIR, manifest_dir)
-    (manifest_dir / "stage.toy.schema.json").write_text(json.dumps(TOY_PARAMS))
-    monkeypatch.setattr(manifest_mod, "MANIFEST_SCHEMA_DIR", manifest_dir)
-    for cached in (manifest_mod.manifest_json_schema, schemas_mod.load_schema, stage_mod.params_class):
-        cached.cache_clear()
+    add_parameter_schemas(tmp_path, monkeypatch, {"toy": TOY_PARAMS})
     # the one registry line
     registry.STAGES["toy"] = ToyStage()
     registry.BUILD_ORDER.append("toy")
@@ -80,7 +89,7 @@ def toy_stage(tmp_path, monkeypatch):
     registry.BUILD_ORDER.remove("toy")
     del registry.STAGES["toy"]
     monkeypatch.undo()
-    for cached in (manifest_mod.manifest_json_schema, schemas_mod.load_schema, stage_mod.params_class):
+    for cached in CACHES:
         cached.cache_clear()
 
 
@@ -150,15 +159,8 @@ class HalvedFits(Stage):
 @pytest.fixture()
 def table_stages(tmp_path, monkeypatch):
     """Two stages registered where they belong in the data flow (no parameter schema of their own)."""
-    manifest_dir = tmp_path / "manifest-schemas"
-    shutil.copytree(manifest_mod.MANIFEST_SCHEMA_DIR, manifest_dir)
-    for name in ("half_landmarks", "halved_fits"):
-        (manifest_dir / f"stage.{name}.schema.json").write_text(
-            json.dumps({"type": "object", "additionalProperties": False, "properties": {}})
-        )
-    monkeypatch.setattr(manifest_mod, "MANIFEST_SCHEMA_DIR", manifest_dir)
-    for cached in (manifest_mod.manifest_json_schema, stage_mod.params_class):
-        cached.cache_clear()
+    empty = {"type": "object", "additionalProperties": False, "properties": {}}
+    add_parameter_schemas(tmp_path, monkeypatch, {"half_landmarks": empty, "halved_fits": empty})
     saved_stages, saved_order = dict(registry.STAGES), list(registry.BUILD_ORDER)
     order = []
     for name, st in saved_stages.items():
@@ -173,7 +175,7 @@ def table_stages(tmp_path, monkeypatch):
     registry.STAGES.update(saved_stages)
     registry.BUILD_ORDER[:] = saved_order
     monkeypatch.undo()
-    for cached in (manifest_mod.manifest_json_schema, stage_mod.params_class):
+    for cached in CACHES:
         cached.cache_clear()
 
 
