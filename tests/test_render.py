@@ -7,6 +7,7 @@ import pytest
 
 from pipeline.fit.camera import rotation_from_euler_deg
 from pipeline.landmarks.scheme import IBUG68
+from pipeline.render.raster import rasterize
 from pipeline.synthetic import render as R
 
 MODEL = "default"  # the model fixture (conftest.py)
@@ -51,7 +52,7 @@ def test_nearer_triangle_wins_where_two_triangles_overlap():
         ]
     )
     tris = np.array([[0, 1, 2], [3, 4, 5]])
-    frags = R.rasterize(screen, tris, 64, 64, cull_backfaces=False)
+    frags = rasterize(screen, tris, 64, 64, cull_backfaces=False)
     owner = np.full(64 * 64, -1)
     owner[frags.pixel] = frags.triangle
     owner = owner.reshape(64, 64)
@@ -61,15 +62,15 @@ def test_nearer_triangle_wins_where_two_triangles_overlap():
     assert depth[10, 10] == pytest.approx(10 - 10 * 8 / 58, abs=1e-9)  # interpolated depth of A
     # each pixel is drawn once, and the far triangle really was covered there
     assert len(np.unique(frags.pixel)) == len(frags.pixel)
-    alone = R.rasterize(screen, tris[1:], 64, 64, cull_backfaces=False)
+    alone = rasterize(screen, tris[1:], 64, 64, cull_backfaces=False)
     assert alone.mask()[10, 10]
 
 
 def test_backface_culling_keeps_only_triangles_facing_the_camera():
     # counter-clockwise with y up = clockwise in image coordinates (y down) faces the camera
     screen = np.array([[5.0, 5.0, 0.0], [5.0, 30.0, 0.0], [30.0, 5.0, 0.0]])
-    front = R.rasterize(screen, np.array([[0, 1, 2]]), 40, 40)
-    back = R.rasterize(screen, np.array([[0, 2, 1]]), 40, 40)
+    front = rasterize(screen, np.array([[0, 1, 2]]), 40, 40)
+    back = rasterize(screen, np.array([[0, 2, 1]]), 40, 40)
     assert front.pixel.size > 200 and back.pixel.size == 0
 
 
@@ -136,7 +137,7 @@ def test_rasterised_coverage_matches_a_brute_force_inside_test():
     yy, xx = np.mgrid[0:h, 0:w]
     for t in range(40):
         tri = np.array([[3 * t, 3 * t + 1, 3 * t + 2]])
-        got = R.rasterize(screen, tri, h, w, cull_backfaces=False).mask()
+        got = rasterize(screen, tri, h, w, cull_backfaces=False).mask()
         (ax, ay), (bx, by), (cx, cy) = corners[t]
         area = (bx - ax) * (cy - ay) - (cx - ax) * (by - ay)
         e0 = ((bx - xx) * (cy - yy) - (cx - xx) * (by - yy)) / area
@@ -144,3 +145,38 @@ def test_rasterised_coverage_matches_a_brute_force_inside_test():
         e2 = 1 - e0 - e1
         want = (e0 >= -1e-9) & (e1 >= -1e-9) & (e2 >= -1e-9)
         assert np.array_equal(got, want), f"triangle {t} (size {sizes[t, 0, 0]})"
+
+
+@pytest.mark.parametrize("facing", ["front", "back"])
+def test_synth_draws_through_the_one_renderer_as_the_closed_form_says(facing):
+    """A flat square facing the camera (or turned away: the inside of an open mesh), lit by one
+    point light: every interior pixel is ambient + diffuse (n.l) + specular (r.v)^s of
+    :func:`pipeline.render.renderer.render` in sRGB, the inside with a darker albedo."""
+    from pipeline.models.correspondence import Correspondence
+
+    h = w = 64
+    corners = np.array([[-20.0, -20.0, 0.0], [20.0, -20.0, 0.0], [20.0, 20.0, 0.0], [-20.0, 20.0, 0.0]])
+    tri = np.array([[0, 1, 2], [0, 2, 3]]) if facing == "front" else np.array([[0, 2, 1], [0, 3, 2]])
+    light = R.Lighting(
+        ambient=np.full(3, 0.2), positions=np.array([[0.0, 0.0, 60.0]]), colours=np.ones((1, 3)),
+        specular=0.3, shininess=8.0,
+    )  # fmt: skip
+    camera = R.Camera(np.eye(3), 1.0, np.array([w / 2, h / 2]))
+    out = R.render_face(
+        corners, tri, np.full((4, 3), 0.5), Correspondence.at_vertices("corner", np.arange(4)), camera, light,
+        np.zeros((h, w, 3), np.uint8), supersample=1,
+    )  # fmt: skip
+    ys, xs = np.mgrid[0:h, 0:w]
+    x, y = xs - w / 2, h / 2 - ys  # each pixel centre's point on the square (z = 0), y up
+    inside = (np.abs(x) < 19) & (np.abs(y) < 19)
+    to_light = np.stack([-x, -y, np.full_like(x, 60.0)], -1)
+    l_z = 60.0 / np.linalg.norm(to_light, axis=-1)  # n = +z: n.l = l_z, and r.v = l_z too
+    if facing == "front":
+        linear = 0.5 * 0.2 + 0.5 * l_z + 0.3 * l_z**8
+    else:  # seen from behind: drawn with its normal turned to the camera, the albedo darker
+        dark = 0.5 * R.BACK_ALBEDO
+        linear = dark * 0.2 + dark * l_z + 0.3 * l_z**8
+    want = np.round(255.0 * np.clip(linear, 0, 1) ** (1 / 2.2))
+    assert np.abs(out.image[inside].astype(float) - want[inside][:, None]).max() <= 1
+    assert out.mask[inside].all() and not out.mask[np.abs(x) > 21].any()
+    np.testing.assert_allclose(out.landmarks_2d, [[12, 52], [52, 52], [52, 12], [12, 12]])

@@ -15,7 +15,6 @@ from pipeline.render.raster import rasterize
 from pipeline.render.renderer import Orthographic, PhongLighting, SHLighting, render, vertex_normals
 from pipeline.render.shading import BAND_FACTORS, lambertian_sh, phong, sh_basis
 from pipeline.render.silhouette import soft_silhouette
-from pipeline.synthetic.render import Lighting
 
 D = torch.float64  # gradients are checked in double precision
 MODEL = {"k_id": 6, "k_exp": 3, "seed": 3, "spacing_mm": 7.0}  # the toy model (conftest.py)
@@ -99,30 +98,31 @@ def test_shading_gradients_match_finite_differences():
     assert torch.autograd.gradcheck(f, (pts, n, albedo, lights, colours, ambient, spec), eps=1e-6, atol=1e-5)
 
 
-def test_phong_is_the_closed_form_and_synth_shades_with_it():
-    """One point, one light, by hand: ambient + diffuse (n.l) + specular ((r.v)^s); synth's
-    renders use this shading (its former NumPy Phong gave byte-identical images)."""
-    from pipeline.synthetic.render import shade
-
-    point = np.array([[0.0, 0.0, 0.0]])
-    normal = np.array([[0.0, 0.0, 1.0]])
+def test_phong_is_the_closed_form():
+    """One point, one light, by hand: ambient + diffuse (n.l) + specular ((r.v)^s)."""
+    t = lambda a: torch.tensor(np.asarray(a, np.float64), dtype=D)[None]  # noqa: E731
     albedo = np.array([[0.5, 0.4, 0.3]])
-    light = Lighting(
-        ambient=np.array([0.1, 0.1, 0.1]),
-        positions=np.array([[0.0, 300.0, 400.0]]),  # direction (0, 0.6, 0.8): n.l = 0.8
-        colours=np.array([[1.0, 0.9, 0.8]]),
-        specular=0.5,
-        shininess=4.0,
-        exposure=1.0,
-    )
+    colours = np.array([[1.0, 0.9, 0.8]])
+
+    def phong_at(gloss=None):
+        return phong(
+            t([[0.0, 0.0, 0.0]]),
+            t([[0.0, 0.0, 1.0]]),
+            t(albedo),
+            t([[0.0, 300.0, 400.0]]),  # direction (0, 0.6, 0.8): n.l = 0.8
+            t(colours),
+            t([0.1, 0.1, 0.1]),
+            torch.tensor([0.5], dtype=D),
+            4.0,
+            gloss=None if gloss is None else t([gloss]),
+        )[0].numpy()
+
     ndl = 0.8
     r_dot_v = 2 * ndl * 1.0 - 0.8  # r = 2 (n.l) n - l; v = +z
-    want = albedo * 0.1 + albedo * ndl * light.colours + 0.5 * r_dot_v**4 * light.colours
-    np.testing.assert_allclose(shade(point, normal, albedo, light), want, atol=1e-12)
-    half = shade(point, normal, albedo, light, gloss=np.array([0.5]))
-    np.testing.assert_allclose(
-        half, albedo * 0.1 + albedo * ndl * light.colours + 0.25 * r_dot_v**4 * light.colours
-    )
+    want = albedo * 0.1 + albedo * ndl * colours + 0.5 * r_dot_v**4 * colours
+    np.testing.assert_allclose(phong_at(), want, atol=1e-12)
+    half = albedo * 0.1 + albedo * ndl * colours + 0.25 * r_dot_v**4 * colours
+    np.testing.assert_allclose(phong_at(0.5), half, atol=1e-12)
     # SH: constant lighting L0 = 1 / (pi Y00) lights every normal with 1
     rng = np.random.default_rng(2)
     n = rng.normal(size=(50, 3))

@@ -20,7 +20,7 @@ Tensor = torch.Tensor
 
 @torch.no_grad()
 def triangle_ids(
-    screen: Tensor, triangles: Tensor, height: int, width: int, cull_backfaces: bool = False
+    screen: Tensor, triangles: Tensor, height: int, width: int, cull_backfaces: bool | np.ndarray = False
 ) -> Tensor:
     """(B, H, W) int64 index of the nearest triangle at each pixel centre, -1 where none.
 

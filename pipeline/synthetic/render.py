@@ -24,15 +24,18 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 import scipy.sparse as sp
+import torch
 
 from pipeline.landmarks.scheme import IBUG68
 from pipeline.models.correspondence import Correspondence
 from pipeline.models.geometry import vertex_normals
-from pipeline.render.raster import rasterize
+from pipeline.render.renderer import Orthographic, Perspective, PhongLighting, render
 from pipeline.render.shadow import light_visibility
 
 # Landmark visibility: a landmark is hidden when the surface at its pixel is this much nearer (mm).
 VISIBILITY_TOLERANCE_MM = 4.0
+# The inside of the open face mesh, seen through its holes (nostrils, mouth, ears), is this much darker.
+BACK_ALBEDO = 0.6
 
 
 # --- camera --------------------------------------------------------------------------------------
@@ -128,42 +131,25 @@ def sample_lighting(rng: np.random.Generator, distance_mm: float = 1500.0) -> Li
     )
 
 
-def shade(
-    points: np.ndarray,
-    normals: np.ndarray,
-    albedo: np.ndarray,
-    lighting: Lighting,
-    gloss: np.ndarray | None = None,
-    view: np.ndarray | None = None,
-    visibility: np.ndarray | None = None,
-) -> np.ndarray:
-    """Linear RGB (m, 3) of surface points (camera frame) with unit normals and albedo, by the
-    project's one Phong shading (:func:`pipeline.render.shading.phong`, in float64 on the CPU);
-    ``gloss`` (m,) scales the specular term per point (default 1); ``view`` (m, 3) unit directions
-    to the eye (default +z, orthographic); ``visibility`` (m, k) the share of each light reaching
-    each point (cast shadows; default all lit)."""
-    import torch
+def _t(a: np.ndarray) -> torch.Tensor:
+    """A float64 batch of one, for :func:`pipeline.render.renderer.render`."""
+    return torch.from_numpy(np.ascontiguousarray(a, dtype=np.float64))[None]
 
-    from pipeline.render.shading import phong
 
-    def t(a: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(np.ascontiguousarray(a, dtype=np.float64))[None]
-
-    with torch.no_grad():
-        out = phong(
-            t(points),
-            t(normals),
-            t(albedo),
-            t(lighting.positions),
-            t(lighting.colours),
-            t(lighting.ambient),
-            torch.tensor([float(lighting.specular)], dtype=torch.float64),
-            float(lighting.shininess),
-            view=None if view is None else t(view),
-            gloss=None if gloss is None else t(gloss),
-            visibility=None if visibility is None else t(visibility),
-        )
-    return out[0].numpy() * lighting.exposure
+def _torch_camera(camera: Camera, ss: int) -> Orthographic | Perspective:
+    """``camera`` at ``ss`` times the resolution, pixel centres kept aligned (x_hi = ss x + (ss - 1) / 2)."""
+    rot = _t(camera.rotation)
+    centre = _t(np.asarray(camera.translation, np.float64) * ss + (ss - 1) / 2.0)
+    if camera.distance_mm is None:
+        return Orthographic(rot, torch.tensor([float(camera.scale) * ss], dtype=torch.float64), centre)
+    d = float(camera.distance_mm)
+    return Perspective(
+        rot,
+        torch.zeros((1, 3), dtype=torch.float64),
+        torch.tensor([d], dtype=torch.float64),
+        torch.tensor([float(camera.scale) * ss * d], dtype=torch.float64),
+        centre,
+    )
 
 
 def to_srgb8(linear: np.ndarray) -> np.ndarray:
@@ -424,42 +410,48 @@ def render_face(
     cull = np.zeros(len(triangles), bool)
     if closed_from is not None:
         cull[closed_from:] = True
-    frags = rasterize(screen, triangles, h * ss, w * ss, cull_backfaces=cull)
-
-    tri = np.asarray(triangles, np.int64)[frags.triangle]
-    a, b, c = cam_pts[tri[:, 0]], cam_pts[tri[:, 1]], cam_pts[tri[:, 2]]
-    back = ((b[:, 0] - a[:, 0]) * (c[:, 1] - a[:, 1]) - (c[:, 0] - a[:, 0]) * (b[:, 1] - a[:, 1])) < 0
-    bw = frags.bary
-    normals = vertex_normals(v, triangles, weighting="area") @ np.asarray(camera.rotation, np.float64).T
-
-    def interp(attr: np.ndarray) -> np.ndarray:
-        return bw[:, 0:1] * attr[tri[:, 0]] + bw[:, 1:2] * attr[tri[:, 1]] + bw[:, 2:3] * attr[tri[:, 2]]
-
-    n = interp(normals)
-    n /= np.maximum(np.linalg.norm(n, axis=1, keepdims=True), 1e-12)
-    n[back] *= -1.0
-    alb = interp(np.asarray(albedo, np.float64))
-    alb[back] *= 0.6
-    frag_gloss = None if gloss is None else interp(np.asarray(gloss, np.float64)[:, None])[:, 0]
-    frag_pts = interp(cam_pts)
-    lit = None
+    shadows = None
     if cast_shadows:
         face_end = len(v) if closed_from is None else int(np.asarray(triangles)[:closed_from].max()) + 1
-        lit = light_visibility(cam_pts, triangles, lighting.positions, frag_pts, cam_pts[:face_end])
-    view = camera.view_directions(frag_pts)
-    colour = to_srgb8(shade(frag_pts, n, alb, lighting, frag_gloss, view=view, visibility=lit))
 
-    hi = cv2.resize(bg, (w * ss, h * ss), interpolation=cv2.INTER_NEAREST).reshape(-1, 3).copy()
-    hi[frags.pixel] = colour
-    hi = hi.reshape(h * ss, w * ss, 3)
-    covered = frags.mask()
+        def shadows(points: torch.Tensor) -> torch.Tensor:
+            lit = light_visibility(
+                cam_pts, triangles, lighting.positions, points[0].numpy(), cam_pts[:face_end]
+            )
+            return torch.from_numpy(lit)[None]
+
+    with torch.no_grad():
+        out = render(
+            _t(v),
+            torch.from_numpy(np.asarray(triangles, np.int64)),
+            _t(albedo),
+            _torch_camera(camera, ss),
+            PhongLighting(
+                _t(lighting.positions),
+                _t(np.asarray(lighting.colours) * lighting.exposure),
+                _t(np.asarray(lighting.ambient) * lighting.exposure),
+                torch.tensor([float(lighting.specular)], dtype=torch.float64),
+                float(lighting.shininess),
+            ),
+            h * ss,
+            w * ss,
+            cull=torch.from_numpy(cull),
+            back_albedo=BACK_ALBEDO,
+            gloss=None if gloss is None else _t(gloss),
+            shadows=shadows,
+            silhouette=False,
+        )
+    covered = (out.tri_id[0] >= 0).numpy()
+    hi = cv2.resize(bg, (w * ss, h * ss), interpolation=cv2.INTER_NEAREST)
+    hi[covered] = to_srgb8(out.image[0].numpy()[covered])
+    depth = out.depth[0].numpy()
     hi, covered = fill_mesh_holes(hi, covered, kernel=2 * max(1, round(0.012 * h * ss)) + 1)
     image = cv2.resize(hi, (w, h), interpolation=cv2.INTER_AREA) if ss > 1 else hi
     mask_hi = covered.astype(np.float32)
     mask = (cv2.resize(mask_hi, (w, h), interpolation=cv2.INTER_AREA) if ss > 1 else mask_hi) >= 0.5
 
     lm2d = landmarks.locate(uv)
-    visible = landmark_visibility(landmarks.locate(screen), frags.depth_buffer(), VISIBILITY_TOLERANCE_MM)
+    visible = landmark_visibility(landmarks.locate(screen), depth, VISIBILITY_TOLERANCE_MM)
     inside = (lm2d[:, 0] >= 0) & (lm2d[:, 0] <= w - 1) & (lm2d[:, 1] >= 0) & (lm2d[:, 1] <= h - 1)
     return RenderResult(np.ascontiguousarray(image), lm2d, visible & inside, mask)
 
