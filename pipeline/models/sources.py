@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.landmarks.scheme import IBUG68, LandmarkScheme
+from pipeline.landmarks.scheme import IBUG68, LandmarkScheme, load_scheme
 from pipeline.models.correspondence import Correspondence, CorrespondenceError, read_mapping
 from pipeline.models.morphable_model import ModelError, MorphableModel, load_npz, sha256_file
 from pipeline.models.triangulation import face_normals
@@ -144,8 +144,6 @@ def place_contour_points(mean_mm: np.ndarray, landmarks: Correspondence, where: 
     missing = np.flatnonzero(landmarks.vertices[:, 0] < 0)
     if not len(missing):
         return landmarks
-    from pipeline.landmarks.scheme import load_scheme
-
     scheme = load_scheme(landmarks.scheme)
     named = scheme.named
     needed = ("chin", "right_eye_outer", "left_eye_outer", "nose_tip")

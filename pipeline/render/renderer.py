@@ -128,7 +128,7 @@ def render(
     c0, c1 = _span(cols, width)
     tri_id = full_ids[:, r0:r1, c0:c1]
     screen = screen - screen.new_tensor([c0, r0, 0.0])
-    win = _crop(background, r0, r1, c0, c1)
+    win = None if background is None else background[:, r0:r1, c0:c1]
     out = _shade(vertices, triangles, albedo, camera, lighting, screen, view_distance, tri_id, win,
                  back_albedo, gloss, shadows, silhouette)  # fmt: skip
     return Rendered(
@@ -144,10 +144,6 @@ def _span(any_covered: Tensor, size: int) -> tuple[int, int]:
     """[first, last + 1) of the covered rows (or columns), one more on each side where there is room."""
     idx = torch.nonzero(any_covered).flatten()
     return max(int(idx[0]) - 1, 0), min(int(idx[-1]) + 2, size)
-
-
-def _crop(x: Tensor | None, r0: int, r1: int, c0: int, c1: int) -> Tensor | None:
-    return None if x is None else x[:, r0:r1, c0:c1]
 
 
 def _paste(
