@@ -7,7 +7,8 @@
 as for any real photo set) twice: every photo fitted alone (``stages.fit.identity: image``) and
 each person's photos split into two halves fitted as two subjects. Then only the fit is rerun per
 setting: the shipped default (the error model's calibrated weight and identity shrinkage), the
-identity prior weights given without shrinkage, and the error model off. A shrinkage scales each
+identity prior weights given without shrinkage, the error model off, the perspective camera, and
+the photometric refinement after the default fit (``stages.refine``, its identity weights given). A shrinkage scales each
 identity, so it leaves the AUCs (cosines) as they are and shortens the distances in mm. The measures and their 95 % bootstrap intervals over people are
 :mod:`pipeline.evaluate.photo_identity`'s.
 """
@@ -30,25 +31,25 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 
-def fit_rows(run: Path) -> list[dict]:
+def fit_rows(run: Path, table: str = "fit") -> list[dict]:
     import pyarrow.dataset as pads
 
-    t = pads.dataset(str(run / "fit"), format="parquet").to_table(
+    t = pads.dataset(str(run / table), format="parquet").to_table(
         columns=["subject", "alpha_id", "failure_reason"]
     )
     return [r for r in t.to_pylist() if r["failure_reason"] is None and r["alpha_id"] is not None]
 
 
-def measure(runs: dict[str, Path], model: object, boot: int, seed: int) -> dict:
+def measure(runs: dict[str, Path], model: object, boot: int, seed: int, table: str = "fit") -> dict:
     from pipeline.evaluate.photo_identity import auc_with_interval, split_half_consistency
 
-    rows = fit_rows(runs["per_image"])
+    rows = fit_rows(runs["per_image"], table)
     alpha = np.array([r["alpha_id"] for r in rows], dtype=np.float64)
     per_image = auc_with_interval(
         np.array([r["subject"] for r in rows]), alpha / model.id_std, np.random.default_rng(seed), boot
     )
     first: dict[str, list[float]] = {}
-    for r in fit_rows(runs["halves"]):
+    for r in fit_rows(runs["halves"], table):
         first.setdefault(r["subject"], r["alpha_id"])
     people = np.array([s.rsplit("__", 1)[0] for s in first])
     split = split_half_consistency(
@@ -66,6 +67,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--photos", type=Path, default=REPO.parent / "shared" / "fixtures" / "faces")
     ap.add_argument("--weights", type=float, nargs="+", default=[0.3, 1, 3, 10, 30])
+    ap.add_argument(
+        "--refine-weights",
+        type=float,
+        nargs="*",
+        default=[1, 10],
+        help="stages.refine.identity_prior_weight rows",
+    )
     ap.add_argument("--boot", type=int, default=1000)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--work", type=Path, default=None, help="folder for the runs (default: a temporary one)")
@@ -113,21 +121,34 @@ def main() -> None:
     settings["error model off"] = {"stages.fit.error_model": False}
     # the fit's camera: a pinhole per image around the orthographic fit (docs/fit.md)
     settings["default, perspective camera"] = {"stages.fit.camera": "perspective"}
+    # the photometric refinement after the default fit (docs/refine.md): its own defaults, then
+    # each identity weight given; a subject of one image (every per-image fit) keeps its fit
+    settings["default + refine"] = {"stages.refine.enabled": True}
+    for w in args.refine_weights:
+        settings[f"default + refine, identity weight {w:g}"] = {
+            "stages.refine.enabled": True,
+            "stages.refine.identity_prior_weight": w,
+        }
+    refine_default = load_manifest().stage_params("refine")["identity_prior_weight"]
     results = {}
     for name, extra in settings.items():
         for key, run in runs.items():
-            overrides = {
+            overrides = {  # every key a setting changes, at its default (a run remembers overrides)
                 "stages.fit.identity": modes[key],
                 "stages.fit.identity_prior_weight": None,
                 "stages.fit.identity_shrinkage": None,
+                "stages.fit.error_model": True,
+                "stages.fit.camera": "orthographic",
+                "stages.refine.enabled": False,
+                "stages.refine.identity_prior_weight": refine_default,
                 **extra,
             }
-            report = api.run_stages(
-                run, ["embed", "fit"], overrides=overrides, scheduler="sync", progress=False
-            )
+            refine = bool(extra.get("stages.refine.enabled"))
+            stages = ["embed", "fit", *(["refine"] if refine else [])]
+            report = api.run_stages(run, stages, overrides=overrides, scheduler="sync", progress=False)
             if report.get("failed_shards"):
                 sys.exit(f"{run}: fit failed for {name}: {report['failed_shards']}")
-        results[name] = measure(runs, model, args.boot, args.seed)
+        results[name] = measure(runs, model, args.boot, args.seed, "refine" if refine else "fit")
     doc = {
         "benchmark": "real_identity",
         "date": time.strftime("%Y-%m-%d %H:%M"),

@@ -24,6 +24,7 @@ COMMANDS = [
     "embed",
     "crop",
     "fit",
+    "refine",
     "export",
     "build",
     "status",

@@ -189,7 +189,7 @@ def test_api_build_on_a_synth_folder_and_the_run_remembers_it(tmp_path):
         progress=False,
     )
     assert isinstance(report, api.BuildReport) and report.ok
-    assert set(report.stages) == {"detect", "landmarks", "embed", "crop", "fit", "export"}
+    assert set(report.stages) == {"detect", "landmarks", "embed", "crop", "fit", "refine", "export"}
     assert report.stages["detect"].computed == report.stages["export"].computed >= 1
     assert report.ingest["images"] == 6
     st = api.status(tmp_path / "run")

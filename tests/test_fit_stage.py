@@ -158,7 +158,7 @@ def test_manifest_block_defaults_and_validation():
 
 def test_run_shard_through_the_store(tmp_path, model, monkeypatch):
     """process_shard -> run_shard -> committed shard whose file carries the model metadata."""
-    monkeypatch.setattr(fit_stage, "_load_model", lambda ctx: model)
+    monkeypatch.setattr(fit_stage, "load_stage_model", lambda ctx: model)
     from pipeline.core import workercache
 
     workercache.clear()

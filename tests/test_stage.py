@@ -20,13 +20,19 @@ def test_a_stage_parameter_changes_only_that_stage():
 def test_decode_settings_invalidate_every_stage_that_reads_pixels():
     base = _hashes()
     changed = _hashes(**{"stages.decode.max_pixels": 1000})
-    assert sorted(s for s in STAGES if base[s] != changed[s]) == ["crop", "detect", "embed", "landmarks"]
+    assert sorted(s for s in STAGES if base[s] != changed[s]) == [
+        "crop",
+        "detect",
+        "embed",
+        "landmarks",
+        "refine",
+    ]
 
 
-def test_another_morphable_model_invalidates_the_fit():
+def test_another_morphable_model_invalidates_the_fit_and_the_refinement():
     base = _hashes()
     changed = _hashes(**{"models.morphable_model.sha256": "0" * 64})
-    assert [s for s in STAGES if base[s] != changed[s]] == ["fit"]
+    assert [s for s in STAGES if base[s] != changed[s]] == ["fit", "refine"]
 
 
 def test_execution_settings_do_not_invalidate_anything():

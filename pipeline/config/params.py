@@ -147,8 +147,8 @@ class ExportParams(StageParams):
     """salt of the subject-name hash that orders subjects for the split; change it for another split"""
     exclude_subjects: str | None
     """a file naming subjects to leave out of the training set (their images are recorded as excluded_subject): the CSV of `morphset overlap` (column train_subject), any CSV with a subject column, or one name per line; local path or fsspec URL. Its contents are part of the export's fingerprint"""
-    fits_table: str
-    """the table the labels (alpha, pose) are taken from: fit (the landmark fit), or any table with the fits schema built before the export (a refinement stage); evaluate reads the same table"""
+    fits_table: str | None
+    """the table the labels (alpha, pose) are taken from: null = the refinement's (refine) when stages.refine.enabled, else the landmark fit's (fit); or name any table with the fits schema built before the export; evaluate reads the same table"""
 
 
 @dataclass(frozen=True)
@@ -239,6 +239,42 @@ class LandmarksParams(StageParams):
     """FAN: network timeout of that download"""
     torch_threads: int | None
     """FAN: torch intra-op threads per worker process; null = torch's default"""
+
+
+@dataclass(frozen=True)
+class RefineParams(StageParams):
+    """``stages.refine`` (schemas/manifest/stage.refine.schema.json)."""
+
+    enabled: bool
+    """run the refinement (the export then takes its labels from it, unless stages.export.fits_table names a table); off: the stage copies the fits and marks its shards off. Off by default: docs/refine.md gives the figures on renders and real photos the decision rests on"""
+    device: str
+    """torch device: auto (CUDA when the process sees one), cpu, cuda or cuda:N"""
+    min_images: int
+    """subjects with fewer fitted images keep the landmark fit (with one image a per-point colour explains every pixel: the photometric term says nothing about shape)"""
+    window_px: int
+    """each image is cut to a square around its fitted face and resampled to this side, so the settings below mean the same at any image size"""
+    sample_spacing_mm: float
+    """the photometric term samples one face-region vertex per square of this side on the frontal face"""
+    blur_px: tuple[float, ...]
+    """Gaussian blur of the windows (window pixels), one optimisation level each, coarse to fine: a wide basin first"""
+    steps: int
+    """Adam steps per level"""
+    learning_rate: float
+    """Adam's step (coefficients in units of their std, rotation in radians, log scale, window pixels, log distance)"""
+    identity_from_level: int
+    """the identity moves from this level on (0-based); before it, pose, distance and expression only"""
+    photo_weight: float
+    """weight of the photometric term per seen sample (a Cauchy loss at the subject's median residual), against one landmark's squared error in sigmas"""
+    landmark_sigma_mm: float
+    """how far (mm on the face) the inner landmark points may move from where the landmark fit projects them, as a Gaussian sigma"""
+    identity_prior_weight: float
+    """weight of the identity's change from the landmark fit (squared, coefficients in units of their std): the identity moves only as far as the photos outweigh it. 30: the weight whose real-photo split-half AUC is not below the landmark fit's (docs/refine.md)"""
+    expression_prior_weight: float
+    """weight of the expression prior"""
+    start_distance_mm: float | None
+    """each image's pinhole camera starts this far from the face (or at the landmark fit's camera_distance_mm when it has one) and its distance is fitted; null = the fit's scaled-orthographic camera, not fitted"""
+    batch_images: int
+    """padded image slots per batch (subjects of similar image count together); bounds memory"""
 
 
 @dataclass(frozen=True)
@@ -407,6 +443,7 @@ PARAMS: dict[str, type[StageParams]] = {
     "fit": FitParams,
     "ingest": IngestParams,
     "landmarks": LandmarksParams,
+    "refine": RefineParams,
     "synth": SynthParams,
     "train": TrainParams,
 }

@@ -12,6 +12,9 @@ Every column of every stage output is declared exactly once, there. A schema fil
 Type grammar: ``string | binary | bool | int8..int64 | uint8..uint64 | float16 | float32 | float64
 | list<T> | list<T>[n]`` (fixed-size list), nested freely.
 
+A schema may start with another's columns (``extends: fits``): its table is also one of that
+schema (:meth:`StageSchema.is_a`), so a stage reading that schema reads it too.
+
 Writers call :func:`conform` (refuses a table whose columns or types differ); readers call
 :func:`check_version` on the Parquet key-value metadata (refuses a version mismatch, naming both).
 """
@@ -94,6 +97,13 @@ class StageSchema:
     # columns declared ``nullable: false``: a null is refused on write even where the Arrow field
     # is stored nullable (``arrow_nullable: true``)
     required: frozenset[str] = frozenset()
+    # the schema whose columns this one starts with (``extends: fits``): a table of this schema
+    # is also one of that schema, plus its own columns (a refinement's fits)
+    extends: str | None = None
+
+    def is_a(self, name: str) -> bool:
+        """This schema is ``name`` or starts with its columns."""
+        return self.name == name or (self.extends is not None and load_schema(self.extends).is_a(name))
 
     @property
     def columns(self) -> list[str]:
@@ -131,6 +141,13 @@ def load_schema(name: str) -> StageSchema:
     if not isinstance(cols, list) or not cols:
         raise SchemaError(f"{path}: 'columns' must be a non-empty list")
     fields, docs, seen, required = [], {}, set(), set()
+    extends = raw.get("extends")
+    if extends is not None:
+        if not isinstance(extends, str) or extends == name:
+            raise SchemaError(f"{path}: 'extends' must name another schema, got {extends!r}")
+        base = load_schema(extends)
+        fields = [base.arrow.field(c) for c in base.columns]
+        docs, seen, required = dict(base.docs), set(base.columns), set(base.required)
     # Hugging Face datasets applies a file's features metadata only to nullable fields: a schema
     # handed to it stores every field nullable and keeps its non-null checks here
     arrow_nullable = bool(raw.get("arrow_nullable", False))
@@ -145,7 +162,10 @@ def load_schema(name: str) -> StageSchema:
             )
         cname = col["name"]
         if cname in seen:
-            raise SchemaError(f"{where}: column {cname!r} declared twice")
+            also = (
+                f" (schema {extends!r} declares it)" if extends and cname in load_schema(extends).docs else ""
+            )
+            raise SchemaError(f"{where}: column {cname!r} declared twice{also}")
         seen.add(cname)
         try:
             typ = parse_type(str(col["type"]))
@@ -174,6 +194,7 @@ def load_schema(name: str) -> StageSchema:
         files_by,
         file_values,
         frozenset(required),
+        extends,
     )
 
 

@@ -15,6 +15,7 @@ from pipeline.embed.stage import EmbedStage
 from pipeline.export.stage import ExportStage
 from pipeline.fit.stage import FitStage
 from pipeline.landmarks.stage import LandmarksStage
+from pipeline.refine.stage import RefineStage
 from pipeline.storage.run import TABLE_DIRS
 
 STAGES: dict[str, Stage] = {
@@ -25,6 +26,7 @@ STAGES: dict[str, Stage] = {
         EmbedStage(),
         CropStage(),
         FitStage(),
+        RefineStage(),
         ExportStage(),
     )
 }
@@ -65,13 +67,13 @@ def input_tables(stage: str, manifest: Manifest | None = None) -> dict[str, str]
     if manifest is None or not spec.table_settings:
         return out
     params = manifest.stage_params(stage)
+    before = BUILD_ORDER[: BUILD_ORDER.index(stage)]
     for slot, key in spec.table_settings.items():
-        table = params.get(key) or slot
+        table = params.get(key) or standing_in(slot, before, manifest)
         if table == slot:
             continue
         want = schema_for(slot).name
-        before = BUILD_ORDER[: BUILD_ORDER.index(stage)]
-        fits = [t for t in ("index", *before[1:]) if t != stage and schema_for(t).name == want]
+        fits = [t for t in ("index", *before[1:]) if t != stage and schema_for(t).is_a(want)]
         if table not in fits:
             raise InputTableError(
                 f"stages.{stage}.{key}: {table!r} is not a table the {stage} stage can read as its {slot} "
@@ -79,6 +81,16 @@ def input_tables(stage: str, manifest: Manifest | None = None) -> dict[str, str]
             )
         out[slot] = table
     return out
+
+
+def standing_in(slot: str, before: list[str], manifest: Manifest) -> str:
+    """The table a slot whose setting is null reads: the last stage before it that stands in for
+    the slot's table and is switched on (the refinement for the fit), else the slot's own."""
+    for name in reversed(before):
+        s = STAGES.get(name)
+        if s is not None and s.stands_in_for == slot and s.enabled(manifest):
+            return name
+    return slot
 
 
 def readable_keys(stage: str, manifest: Manifest | None = None) -> tuple[str, ...]:

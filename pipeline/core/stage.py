@@ -21,6 +21,9 @@ A stage is a small class (one per stage package, registered in :mod:`pipeline.co
   and writes the stage's own stage-level files: a stage never opens another stage's store;
 - ``finish(run, config)``: an optional driver step once every shard of the stage is committed
   (export's dataset card and model files);
+- ``stands_in_for`` and ``enabled(manifest)``: a stage whose table, when it is on, replaces an
+  earlier one for the later stages whose setting for that input is null (``stages.refine`` for
+  the export's fits);
 - ``reads_pixels``: the stage decodes the shard's images. Consecutive such stages of one shard
   run as one task sharing ``ctx.images`` (:class:`pipeline.imaging.decode.DecodedImages`), so
   each image is decoded once for all of them; each still commits its own shard;
@@ -241,7 +244,15 @@ class Stage:
     resources: ClassVar[dict[str, float]] = {}
     global_input: ClassVar[str | None] = None
     reads_pixels: ClassVar[bool] = False
+    # a table this stage's output replaces, when it is on, for later stages whose setting for
+    # that input is null (the refinement for the fit: the export takes the refined labels)
+    stands_in_for: ClassVar[str | None] = None
     doc: ClassVar[str] = ""
+
+    def enabled(self, manifest: Manifest) -> bool:
+        """Whether the stage does its work under ``manifest`` (a stage switched off still commits
+        its shards, marked off)."""
+        return True
 
     def output_schema(self) -> StageSchema:
         return load_schema(self.schema)

@@ -509,7 +509,7 @@ class FitStage(Stage):
         return run_shard(inputs, ctx)
 
 
-def _load_model(ctx: StageContext) -> MorphableModel:
+def load_stage_model(ctx: StageContext) -> MorphableModel:
     """The driver's verified model file; resolved here only where that file is not visible (a worker
     on another machine without the shared cache)."""
     from pipeline.models.assets import load_model_asset, resolve_morphable_model
@@ -572,7 +572,7 @@ def run_shard(inputs: dict[str, pa.Table], ctx: StageContext) -> pa.Table:
     error_model = error_model_for(ctx)
     opt = options_from_params(params, error_model)
     backend = resolve_backend(str(ctx.config.get("execution.array_backend", "auto") or "auto"))
-    model = _load_model(ctx)
+    model = load_stage_model(ctx)
     precision = str(params["precision"])
     xp = get_namespace(backend)
     # the points of the scheme the landmarks table's column records, where the model's map of

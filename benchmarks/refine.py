@@ -1,0 +1,119 @@
+"""The refine stage on renders with ground truth: identity error against the landmark fit's; prints JSON.
+
+    .venv/bin/python benchmarks/refine.py RUN [--set stages.refine.KEY=VALUE ...] [--threads 1]
+
+``RUN``: a built run of a ``morphset synth`` folder (``make demo`` leaves one at ``DEMO_OUT``,
+default ``runs/demo``), whose root holds ``ground_truth.parquet``. The refinement runs on it
+(enabled, with the settings given; it rewrites ``RUN/refine``), then each refined subject's
+identity, all of its fitted images at once, is scored as the demo report scores the fit: RMS over
+all vertices after a similarity alignment, over the mean shape's. CPU seconds per refined image
+come from the stage's sidecars (decoding and windows included). Real photos:
+``benchmarks/real_identity.py`` has the refinement's rows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("run", type=Path)
+    ap.add_argument("--set", action="append", default=[], help="stages.refine.KEY=VALUE (YAML value)")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (one: the cost target's unit)")
+    ap.add_argument("--boot", type=int, default=1000)
+    args = ap.parse_args()
+    import pyarrow.parquet as pq
+    import torch
+    import yaml
+
+    from pipeline import api
+    from pipeline.config.manifest import load_manifest
+    from pipeline.core.tables import RunTables
+    from pipeline.evaluate.identity_curve import all_vertex_error, identity_shape
+    from pipeline.models.assets import resolve_morphable_model
+    from pipeline.storage.run import Run
+
+    torch.set_num_threads(args.threads)
+    overrides = {"stages.refine.enabled": True}
+    for item in args.set:
+        key, _, value = item.partition("=")
+        overrides[key] = yaml.safe_load(value)
+    t0 = time.perf_counter()
+    # overwrite: every shard computed here, so its time is this run's
+    report = api.run_stages(args.run, ["refine"], "overwrite", overrides, scheduler="sync", progress=False)
+    if report.get("failed_shards"):
+        sys.exit(f"{args.run}: refine failed: {report['failed_shards']}")
+    wall = time.perf_counter() - t0
+    run = Run(str(args.run))
+    root = Path(json.loads((args.run / "run.json").read_text())["root"])
+    truth = {
+        r["subject"]: np.asarray(r["alpha_id"])
+        for r in pq.read_table(root / "ground_truth.parquet").to_pylist()
+    }
+    model = resolve_morphable_model(load_manifest())
+    tables = RunTables(run)
+    fit = {r["image_id"]: r for r in tables.table("fits").to_pylist()}
+    refined = run.table("refine").to_pylist()
+    mean = identity_shape(model, np.zeros(model.k_id))
+    errors: dict[str, tuple[float, float, float]] = {}
+    for r in refined:
+        if r["refined"] and r["subject"] not in errors:
+            gt = identity_shape(model, truth[r["subject"]])
+            errors[r["subject"]] = (
+                all_vertex_error(mean, gt),
+                all_vertex_error(identity_shape(model, np.asarray(fit[r["image_id"]]["alpha_id"])), gt),
+                all_vertex_error(identity_shape(model, np.asarray(r["alpha_id"])), gt),
+            )
+    e = np.array(list(errors.values()))
+    rng = np.random.default_rng(0)
+    draws = rng.integers(0, len(e), size=(args.boot, len(e)))
+
+    def ratio(col: int) -> dict:
+        point = e[:, col].sum() / e[:, 0].sum()
+        boot = e[draws, col].sum(1) / e[draws, 0].sum(1)
+        return {
+            "ratio": round(float(point), 4),
+            "ci95": [round(float(q), 4) for q in np.percentile(boot, [2.5, 97.5])],
+        }
+
+    sidecars = [
+        json.loads(p.read_text()) for p in sorted((args.run / "_meta" / "refine").glob("part-*.json"))
+    ]
+    n_refined = sum(bool(r["refined"]) for r in refined)
+    doc = {
+        "benchmark": "refine",
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+        "load_1min": round(os.getloadavg()[0], 2),
+        "threads": args.threads,
+        "run": str(args.run),
+        "settings": {k: v for k, v in overrides.items()},
+        "subjects": len(errors),
+        "refined_images": n_refined,
+        "mean_shape_mm": round(float(e[:, 0].mean()), 4),
+        "landmark_fit_over_mean": ratio(1),
+        "refined_over_mean": ratio(2),
+        "subjects_better": int((e[:, 2] < e[:, 1]).sum()),
+        "median_distance_mm": round(
+            float(np.median([r["camera_distance_mm"] for r in refined if r["refined"]])), 1
+        ),
+        "cpu_s_per_refined_image": round(sum(s["cpu_seconds"] for s in sidecars) / max(n_refined, 1), 3),
+        "wall_s": round(wall, 1),
+    }
+    print(json.dumps(doc, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,109 @@
+"""The refinement's image model and objective, pure torch (CPU or CUDA), batched over subjects.
+
+A subject's images are cut to square windows around the fitted face and resampled to one size
+(:func:`pipeline.refine.windows.face_window`), so every setting means the same at any image size.
+In each window a fixed sample of the model's face-region vertices is projected with the image's
+scaled-orthographic camera (the fit's), and the (blurred) window is sampled there bilinearly.
+The colours are explained as a per-vertex albedo *shared by the subject's images* times a
+per-image, per-channel order-1 spherical-harmonics function of the vertex normal (shading, light
+colour and white balance): with the albedo shared, the photometric term asks that a surface point
+look the same in every image once lighting is taken out (photo-consistency), which only a correct
+shape and pose give where the views differ. Albedo and shading are solved in closed form at every
+step without gradient (at their optimum the objective's gradient in the geometry is the partial
+one); a Cauchy loss weights away what the model cannot explain (hair, glasses, cast shadows,
+highlights). With one image the albedo explains every colour, and the term is zero.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+Tensor = torch.Tensor
+
+
+@dataclass(frozen=True)
+class RegionModel:
+    """The model restricted to its face region (float32 tensors on one device)."""
+
+    mean: Tensor  # (R, 3) mm
+    id_basis: Tensor  # (R, 3, k_id) mm per σ unit (basis × std)
+    exp_basis: Tensor  # (R, 3, k_exp) mm per σ unit
+    triangles: Tensor  # (T, 3) into the region's vertices
+    samples: Tensor  # (V,) region vertices the photometric term samples
+    landmark_mean: Tensor  # (L, 3) the inner landmarks
+    landmark_id: Tensor  # (L, 3, k_id)
+    landmark_exp: Tensor  # (L, 3, k_exp)
+
+
+def rotation_from_vector(omega: Tensor) -> Tensor:
+    """(..., 3, 3) Rodrigues rotation of axis-angle vectors ``omega`` (..., 3), smooth at 0."""
+    theta2 = (omega * omega).sum(-1, keepdim=True)[..., None]
+    k = torch.zeros(*omega.shape[:-1], 3, 3, dtype=omega.dtype, device=omega.device)
+    k[..., 0, 1], k[..., 0, 2], k[..., 1, 2] = -omega[..., 2], omega[..., 1], -omega[..., 0]
+    k = k - k.transpose(-1, -2)
+    # sin(θ)/θ and (1 - cos θ)/θ² by their series near 0 (the start of every refinement)
+    a = 1 - theta2 / 6 + theta2 * theta2 / 120
+    b = 0.5 - theta2 / 24 + theta2 * theta2 / 720
+    eye = torch.eye(3, dtype=omega.dtype, device=omega.device)
+    return eye + a * k + b * (k @ k)
+
+
+def vertex_normals(vertices: Tensor, triangles: Tensor) -> Tensor:
+    """(..., R, 3) unit area-weighted normals of an outward-wound mesh."""
+    a, b, c = (vertices[..., triangles[:, i], :] for i in range(3))
+    face = torch.cross(b - a, c - a, dim=-1)
+    n = torch.zeros_like(vertices)
+    for i in range(3):
+        n = n.index_add(-2, triangles[:, i], face)
+    return n / n.norm(dim=-1, keepdim=True).clamp_min(1e-9)
+
+
+def sh_basis(normals: Tensor) -> Tensor:
+    """(..., 4) order-1 real spherical harmonics (up to constants) of unit normals (..., 3)."""
+    return torch.cat([torch.ones_like(normals[..., :1]), normals], dim=-1)
+
+
+def cauchy(r2: Tensor, c2: Tensor) -> Tensor:
+    """Cauchy loss of squared residuals ``r2`` at squared scale ``c2``, in units of ``c2``: ~r²/c² near 0."""
+    return torch.log1p(r2 / c2)
+
+
+def solve_appearance(
+    colours: Tensor, basis: Tensor, weights: Tensor, albedo: Tensor, iterations: int = 2
+) -> tuple[Tensor, Tensor]:
+    """Per-vertex albedo shared over a subject's images, and each image's per-channel shading.
+
+    colours (S, M, V, 3) linear RGB, basis (S, M, V, 4) the normals' SH, weights (S, M, V) (0 for
+    unseen samples and padded images), albedo (S, V, 3) the previous solution (warm start).
+    Returns (albedo (S, V, 3), shading coefficients (S, M, 4, 3)). Alternating least squares."""
+    eye = 1e-4 * torch.eye(4, dtype=colours.dtype, device=colours.device)
+    for _ in range(iterations):
+        # shading given albedo: per image and channel, min Σ w (a·(b·l) − c)²
+        ab = albedo[:, None, :, None, :] * basis[..., :, None]  # (S, M, V, 4, 3)
+        w = weights[..., None, None]
+        lhs = torch.einsum("smvic,smvjc->smcij", ab * w, ab) + eye
+        rhs = torch.einsum("smvic,smvc->smci", ab * w, colours)
+        light = torch.linalg.solve(lhs, rhs[..., None])[..., 0].transpose(-1, -2)  # (S, M, 4, 3)
+        shade = torch.einsum("smvi,smic->smvc", basis, light)
+        # albedo given shading: per vertex and channel, over the images that see it
+        num = (weights[..., None] * shade * colours).sum(1)
+        den = (weights[..., None] * shade * shade).sum(1)
+        albedo = torch.where(den > 1e-9, num / den.clamp_min(1e-9), albedo)
+    return albedo, light
+
+
+def project(
+    points: Tensor, rotation: Tensor, scale: Tensor, translation: Tensor, inv_distance: Tensor | None = None
+) -> Tensor:
+    """(..., n, 2) window pixels of model points (..., n, 3): ``t + f (R X)_x``, ``t_y − f (R X)_y``
+    (the fit's scaled-orthographic camera), or with ``inv_distance`` ρ = 1/D (...) a pinhole D mm in
+    front of the origin of the same magnification ``f`` there: each offset times 1 / (1 − ρ (R X)_z)."""
+    cam = points @ rotation.transpose(-1, -2)
+    f = scale[..., None]
+    if inv_distance is not None:
+        f = f / (1 - inv_distance[..., None] * cam[..., 2])
+    return torch.stack(
+        [translation[..., None, 0] + f * cam[..., 0], translation[..., None, 1] - f * cam[..., 1]], dim=-1
+    )
