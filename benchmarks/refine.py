@@ -46,7 +46,10 @@ def main() -> None:
     from pipeline.storage.run import Run
 
     torch.set_num_threads(args.threads)
-    overrides = {"stages.refine.enabled": True}
+    # every refine setting at its default unless given: a run remembers the overrides it was built with
+    defaults = load_manifest().stage_params("refine")
+    overrides = {f"stages.refine.{k}": v for k, v in defaults.items()}
+    overrides["stages.refine.enabled"] = True
     for item in args.set:
         key, _, value = item.partition("=")
         overrides[key] = yaml.safe_load(value)
@@ -99,7 +102,7 @@ def main() -> None:
         "load_1min": round(os.getloadavg()[0], 2),
         "threads": args.threads,
         "run": str(args.run),
-        "settings": {k: v for k, v in overrides.items()},
+        "settings": {k: v for k, v in overrides.items() if defaults.get(k.rsplit(".", 1)[1]) != v},
         "subjects": len(errors),
         "refined_images": n_refined,
         "mean_shape_mm": round(float(e[:, 0].mean()), 4),

@@ -20,7 +20,9 @@ from pipeline.refine.windows import face_window
 
 
 def test_rotation_vector_is_rodrigues_and_smooth_at_zero():
-    omega = torch.tensor([[0.3, -0.2, 0.1], [0.0, 0.0, 0.0]], dtype=torch.float64, requires_grad=True)
+    omega = torch.tensor(
+        [[1.3, -0.9, 0.6], [0.0, 0.0, 0.0], [1e-3, 0.0, 0.0]], dtype=torch.float64, requires_grad=True
+    )
     R = rotation_from_vector(omega)
     theta = omega[0].detach().norm()
     axis = omega[0].detach() / theta
@@ -28,8 +30,11 @@ def test_rotation_vector_is_rodrigues_and_smooth_at_zero():
         [[0, -axis[2], axis[1]], [axis[2], 0, -axis[0]], [-axis[1], axis[0], 0]], dtype=torch.float64
     )
     exact = torch.eye(3, dtype=torch.float64) + torch.sin(theta) * k + (1 - torch.cos(theta)) * (k @ k)
-    assert torch.allclose(R[0], exact, atol=1e-5)
+    assert torch.allclose(R[0], exact, atol=1e-12)
     assert torch.allclose(R[1], torch.eye(3, dtype=torch.float64))
+    assert torch.allclose(
+        R @ R.transpose(-1, -2), torch.eye(3, dtype=torch.float64).expand(3, 3, 3), atol=1e-12
+    )
     R.sum().backward()
     assert torch.isfinite(omega.grad).all()
 
@@ -45,6 +50,21 @@ def test_the_pinhole_is_the_fits_formula_and_zero_inverse_distance_is_orthograph
         project(pts, R, f, t, torch.tensor([1 / d])),
         torch.tensor([[[100 + 20 * d / 470, 50 - 40 * d / 470]]]),
     )
+
+
+def test_the_blur_is_a_normalised_gaussian_in_each_direction():
+    from pipeline.refine.solve import _blur
+
+    img = torch.zeros(1, 41, 41, 3)
+    img[0, 20, 10, 1] = 1.0
+    out = _blur(img, 2.0)[0, :, :, 1]
+    assert (
+        float(out.sum()) == pytest.approx(1.0, abs=1e-5) and float(_blur(img, 2.0)[..., 0].abs().max()) == 0
+    )
+    x = torch.arange(41.0)
+    assert float((out.sum(0) * x).sum()) == pytest.approx(10.0, abs=1e-4)  # x stays, y stays
+    assert float((out.sum(1) * x).sum()) == pytest.approx(20.0, abs=1e-4)
+    assert float((out.sum(1) * (x - 20) ** 2).sum()) == pytest.approx(4.0, rel=0.02)  # σ² along y
 
 
 def test_albedo_and_shading_are_recovered_in_closed_form():

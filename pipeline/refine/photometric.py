@@ -38,14 +38,19 @@ class RegionModel:
 
 
 def rotation_from_vector(omega: Tensor) -> Tensor:
-    """(..., 3, 3) Rodrigues rotation of axis-angle vectors ``omega`` (..., 3), smooth at 0."""
+    """(..., 3, 3) Rodrigues rotation of axis-angle vectors ``omega`` (..., 3); near 0 (the
+    start of every refinement) sin θ / θ and (1 − cos θ) / θ² by their series, so the gradient
+    is finite there."""
     theta2 = (omega * omega).sum(-1, keepdim=True)[..., None]
     k = torch.zeros(*omega.shape[:-1], 3, 3, dtype=omega.dtype, device=omega.device)
     k[..., 0, 1], k[..., 0, 2], k[..., 1, 2] = -omega[..., 2], omega[..., 1], -omega[..., 0]
     k = k - k.transpose(-1, -2)
-    # sin(θ)/θ and (1 - cos θ)/θ² by their series near 0 (the start of every refinement)
-    a = 1 - theta2 / 6 + theta2 * theta2 / 120
-    b = 0.5 - theta2 / 24 + theta2 * theta2 / 720
+    small = theta2 < 1e-4
+    theta = torch.sqrt(torch.where(small, torch.ones_like(theta2), theta2))
+    a = torch.where(small, 1 - theta2 / 6 + theta2 * theta2 / 120, torch.sin(theta) / theta)
+    b = torch.where(
+        small, 0.5 - theta2 / 24 + theta2 * theta2 / 720, (1 - torch.cos(theta)) / (theta * theta)
+    )
     eye = torch.eye(3, dtype=omega.dtype, device=omega.device)
     return eye + a * k + b * (k @ k)
 

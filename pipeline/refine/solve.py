@@ -103,27 +103,23 @@ def visible_samples(region: RegionModel, batch: RefineBatch) -> Tensor:
     return torch.as_tensor(out, device=batch.windows.device)
 
 
+def _blur_rows(t: Tensor, kernel: Tensor) -> Tensor:
+    """``t`` (..., W) convolved along its last axis (reflect padding)."""
+    r = kernel.numel() // 2
+    rows = torch.nn.functional.pad(t.reshape(-1, 1, t.shape[-1]), (r, r), mode="reflect")
+    return torch.nn.functional.conv1d(rows, kernel[None, None]).reshape(t.shape)
+
+
 def _blur(images: Tensor, sigma: float) -> Tensor:
-    """(N, P, P, 3) Gaussian-blurred (separable, reflect padding)."""
+    """(N, P, P, 3) Gaussian-blurred, separably."""
     if sigma <= 0:
         return images
     r = max(1, int(np.ceil(3 * sigma)))
     x = torch.arange(-r, r + 1, dtype=images.dtype, device=images.device)
     k = torch.exp(-0.5 * (x / sigma) ** 2)
-    k = (k / k.sum()).repeat(3, 1, 1)
-    t = images.permute(0, 3, 1, 2)
-    t = torch.nn.functional.conv1d(
-        torch.nn.functional.pad(t.reshape(-1, 3, t.shape[-1]), (r, r), mode="reflect"),
-        k[:, None, 0, :],
-        groups=3,
-    ).reshape(t.shape)
-    t = t.transpose(-1, -2)
-    t = torch.nn.functional.conv1d(
-        torch.nn.functional.pad(t.reshape(-1, 3, t.shape[-1]), (r, r), mode="reflect"),
-        k[:, None, 0, :],
-        groups=3,
-    ).reshape(t.shape)
-    return t.transpose(-1, -2).permute(0, 2, 3, 1)
+    k = k / k.sum()
+    t = _blur_rows(images.permute(0, 3, 1, 2), k)  # along x
+    return _blur_rows(t.transpose(-1, -2), k).transpose(-1, -2).permute(0, 2, 3, 1)  # along y
 
 
 @dataclass
