@@ -3,6 +3,8 @@ positions, its table is a fits table, and the export takes its labels when it is
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet  # noqa: F401  (pa.parquet)
@@ -265,6 +267,12 @@ def test_a_build_refines_when_enabled_and_the_export_takes_the_refined_labels(tm
         assert not np.allclose(r["alpha_id"], before)  # the identity moved, and by a little
         assert np.linalg.norm(np.subtract(r["alpha_id"], before)) < np.linalg.norm(before) + 1e3
     trainset = tables.table("trainset")
+    params = json.loads(
+        pa.parquet.read_schema(next((run / "export" / "data").glob("*.parquet"))).metadata[
+            b"morphset.build.params"
+        ]
+    )
+    assert params["refine"]["enabled"] is True  # the card's build parameters name the refinement
     by_image = {r["image_id"]: r["alpha_id"] for r in rows}
     assert all(np.allclose(r["alpha_id"], by_image[r["image_id"]]) for r in trainset.to_pylist())
 

@@ -207,6 +207,19 @@ class StageTables:
         self.run.store(self.stage).write_json(file, doc)
 
 
+def check_same_rows(
+    ctx: StageContext, first: tuple[str, pa.Table], second: tuple[str, pa.Table], rebuild: str
+) -> None:
+    """Two input tables of one shard hold the same images in the same order, else a ValueError
+    naming the stage, the shard, both tables and what to rebuild."""
+    (a_name, a), (b_name, b) = first, second
+    if a.column("image_id").to_pylist() != b.column("image_id").to_pylist():
+        raise ValueError(
+            f"{ctx.stage} shard {ctx.shard}: {a_name} and {b_name} tables do not match row for row "
+            f"({a.num_rows} vs {b.num_rows} rows); rebuild {rebuild} for this shard"
+        )
+
+
 @dataclass
 class StageContext:
     """What a stage's ``run`` may know about where it runs."""

@@ -15,16 +15,14 @@ it is tried again rather than committed without the image.
 
 from __future__ import annotations
 
-import errno
-
 import cv2
 import numpy as np
 import pyarrow as pa
 
 from pipeline.config.schemas import from_rows, load_schema
-from pipeline.core.stage import Stage, StageContext
+from pipeline.core.stage import Stage, StageContext, check_same_rows
 from pipeline.imaging.align import transform_points, warp_crop
-from pipeline.imaging.decode import TRANSIENT_REASONS, dataset_root, max_pixels_from
+from pipeline.imaging.decode import dataset_root, max_pixels_from
 from pipeline.landmarks.base import N_POINTS
 
 
@@ -52,11 +50,7 @@ def encode_jpeg(rgb: np.ndarray, quality: int) -> bytes:
 def run_shard(inputs: dict[str, pa.Table], ctx: StageContext) -> pa.Table:
     """index + landmarks -> crops table (one row per index row, same order)."""
     index, lms = inputs["index"], inputs["landmarks"]
-    if index.column("image_id").to_pylist() != lms.column("image_id").to_pylist():
-        raise ValueError(
-            f"crop shard {ctx.shard}: index and landmarks tables do not match row for row "
-            f"({index.num_rows} vs {lms.num_rows} rows); rebuild landmarks for this shard"
-        )
+    check_same_rows(ctx, ("index", index), ("landmarks", lms), "landmarks")
     quality = int(ctx.params.jpeg_quality)
     max_pixels = max_pixels_from(ctx.config)
     root = dataset_root(index)
@@ -71,15 +65,8 @@ def run_shard(inputs: dict[str, pa.Table], ctx: StageContext) -> pa.Table:
             row["failure_reason"] = reason
             continue
         size = (lm.get("image_width"), lm.get("image_height"))
-        decoded = ctx.images.read(rec["uri"], max_pixels, ctx.storage_options, root, size)
+        decoded = ctx.images.read_again(rec["uri"], max_pixels, ctx.storage_options, root, size)
         if not decoded.ok:
-            if decoded.reason in TRANSIENT_REASONS:
-                raise OSError(
-                    errno.EIO,
-                    f"cannot read an image the earlier stages read ({decoded.reason}: {decoded.detail}); "
-                    "the shard is not committed without it",
-                    rec["uri"],
-                )
             row["failure_reason"] = decoded.reason
             continue
         matrix = np.asarray(lm["align_matrix"], dtype=np.float64).reshape(2, 3)

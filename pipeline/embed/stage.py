@@ -22,7 +22,7 @@ import pyarrow as pa
 from pipeline.config.schemas import conform, from_rows, load_schema
 from pipeline.core import workercache
 from pipeline.core.backends import lookup
-from pipeline.core.stage import STAGE_OFF_KEY, Asset, ConfigView, Stage, StageContext
+from pipeline.core.stage import STAGE_OFF_KEY, Asset, ConfigView, Stage, StageContext, check_same_rows
 from pipeline.embed.base import EmbeddingBackend, EmbeddingResult
 from pipeline.imaging.decode import dataset_root, max_pixels_from
 
@@ -96,11 +96,7 @@ def run_shard(inputs: dict[str, pa.Table], ctx: StageContext) -> pa.Table:
     """index + landmarks -> embeddings table (one row per index row, same order)."""
     params = ctx.params.as_dict()
     index, lms = inputs["index"], inputs["landmarks"]
-    if index.column("image_id").to_pylist() != lms.column("image_id").to_pylist():
-        raise ValueError(
-            f"embed shard {ctx.shard}: index and landmarks tables do not match row for row "
-            f"({index.num_rows} vs {lms.num_rows} rows); rebuild landmarks for this shard"
-        )
+    check_same_rows(ctx, ("index", index), ("landmarks", lms), "landmarks")
     schema = load_schema("embeddings")
     enabled = enabled_for(params, index)
     base = {

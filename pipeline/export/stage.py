@@ -16,7 +16,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline.config.schemas import from_rows, load_schema
-from pipeline.core.stage import DROPPED_ROWS_KEY, ConfigView, Stage, StageContext, StageTables
+from pipeline.core.stage import (
+    DROPPED_ROWS_KEY,
+    ConfigView,
+    Stage,
+    StageContext,
+    StageTables,
+    UndeclaredConfigRead,
+)
 from pipeline.export import handoff
 from pipeline.imaging.crops import image_cell
 from pipeline.storage.run import Run
@@ -155,11 +162,12 @@ def _build_metadata(fit_table: pa.Table, manifest: ConfigView) -> dict[str, str]
         for k, v in (fit_table.schema.metadata or {}).items()
         if k.startswith(b"morphset.model.")
     }
-    md["morphset.build.params"] = json.dumps(
-        {s: manifest.stage_params(s) for s in ("ingest", "detect", "landmarks", "crop", "fit", "export")},
-        sort_keys=True,
-        default=str,
-    )
+    params = {s: manifest.stage_params(s) for s in ("ingest", "detect", "landmarks", "crop", "fit", "export")}
+    try:  # the refinement's, where it supplied the labels (the export reads it, so may read its settings)
+        params["refine"] = manifest.stage_params("refine")
+    except UndeclaredConfigRead:
+        pass
+    md["morphset.build.params"] = json.dumps(params, sort_keys=True, default=str)
     return md
 
 

@@ -18,7 +18,7 @@ import pyarrow as pa
 
 from pipeline.config.schemas import column_scheme, conform, load_schema
 from pipeline.core import workercache
-from pipeline.core.stage import Asset, ConfigView, Stage, StageContext
+from pipeline.core.stage import Asset, ConfigView, Stage, StageContext, check_same_rows
 from pipeline.embed.identity import ScreenParams, embedding_matrix, screen_identities
 from pipeline.fit.camera import euler_deg
 from pipeline.fit.identity import shrinkage
@@ -557,11 +557,7 @@ def _embeddings(inputs: dict[str, pa.Table], ctx: StageContext) -> np.ndarray | 
     if emb is None:
         return None
     lms = inputs["landmarks"]
-    if emb.column("image_id").to_pylist() != lms.column("image_id").to_pylist():
-        raise ValueError(
-            f"fit shard {ctx.shard}: landmarks and embed tables do not match row for row "
-            f"({lms.num_rows} vs {emb.num_rows} rows); rebuild embed for this shard"
-        )
+    check_same_rows(ctx, ("landmarks", lms), ("embed", emb), "embed")
     return embedding_matrix(emb.column("embedding"), emb.num_rows)
 
 

@@ -25,6 +25,7 @@ the pixel-count check possible before decoding.
 
 from __future__ import annotations
 
+import errno
 import io
 import logging
 import os
@@ -284,6 +285,27 @@ class DecodedImages:
             h, w = res.image.shape[:2]
             if (w, h) != tuple(size):
                 return _fail(IMAGE_CHANGED, f"{uri} is {w}x{h}, an earlier stage read {size[0]}x{size[1]}")
+        return res
+
+    def read_again(
+        self,
+        uri: str,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+        storage_options: dict | None = None,
+        root: str | None = None,
+        size: tuple[int | None, int | None] | None = None,
+    ) -> DecodeResult:
+        """:meth:`read` of an image an earlier stage read: a missing or unreadable file now is a
+        storage fault (``OSError``: the shard is not committed without it), any other failure
+        the image's reason (``image_changed``, …)."""
+        res = self.read(uri, max_pixels, storage_options, root, size)
+        if not res.ok and res.reason in TRANSIENT_REASONS:
+            raise OSError(
+                errno.EIO,
+                f"cannot read an image the earlier stages read ({res.reason}: {res.detail}); "
+                "the shard is not committed without it",
+                uri,
+            )
         return res
 
     def _read(

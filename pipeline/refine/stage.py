@@ -11,8 +11,6 @@ off; the export then reads the fit itself (:func:`pipeline.core.registry.standin
 
 from __future__ import annotations
 
-import errno
-
 import numpy as np
 import pyarrow as pa
 import torch
@@ -21,10 +19,10 @@ from pipeline.config.manifest import Manifest
 from pipeline.config.schemas import conform, load_schema
 from pipeline.core import workercache
 from pipeline.core.devices import torch_device
-from pipeline.core.stage import STAGE_OFF_KEY, Asset, ConfigView, Stage, StageContext
+from pipeline.core.stage import STAGE_OFF_KEY, Asset, ConfigView, Stage, StageContext, check_same_rows
 from pipeline.fit.camera import euler_deg
 from pipeline.fit.stage import load_stage_model, plan_batches
-from pipeline.imaging.decode import TRANSIENT_REASONS, dataset_root, max_pixels_from
+from pipeline.imaging.decode import dataset_root, max_pixels_from
 from pipeline.landmarks.scheme import IBUG68
 from pipeline.models.morphable_model import MorphableModel
 from pipeline.refine.region import region_model
@@ -104,11 +102,7 @@ def run_shard(inputs: dict[str, pa.Table], ctx: StageContext) -> pa.Table:
     """index + fits -> refined fits (one row per fits row, same order)."""
     params = ctx.params.as_dict()
     index, fits = inputs["index"], inputs["fit"]
-    if index.column("image_id").to_pylist() != fits.column("image_id").to_pylist():
-        raise ValueError(
-            f"refine shard {ctx.shard}: index and fits tables do not match row for row "
-            f"({index.num_rows} vs {fits.num_rows} rows); rebuild the fit for this shard"
-        )
+    check_same_rows(ctx, ("index", index), ("fits", fits), "the fit")
     if not params["enabled"]:
         return _copy(fits, off=True)
     model = load_stage_model(ctx)
@@ -167,15 +161,8 @@ def _windows(
     for s in subjects:
         for i in by_subject[s]:
             r = rows[i]
-            decoded = ctx.images.read(records[i]["uri"], max_pixels, ctx.storage_options, root)
+            decoded = ctx.images.read_again(records[i]["uri"], max_pixels, ctx.storage_options, root)
             if not decoded.ok:
-                if decoded.reason in TRANSIENT_REASONS:
-                    raise OSError(
-                        errno.EIO,
-                        f"cannot read an image the earlier stages read ({decoded.reason}: {decoded.detail}); "
-                        "the shard is not committed without it",
-                        records[i]["uri"],
-                    )
                 out[i]["failure_reason"] = decoded.reason  # not the image the fit saw
                 continue
             R = np.asarray(r["rotation"], np.float64).reshape(3, 3)
