@@ -183,3 +183,13 @@ def test_an_oversized_file_is_refused_from_its_size_before_it_is_read(tmp_path, 
     res = decode.read_image(str(big))
     assert res.reason == "file_too_large" and "stages.decode.max_pixels" in res.detail and reads == []
     assert decode.max_file_bytes(40_000_000) < (1536 << 20)
+
+
+def test_an_image_an_earlier_stage_read_and_now_missing_is_a_storage_fault(tmp_path):
+    from pipeline.imaging.decode import DecodedImages
+
+    gone = str(tmp_path / "gone.jpg")
+    assert DecodedImages().read(gone).reason == "missing"  # a first read: the image's reason
+    with pytest.raises(OSError, match=r"cannot read an image the earlier stages read \(missing") as err:
+        DecodedImages().read(gone, read_before=True)
+    assert err.value.filename == gone

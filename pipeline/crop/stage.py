@@ -65,7 +65,7 @@ def run_shard(inputs: dict[str, pa.Table], ctx: StageContext) -> pa.Table:
             row["failure_reason"] = reason
             continue
         size = (lm.get("image_width"), lm.get("image_height"))
-        decoded = ctx.images.read_again(rec["uri"], max_pixels, ctx.storage_options, root, size)
+        decoded = ctx.images.read(rec["uri"], max_pixels, ctx.storage_options, root, size, read_before=True)
         if not decoded.ok:
             row["failure_reason"] = decoded.reason
             continue

@@ -275,37 +275,26 @@ class DecodedImages:
         storage_options: dict | None = None,
         root: str | None = None,
         size: tuple[int | None, int | None] | None = None,
+        read_before: bool = False,
     ) -> DecodeResult:
         """:func:`read_image`, once per image while the budget lasts. The containment check
         (``root``) is repeated on every request: it is cheap and a link may change. ``size``:
         the (width, height) an earlier stage recorded for the image; another size is the reason
-        ``image_changed`` (the file is not the one that stage read)."""
+        ``image_changed`` (the file is not the one that stage read). ``read_before``: an earlier
+        stage read this image, so a missing or unreadable file now is a storage fault
+        (``OSError``: the shard is not committed without it), not the image's reason."""
         res = self._read(uri, max_pixels, storage_options, root)
-        if res.ok and size is not None:
-            h, w = res.image.shape[:2]
-            if (w, h) != tuple(size):
-                return _fail(IMAGE_CHANGED, f"{uri} is {w}x{h}, an earlier stage read {size[0]}x{size[1]}")
-        return res
-
-    def read_again(
-        self,
-        uri: str,
-        max_pixels: int = DEFAULT_MAX_PIXELS,
-        storage_options: dict | None = None,
-        root: str | None = None,
-        size: tuple[int | None, int | None] | None = None,
-    ) -> DecodeResult:
-        """:meth:`read` of an image an earlier stage read: a missing or unreadable file now is a
-        storage fault (``OSError``: the shard is not committed without it), any other failure
-        the image's reason (``image_changed``, …)."""
-        res = self.read(uri, max_pixels, storage_options, root, size)
-        if not res.ok and res.reason in TRANSIENT_REASONS:
+        if read_before and not res.ok and res.reason in TRANSIENT_REASONS:
             raise OSError(
                 errno.EIO,
                 f"cannot read an image the earlier stages read ({res.reason}: {res.detail}); "
                 "the shard is not committed without it",
                 uri,
             )
+        if res.ok and size is not None:
+            h, w = res.image.shape[:2]
+            if (w, h) != tuple(size):
+                return _fail(IMAGE_CHANGED, f"{uri} is {w}x{h}, an earlier stage read {size[0]}x{size[1]}")
         return res
 
     def _read(

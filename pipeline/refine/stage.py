@@ -161,7 +161,9 @@ def _windows(
     for s in subjects:
         for i in by_subject[s]:
             r = rows[i]
-            decoded = ctx.images.read_again(records[i]["uri"], max_pixels, ctx.storage_options, root)
+            decoded = ctx.images.read(
+                records[i]["uri"], max_pixels, ctx.storage_options, root, read_before=True
+            )
             if not decoded.ok:
                 out[i]["failure_reason"] = decoded.reason  # not the image the fit saw
                 continue
