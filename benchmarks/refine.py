@@ -9,6 +9,11 @@ identity, all of its fitted images at once, is scored as the demo report scores 
 all vertices after a similarity alignment, over the mean shape's. CPU seconds per refined image
 come from the stage's sidecars (decoding and windows included). Real photos:
 ``benchmarks/real_identity.py`` has the refinement's rows.
+
+``--curve 2 4``: also the report's identity curve for the refinement. Random M-subsets of each
+subject's images (``--repeats`` per subject, seed 0, the report's draws) are fitted again with the
+run's fit, as the report's curve does, and each draw's fit is refined by the stage itself
+(in-process, the same settings); both are scored against the truth as above.
 """
 
 from __future__ import annotations
@@ -19,9 +24,17 @@ import os
 import platform
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+
+    from pipeline.models.morphable_model import MorphableModel
+    from pipeline.storage.run import Run
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -33,6 +46,8 @@ def main() -> None:
     ap.add_argument("--set", action="append", default=[], help="stages.refine.KEY=VALUE (YAML value)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (one: the cost target's unit)")
     ap.add_argument("--boot", type=int, default=1000)
+    ap.add_argument("--curve", type=int, nargs="*", default=[], help="M values of the refined curve (2 4)")
+    ap.add_argument("--repeats", type=int, default=1, help="M-subsets per subject on the curve")
     args = ap.parse_args()
     import pyarrow.parquet as pq
     import torch
@@ -80,16 +95,7 @@ def main() -> None:
                 all_vertex_error(identity_shape(model, np.asarray(r["alpha_id"])), gt),
             )
     e = np.array(list(errors.values()))
-    rng = np.random.default_rng(0)
-    draws = rng.integers(0, len(e), size=(args.boot, len(e)))
-
-    def ratio(col: int) -> dict:
-        point = e[:, col].sum() / e[:, 0].sum()
-        boot = e[draws, col].sum(1) / e[draws, 0].sum(1)
-        return {
-            "ratio": round(float(point), 4),
-            "ci95": [round(float(q), 4) for q in np.percentile(boot, [2.5, 97.5])],
-        }
+    ratio = ratios(e, args.boot)
 
     sidecars = [
         json.loads(p.read_text()) for p in sorted((args.run / "_meta" / "refine").glob("part-*.json"))
@@ -115,7 +121,93 @@ def main() -> None:
         "cpu_s_per_refined_image": round(sum(s["cpu_seconds"] for s in sidecars) / max(n_refined, 1), 3),
         "wall_s": round(wall, 1),
     }
+    if args.curve:
+        doc["curve"] = refined_curve(run, model, truth, args.curve, args.repeats, args.boot)
     print(json.dumps(doc, indent=1))
+
+
+def ratios(e: np.ndarray, boot: int) -> Callable[[int], dict]:
+    """Column ``col`` of per-subject errors ``e`` (rows: subjects; column 0 the mean shape's) over
+    column 0, summed over subjects, with a 95 % bootstrap interval over subjects."""
+    draws = np.random.default_rng(0).integers(0, len(e), size=(boot, len(e)))
+
+    def ratio(col: int) -> dict:
+        point = e[:, col].sum() / e[:, 0].sum()
+        resampled = e[draws, col].sum(1) / e[draws, 0].sum(1)
+        return {
+            "ratio": round(float(point), 4),
+            "ci95": [round(float(q), 4) for q in np.percentile(resampled, [2.5, 97.5])],
+        }
+
+    return ratio
+
+
+def drawn(table: pa.Table, rows: np.ndarray, names: list[str]) -> pa.Table:
+    """The rows of M-subset draws, each draw a subject of its own (``subset_draws``' names)."""
+    import pyarrow as pa
+
+    field = table.schema.get_field_index("subject")
+    return table.take(pa.array(rows)).set_column(field, "subject", pa.array(names, pa.string()))
+
+
+def refined_curve(
+    run: Run, model: MorphableModel, truth: dict[str, np.ndarray], ms: list[int], repeats: int, boot: int
+) -> list[dict]:
+    """Per M: the fit of each M-subset draw and its refinement over the mean shape (see the module
+    docstring); a draw whose fit fails counts as the mean shape, as in the report."""
+
+    from pipeline.config.resolve import resolve
+    from pipeline.core.runner import stage_context
+    from pipeline.core.tables import RunTables
+    from pipeline.evaluate.identity_curve import all_vertex_error, identity_shape, subset_draws
+    from pipeline.evaluate.run import run_fit
+    from pipeline.refine.stage import RefineStage
+
+    manifest = resolve(run).manifest  # the run's settings, the refinement's as just used
+    tables = RunTables(run)
+    landmarks, index = tables.table("landmarks"), tables.table("index")
+    fit = run_fit(model, manifest)
+    subjects = np.asarray(landmarks.column("subject").to_pylist(), dtype=object)
+    usable = np.array(
+        [
+            r is None and s in truth
+            for r, s in zip(landmarks.column("failure_reason").to_pylist(), subjects, strict=True)
+        ]
+    )
+    rng = np.random.default_rng(0)
+    mean = identity_shape(model, np.zeros(model.k_id))
+    points = []
+    for m in ms:
+        rows, names, draws = subset_draws(subjects, usable, m, repeats, rng)
+        fits = fit(drawn(landmarks, rows, names))
+        refined = RefineStage().run(
+            {"index": drawn(index, rows, names), "fit": fits}, stage_context(manifest, "refine", run)
+        )
+        first: dict[str, tuple[list, list | None]] = {}
+        for f, r in zip(fits.to_pylist(), refined.to_pylist(), strict=True):
+            if r["refined"]:
+                first.setdefault(r["subject"], (f["alpha_id"], r["alpha_id"]))
+        e = []
+        for name, s in draws:
+            gt = identity_shape(model, truth[s])
+            a_fit, a_ref = first.get(name, (None, None))
+            shapes = [
+                identity_shape(model, np.zeros(model.k_id) if a is None else np.asarray(a))
+                for a in (a_fit, a_ref)
+            ]
+            e.append([all_vertex_error(mean, gt), *(all_vertex_error(x, gt) for x in shapes)])
+        ratio = ratios(np.array(e), boot)
+        points.append(
+            {
+                "m": m,
+                "draws": len(draws),
+                "refined_draws": len(first),
+                "landmark_fit_over_mean": ratio(1),
+                "refined_over_mean": ratio(2),
+                "draws_better": int(sum(x[2] < x[1] for x in e)),
+            }
+        )
+    return points
 
 
 if __name__ == "__main__":

@@ -141,3 +141,73 @@ def test_a_flat_appearance_colours_every_vertex_alike(model):
     assert a.std(dim=1).min() > 0.01  # sampled colours vary over the face
     assert torch.allclose(b, b[:, :1].expand_as(b))  # flat: one colour per image
     assert not torch.allclose(b[0, 0], b[1, 0])  # each image its own
+
+
+def test_the_directional_loopback_light_shades_by_the_normal(model):
+    from pipeline.render.shading import sh_irradiance
+    from pipeline.train.genova import directional_light
+
+    light_dir = torch.nn.functional.normalize(torch.tensor([[0.3, -0.4, 0.9]]), dim=1)
+    lit = directional_light(torch.tensor([2.0]), 0.6, light_dir)
+    side = torch.nn.functional.normalize(
+        torch.cross(light_dir[0], torch.tensor([0.0, 0.0, 1.0]), dim=0), dim=0
+    )
+    normals = torch.stack([light_dir[0], -light_dir[0], side])[None]
+    e = sh_irradiance(normals, lit.coefficients)[0, :, 0]
+    # facing the light: the gain; facing away: gain (1 - share); side-on: halfway
+    assert e.tolist() == pytest.approx([2.0, 0.8, 1.4], abs=1e-5)
+
+
+@pytest.mark.parametrize("texture", ["own", "shuffled"])
+def test_a_shuffled_loopback_render_wears_another_inputs_colours(model, texture):
+    """genova_loopback_texture: shuffled renders each prediction in another input's colours, so
+    the texture no longer tells the encoder whose coefficients to give back."""
+    from pipeline.train.genova import GenovaLosses, GenovaSettings
+
+    params = load_manifest().stage_params("train") | {"genova_loopback_texture": texture}
+    losses = GenovaLosses(model, torch.nn.Identity(), GenovaSettings.from_params(params))
+    seen: list[torch.Tensor] = []
+
+    class Recorder(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            seen.append(x)
+            return torch.zeros(len(x), model.k_id), torch.zeros(len(x), model.k_exp)
+
+    vertices = losses.shapes(torch.zeros(2, model.k_id), torch.zeros(2, model.k_exp))
+    colours = torch.zeros(2, vertices.shape[1], 3)
+    colours[0, :, 0] = 0.8  # the first input is red, the second blue
+    colours[1, :, 2] = 0.8
+    target = (torch.zeros(2, model.k_id), torch.zeros(2, model.k_exp))
+    losses.loopback(Recorder(), vertices, colours, target, torch.Generator().manual_seed(0))
+    x = seen[0]
+    centre = x[:, :, 40:70, 35:60].mean(dim=(2, 3))  # (B, 3) in [-1, 1] over the face
+    red_first = bool(centre[0, 0] > centre[0, 2])
+    assert red_first == (texture == "own")
+    assert bool(centre[1, 2] > centre[1, 0]) == (texture == "own")
+
+
+@pytest.mark.parametrize("through", [True, False])
+def test_the_loopback_moves_the_prediction_only_through_the_render_when_asked(model, through):
+    from pipeline.train.genova import GenovaLosses, GenovaSettings
+
+    params = load_manifest().stage_params("train") | {"genova_loopback_through_render": through}
+    losses = GenovaLosses(model, torch.nn.Identity(), GenovaSettings.from_params(params))
+
+    class MeanEncoder(torch.nn.Module):  # coefficients from the render's mean level
+        def __init__(self) -> None:
+            super().__init__()
+            self.gain = torch.nn.Parameter(torch.ones(()))
+
+        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            level = self.gain * x.mean(dim=(1, 2, 3))[:, None]
+            return level.expand(-1, model.k_id), level.expand(-1, model.k_exp)
+
+    alpha_id = torch.full((2, model.k_id), 0.5, requires_grad=True)
+    vertices = losses.shapes(alpha_id, torch.zeros(2, model.k_exp))
+    colours = torch.full((2, vertices.shape[1], 3), 0.6)
+    target = (torch.ones(2, model.k_id), torch.ones(2, model.k_exp))
+    encoder = MeanEncoder()
+    losses.loopback(encoder, vertices, colours, target, torch.Generator().manual_seed(0)).backward()
+    moved = alpha_id.grad is not None and float(alpha_id.grad.abs().sum()) > 0
+    assert moved == through
+    assert encoder.gain.grad is not None and float(encoder.gain.grad) != 0  # the encoder learns either way

@@ -85,6 +85,47 @@ def test_albedo_and_shading_are_recovered_in_closed_form():
     assert torch.allclose(pred, colours, atol=1e-3)  # up to the product's scale, exact
 
 
+def test_a_per_image_colour_gain_over_the_face_is_explained_only_with_the_colour_field():
+    from pipeline.refine.solve import colour_field
+
+    g = torch.Generator().manual_seed(1)
+    v = 300
+    normals = torch.nn.functional.normalize(
+        torch.randn(1, 2, v, 3, generator=g) + torch.tensor([0, 0, 2.0]), dim=-1
+    )
+    coords = torch.rand(v, 2, generator=g) * 2 - 1
+    sh = torch.cat([torch.ones_like(normals[..., :1]), normals], -1)
+    albedo = 0.2 + 0.6 * torch.rand(1, v, 3, generator=g)
+    light = torch.tensor([[0.8, 0.7, 0.6], [0.1, 0.0, -0.1], [0.2, 0.3, 0.1], [0.3, 0.3, 0.3]])
+    # the second image's skin is warmer towards its left cheek (make-up): light linear across the face
+    shade = torch.einsum("smvi,ic->smvc", sh, light)
+    shade[0, 1] += coords[:, :1] * torch.tensor([0.15, 0.0, -0.1])
+    colours = albedo[:, None] * shade
+    ones = torch.ones(1, 2, v)
+    assert colour_field(coords, 0).shape == (v, 0) and colour_field(coords, 2).shape == (v, 5)
+
+    def fitted_error(order: int) -> float:
+        field = colour_field(coords, order).expand(1, 2, v, -1)
+        basis = torch.cat([sh, field], -1)
+        a, lt = solve_appearance(colours, basis, ones, albedo * 0 + 0.5, iterations=40)
+        return float((a[:, None] * torch.einsum("smvi,smic->smvc", basis, lt) - colours).abs().max())
+
+    # the shading alone cannot make two images of one albedo differ across the face like that
+    assert fitted_error(0) > 0.01 and fitted_error(1) < 0.1 * fitted_error(0)
+
+
+def test_more_forehead_adds_samples_above_the_brows_only(default_model):
+    base, ids = region_model(default_model, IBUG68, 3.0, forehead_mm=0.0)
+    more, ids_more = region_model(default_model, IBUG68, 3.0, forehead_mm=20.0)
+    mean = default_model.mean.reshape(-1, 3)
+    points = default_model.landmarks_of(IBUG68).locate(mean)
+    jaw_top = points[IBUG68.group("jaw")][[0, -1], 1].min()  # the outline's sides rise from here
+    added = np.setdiff1d(ids_more, ids)
+    assert added.size > 30 and np.isin(ids, ids_more).mean() > 0.9
+    assert (mean[added, 1] > jaw_top).all()  # forehead and temples, not cheeks or chin
+    assert more.coords.abs().max() <= 1.0 + 1e-6
+
+
 def test_a_window_keeps_pixel_positions_at_any_image_size():
     img = np.zeros((200, 300, 3), np.uint8)
     img[120, 140] = 255  # one bright pixel at x 140, y 120
@@ -92,13 +133,54 @@ def test_a_window_keeps_pixel_positions_at_any_image_size():
     for factor in (1, 2):
         big = np.kron(img, np.ones((factor, factor, 1), np.uint8)) if factor > 1 else img
         centre = (np.array([140.0, 120.0]) + 0.5) * factor - 0.5  # the pixel's centre at this size
-        win, w = face_window(big, pts * factor + (factor - 1) / 2, 64, 0.1)
+        fw = face_window(big, pts * factor + (factor - 1) / 2, 64, 0.1)
+        win, w = fw.pixels, fw.window
+        assert fw.inside.all()  # the face and its margin lie well inside the image
         f, t = w.to_window(1.0, centre)
         peak = np.unravel_index(np.argmax(win.sum(-1)), win.shape[:2])
         assert abs(peak[1] - t[0]) <= 0.6 and abs(peak[0] - t[1]) <= 0.6
         assert f == pytest.approx(64 / (80 * factor * 1.2))
         f2, t2 = w.to_image(f, t)
         assert f2 == pytest.approx(1.0) and np.allclose(t2, centre)
+
+
+def test_a_face_cut_by_the_photos_edge_is_seen_only_inside_the_photo(default_model):
+    # a tight crop: the face's left part and forehead lie beyond the photo's edges
+    img = np.full((100, 100, 3), 128, np.uint8)
+    pts = np.array([[-20.0, -10.0], [80.0, 90.0]])
+    cut = face_window(img, pts, 64, 0.1)
+    k, (ox, oy) = cut.window.scale, cut.window.offset
+    u = ox + np.arange(64) / k  # image x of each window column
+    v = oy + np.arange(64) / k
+    assert not cut.inside[:, u < 0].any() and not cut.inside[v < 0, :].any()
+    assert not cut.inside[v > 99, :].any()  # the window also leaves the photo at the bottom
+    inner = (v > 3) & (v < 96), (u > 3) & (u < 96)
+    assert cut.inside[np.ix_(*inner)].all()  # the photo itself, but its 2-window-px border
+    # the refinement's visibility follows the mask: no sample is taken from the padded border
+    model = default_model
+    region, ids = region_model(model, IBUG68, 3.0)
+    mean = model.mean.reshape(-1, 3)[ids]
+    scale = 0.3
+    xy = np.stack([32 + scale * mean[:, 0], 32 - scale * mean[:, 1]], 1)
+    inside = np.ones((64, 64), bool)
+    inside[:, :32] = False  # the left half of the window is border
+    batch = RefineBatch(
+        windows=torch.zeros(1, 1, 64, 64, 3),
+        inside=torch.tensor(inside)[None, None],
+        valid=torch.ones(1, 1, dtype=torch.bool),
+        alpha_id=torch.zeros(1, model.k_id),
+        alpha_exp=torch.zeros(1, 1, model.k_exp),
+        rotation=torch.eye(3)[None, None],
+        scale=torch.tensor([[scale]]),
+        translation=torch.tensor([[[32.0, 32.0]]]),
+        inv_distance=torch.zeros(1, 1),
+    )
+    seen = visible_samples(region, batch)[0, 0].numpy() > 0
+    batch.inside[:] = True
+    seen_uncut = visible_samples(region, batch)[0, 0].numpy() > 0
+    on_photo = np.round(xy[:, 0]) >= 32
+    assert on_photo.any() and (~on_photo).any()
+    assert (seen == (seen_uncut & on_photo)).all()
 
 
 def test_refined_fits_are_fits_with_their_own_columns():
@@ -150,9 +232,13 @@ def _renders(model, alpha_id: np.ndarray, yaws: list[float], size: int = 160):
 
     verts = model.shape(alpha_id * model.id_std).astype(np.float32)
     xyz = model.mean.reshape(-1, 3)
-    # a texture with edges (what photo-consistency registers: brows, eyes, lips, skin marks)
-    squares = (np.sin(xyz[:, :1] / 3.0) * np.sin(xyz[:, 1:2] / 3.0) > 0).astype(np.float64)
-    albedo = 0.3 + 0.35 * squares * np.array([1.0, 0.8, 0.7])
+    # a texture with edges (what photo-consistency registers: brows, eyes, lips, skin marks), and
+    # not periodic: a grid of squares would register as well one square over
+    rng = np.random.default_rng(5)
+    centres = rng.uniform(xyz.min(0), xyz.max(0), size=(120, 3))
+    d2 = ((xyz[:, None, :2] - centres[None, :, :2]) ** 2).sum(-1)
+    spots = (d2.min(1) < rng.uniform(9.0, 30.0, 120)[d2.argmin(1)]).astype(np.float64)[:, None]
+    albedo = 0.3 + 0.35 * spots * np.array([1.0, 0.8, 0.7])
     n = len(yaws)
     R = np.stack([rotation_from_euler_deg(np.array(y), np.array(4.0), np.array(0.0)) for y in yaws])
     sh = np.zeros((n, 9, 3), np.float32)
@@ -189,16 +275,17 @@ def test_the_refinement_recovers_a_face_its_landmark_fit_missed(default_model):
     region, ids = region_model(model, IBUG68, 3.0)
     start = 0.3 * truth  # the landmark fit's shrunk identity; poses off by a little
     mean = model.mean.reshape(-1, 3)[ids]
-    windows, f, t = [], [], []
+    windows, inside, f, t = [], [], [], []
     for j, im in enumerate(images):
         cam = mean @ R[j].T
         pts = np.stack([centre[0] + scale * cam[:, 0], centre[1] - scale * cam[:, 1]], 1)
-        win, w = face_window(im, pts, 96, 0.1)
-        fw, tw = w.to_window(scale * 1.02, centre + np.array([1.0, -1.0]))
-        windows.append(win), f.append(fw), t.append(tw)
+        cut = face_window(im, pts, 96, 0.1)
+        fw, tw = cut.window.to_window(scale * 1.02, centre + np.array([1.0, -1.0]))
+        windows.append(cut.pixels), inside.append(cut.inside), f.append(fw), t.append(tw)
     m = len(images)
     batch = RefineBatch(
         windows=torch.tensor(np.stack(windows))[None],
+        inside=torch.tensor(np.stack(inside))[None],
         valid=torch.ones(1, m, dtype=torch.bool),
         alpha_id=torch.tensor(start, dtype=torch.float32)[None],
         alpha_exp=torch.zeros(1, m, model.k_exp),

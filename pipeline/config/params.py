@@ -255,12 +255,18 @@ class RefineParams(StageParams):
     """each image is cut to a square around its fitted face and resampled to this side, so the settings below mean the same at any image size"""
     sample_spacing_mm: float
     """the photometric term samples one face-region vertex per square of this side on the frontal face"""
+    forehead_mm: float
+    """the face region is closed over the brows raised by this much (mm): more forehead gives more skin and more hair"""
+    colour_field_order: int
+    """a per-image colour gain over the face besides the shading (make-up, tan, white balance varying across the face): 0 none, 1 linear, 2 quadratic in the frontal face position; solved in closed form with the shading"""
     blur_px: tuple[float, ...]
     """Gaussian blur of the windows (window pixels), one optimisation level each, coarse to fine: a wide basin first"""
     steps: int
     """Adam steps per level"""
     learning_rate: float
-    """Adam's step (coefficients in units of their std, rotation in radians, log scale, window pixels, log distance)"""
+    """Adam's step (coefficients in units of their std, rotation in radians, log scale, log distance; the shift has translation_step_px)"""
+    translation_step_px: float
+    """Adam's step for each image's shift at the coarsest blur level (window pixels), in proportion to the blur at the levels after it: the fit's registration is off by several pixels, which learning_rate's step (in standard deviations and radians) would take hundreds of steps to cover"""
     identity_from_level: int
     """the identity moves from this level on (0-based); before it, pose, distance and expression only"""
     photo_weight: float
@@ -411,6 +417,12 @@ class TrainParams(StageParams):
     """colours of the genova renders: sampled = the input crop's colours at the prediction's visible vertices (the hidden ones their mean); flat = every vertex that mean colour, so only the geometry differs between shapes (docs/render.md measures both)"""
     genova_loopback_light: float
     """loopback renders: light level 1 +- this, uniform"""
+    genova_loopback_texture: Literal["own", "shuffled"]
+    """colours of the loopback render: own = the prediction's input's (the texture names the input, so an encoder can give the coefficients back without reading the shape); shuffled = another input's in the batch, so only the render's shape and shading tell the coefficients (docs/render.md measures both)"""
+    genova_loopback_directional: float
+    """share of the loopback renders' light from a random direction up to 55 degrees off the view axis (order-1 spherical harmonics: irradiance from 1 down to 1 - this); 0 = the flat light, where the shape shows only in its outline"""
+    genova_loopback_through_render: bool
+    """the loopback's gradient also flows through the render into the first prediction (Genova et al.); false: the render is of the prediction with its gradient stopped, so the loopback only teaches the encoder to read renders back (docs/render.md measures both)"""
     target_norm: Literal["minmax", "robust"]
     """per-dimension [-1,1] normalisation of the latent targets from the train split: min/max, or the 1st/99th percentiles (robust to outliers)"""
     flip_augment: bool

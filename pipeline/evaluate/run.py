@@ -731,7 +731,7 @@ def needed_images(
 
 
 # --- identity error against images per subject ----------------------------------------------------------
-def _run_fit(model: MorphableModel, manifest: Manifest) -> Callable:
+def run_fit(model: MorphableModel, manifest: Manifest) -> Callable:
     """The run's own fit (its parameters and landmark error model) as a function of a landmarks table."""
     import array_api_compat.numpy as anp
 
@@ -768,7 +768,7 @@ def identity_curve_section(ctx: Context, truth: SyntheticTruth, manifest: Manife
         landmarks,
         true_alpha,
         ctx.model,
-        _run_fit(ctx.model, manifest),
+        run_fit(ctx.model, manifest),
         tuple(int(m) for m in ctx.params["curve_images"]),
         int(ctx.params["curve_repeats"]),
         int(ctx.params["seed"]),

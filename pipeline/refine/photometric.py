@@ -35,6 +35,7 @@ class RegionModel:
     landmark_mean: Tensor  # (L, 3) the inner landmarks
     landmark_id: Tensor  # (L, 3, k_id)
     landmark_exp: Tensor  # (L, 3, k_exp)
+    coords: Tensor  # (R, 2) frontal face position of each vertex, about −1…1 across the face
 
 
 def rotation_from_vector(omega: Tensor) -> Tensor:
@@ -80,17 +81,17 @@ def solve_appearance(
 ) -> tuple[Tensor, Tensor]:
     """Per-vertex albedo shared over a subject's images, and each image's per-channel shading.
 
-    colours (S, M, V, 3) linear RGB, basis (S, M, V, 4) the normals' SH, weights (S, M, V) (0 for
+    colours (S, M, V, 3) linear RGB, basis (S, M, V, n) the normals' SH (and any colour field), weights (S, M, V) (0 for
     unseen samples and padded images), albedo (S, V, 3) the previous solution (warm start).
-    Returns (albedo (S, V, 3), shading coefficients (S, M, 4, 3)). Alternating least squares."""
-    eye = 1e-4 * torch.eye(4, dtype=colours.dtype, device=colours.device)
+    Returns (albedo (S, V, 3), shading coefficients (S, M, n, 3)). Alternating least squares."""
+    eye = 1e-4 * torch.eye(basis.shape[-1], dtype=colours.dtype, device=colours.device)
     for _ in range(iterations):
         # shading given albedo: per image and channel, min Σ w (a·(b·l) − c)²
         ab = albedo[:, None, :, None, :] * basis[..., :, None]  # (S, M, V, 4, 3)
         w = weights[..., None, None]
         lhs = torch.einsum("smvic,smvjc->smcij", ab * w, ab) + eye
         rhs = torch.einsum("smvic,smvc->smci", ab * w, colours)
-        light = torch.linalg.solve(lhs, rhs[..., None])[..., 0].transpose(-1, -2)  # (S, M, 4, 3)
+        light = torch.linalg.solve(lhs, rhs[..., None])[..., 0].transpose(-1, -2)  # (S, M, n, 3)
         shade = torch.einsum("smvi,smic->smvc", basis, light)
         # albedo given shading: per vertex and channel, over the images that see it
         num = (weights[..., None] * shade * colours).sum(1)

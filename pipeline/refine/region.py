@@ -59,13 +59,16 @@ def region_model(
     scheme: LandmarkScheme,
     spacing_mm: float,
     device: torch.device | str = "cpu",
+    forehead_mm: float = 12.0,
 ) -> tuple[RegionModel, np.ndarray]:
     """(the model at the face region's samples as tensors, the samples' vertex ids). The samples
     carry a mesh of their own (their frontal Delaunay triangulation) for normals and visibility:
     a face's shading needs no finer one, and the refinement's cost follows the samples."""
-    region = face_region(model, scheme)
+    region = face_region(model, scheme, forehead_mm)
     mean = model.mean.reshape(-1, 3)
     ids = region[grid_samples(mean[region, :2].astype(np.float64), spacing_mm)]
+    xy = mean[ids, :2].astype(np.float64)
+    coords = (xy - xy.mean(0)) / np.abs(xy - xy.mean(0)).max()
     tri = sample_mesh(mean[ids, :2].astype(np.float64), 3.0 * spacing_mm)
     k_id, k_exp = model.k_id, model.k_exp
     id_basis = (model.id_basis * model.id_std).reshape(-1, 3, k_id)
@@ -86,6 +89,7 @@ def region_model(
             landmark_mean=t(lm_mean[inner]),
             landmark_id=t(lm_id[inner] * model.id_std),
             landmark_exp=t(lm_exp[inner] * model.exp_std),
+            coords=t(coords),
         ),
         ids,
     )

@@ -6,6 +6,7 @@ on CPU or CUDA; a coarse-to-fine schedule of blurs gives the descent a wide basi
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -32,6 +33,7 @@ class RefineSettings:
     blur_px: tuple[float, ...] = (4.0, 2.0, 1.0)  # window pixels, one level each, coarse to fine
     steps: int = 40  # Adam steps per level
     learning_rate: float = 0.02
+    translation_step_px: float = 1.0  # the shift's Adam step at the coarsest blur (window px), ∝ blur after
     photo_weight: float = 0.15  # the photometric term per sample, against one landmark's squared error
     landmark_sigma_mm: float = 8.0  # how far the inner landmarks may move from the landmark fit's
     identity_prior_weight: float = 30.0  # on the identity's change from the landmark fit
@@ -39,6 +41,7 @@ class RefineSettings:
     identity_from_level: int = 2  # levels before this one move pose and expression only
     cauchy_scale: float = 1.0  # the Cauchy scale, in units of the level's median residual
     fit_distance: bool = True  # each image's pinhole distance is an unknown (from the batch's start)
+    colour_field_order: int = 0  # per-image colour gain over the face: 0 none, 1 linear, 2 quadratic
 
 
 @dataclass
@@ -46,6 +49,7 @@ class RefineBatch:
     """A padded batch of S subjects with up to M images each (window pixels, σ-unit coefficients)."""
 
     windows: Tensor  # (S, M, P, P, 3) linear RGB
+    inside: Tensor  # (S, M, P, P) bool: the window pixel shows the image (not its padded border)
     valid: Tensor  # (S, M) bool
     alpha_id: Tensor  # (S, k_id) in units of the model's std
     alpha_exp: Tensor  # (S, M, k_exp)
@@ -62,7 +66,9 @@ class RefineResult:
     rotation: Tensor
     scale: Tensor
     translation: Tensor
-    residual_before: Tensor  # (S, M) robust photometric residual per sample (0 where unseen)
+    # (S, M) the robust photometric residual per seen sample (0 where none), at the finest blur and
+    # the start's Cauchy scale both times: comparable
+    residual_before: Tensor
     residual_after: Tensor
     inv_distance: Tensor  # (S, M) mm⁻¹
     seen: Tensor  # (S, M) samples the image shows
@@ -80,8 +86,9 @@ def _landmarks(region: RegionModel, a_id: Tensor, a_exp: Tensor) -> Tensor:
 
 
 def visible_samples(region: RegionModel, batch: RefineBatch) -> Tensor:
-    """(S, M, V) float: the sample faces the camera and is the nearest surface at its pixel in the
-    landmark fit's geometry (the one rasteriser), fixed for the refinement."""
+    """(S, M, V) float: the sample faces the camera, is the nearest surface at its pixel in the
+    landmark fit's geometry (the one rasteriser), and that pixel shows the image
+    (``batch.inside``); fixed for the refinement."""
     s, m = batch.valid.shape
     p = batch.windows.shape[2]
     with torch.no_grad():
@@ -92,6 +99,7 @@ def visible_samples(region: RegionModel, batch: RefineBatch) -> Tensor:
     out = np.zeros((s, m, region.samples.numel()), np.float32)
     tri = region.triangles.cpu().numpy()
     smp = region.samples.cpu().numpy()
+    inside_image = batch.inside.cpu().numpy()
     for i, j in zip(*np.nonzero(batch.valid.cpu().numpy()), strict=True):
         screen = torch.cat([xy[i, j], cam[i, j, :, 2:]], dim=-1).cpu().double().numpy()
         depth = rasterize(screen, tri, p, p).depth_buffer()
@@ -99,7 +107,8 @@ def visible_samples(region: RegionModel, batch: RefineBatch) -> Tensor:
         inside = (screen[smp, :2] >= 0).all(1) & (screen[smp, :2] <= p - 1).all(1)
         front = normals[i, j, smp, 2].cpu().numpy() > 0.2
         near = screen[smp, 2] >= depth[px[:, 1], px[:, 0]] - 2.0  # mm
-        out[i, j] = (inside & front & near).astype(np.float32)
+        shown = inside_image[i, j][px[:, 1], px[:, 0]]
+        out[i, j] = (inside & front & near & shown).astype(np.float32)
     return torch.as_tensor(out, device=batch.windows.device)
 
 
@@ -134,8 +143,24 @@ class Geometry:
     inv_distance: Tensor  # (S, M) 1 / the pinhole's distance (mm⁻¹); 0 = scaled orthographic
 
 
+def colour_field(coords: Tensor, order: int) -> Tensor:
+    """(V, n) the monomials of the samples' frontal face coordinates (V, 2) of degree 1 to
+    ``order``: a per-image colour gain that varies smoothly over the face (make-up, tan, a soft
+    shadow) as extra columns of the shading basis."""
+    u, v = coords[:, 0:1], coords[:, 1:2]
+    cols = [u, v] if order >= 1 else []
+    if order >= 2:
+        cols += [u * u, u * v, v * v]
+    return torch.cat(cols, dim=1) if cols else coords[:, :0]
+
+
 def residuals(
-    region: RegionModel, images: Tensor, seen: Tensor, g: Geometry, albedo: Tensor | None
+    region: RegionModel,
+    images: Tensor,
+    seen: Tensor,
+    g: Geometry,
+    albedo: Tensor | None,
+    field_order: int = 0,
 ) -> tuple[Tensor, Tensor]:
     """((S, M, V) squared colour residuals of the samples, the albedo solved for them)."""
     s, m = seen.shape[:2]
@@ -144,6 +169,9 @@ def residuals(
     xy = project(verts[:, :, region.samples], g.rotation, g.scale, g.translation, g.inv_distance)
     colours = sample_image(images, xy.reshape(s * m, -1, 2)).reshape(s, m, -1, 3)
     basis = sh_basis(normals)
+    if field_order > 0:
+        field = colour_field(region.coords[region.samples], field_order).to(basis.dtype)
+        basis = torch.cat([basis, field.expand(s, m, *field.shape)], dim=-1)
     with torch.no_grad():
         if albedo is None:
             albedo = (seen[..., None] * colours).sum(1) / seen.sum(1).clamp_min(1.0)[..., None]
@@ -185,7 +213,7 @@ def refine(region: RegionModel, batch: RefineBatch, settings: RefineSettings) ->
     log_f = torch.zeros(s, m, dtype=dt, device=dev, requires_grad=True)
     shift = torch.zeros(s, m, 2, dtype=dt, device=dev, requires_grad=True)
     log_d = torch.zeros(s, m, dtype=dt, device=dev, requires_grad=perspective)  # log of D / D_start
-    params = [d_id, d_exp, omega, log_f, shift, *([log_d] if perspective else [])]
+    params = [d_id, d_exp, omega, log_f, *([log_d] if perspective else [])]
     lm_sigma2 = (settings.landmark_sigma_mm * batch.scale[..., None]) ** 2  # (S, M, 1) window px²
     flat = batch.windows.reshape(s * m, p, p, 3)
 
@@ -199,9 +227,9 @@ def refine(region: RegionModel, batch: RefineBatch, settings: RefineSettings) ->
             inv_distance=rho0 * torch.exp(-log_d),
         )
 
-    def objective(images: Tensor, c2: Tensor, albedo: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+    def objective(images: Tensor, c2: Tensor, albedo: Tensor | None) -> tuple[Tensor, Tensor]:
         g = geometry()
-        r2, albedo = residuals(region, images, seen, g, albedo)
+        r2, albedo = residuals(region, images, seen, g, albedo, settings.colour_field_order)
         photo_per_image = (seen * cauchy(r2, c2)).sum(-1) / n_seen  # (S, M) mean per seen sample
         lm = project(
             _landmarks(region, g.alpha_id, g.alpha_exp), g.rotation, g.scale, g.translation, g.inv_distance
@@ -213,34 +241,42 @@ def refine(region: RegionModel, batch: RefineBatch, settings: RefineSettings) ->
             (g.alpha_exp**2).sum(-1) * batch.valid
         ).sum(-1)
         photo = settings.photo_weight * region.samples.numel() * photo_per_image
-        return (photo + lm_term).sum() + prior.sum(), photo_per_image.detach(), albedo
+        return (photo + lm_term).sum() + prior.sum(), albedo
 
-    before = None
-    after = torch.zeros(s, m, dtype=dt, device=dev)
+    # the residual before and after, both at the finest blur and the start's scale (comparable)
+    finest = _blur(flat, settings.blur_px[-1])
+    with torch.no_grad():
+        r2, _ = residuals(region, finest, seen, geometry(), None, settings.colour_field_order)
+        c2_start = median_scale(r2, seen) * settings.cauchy_scale**2
+        before = (seen * cauchy(r2, c2_start)).sum(-1) / n_seen
     for level, blur in enumerate(settings.blur_px):
         images = _blur(flat, blur)
         with torch.no_grad():
-            r2, albedo = residuals(region, images, seen, geometry(), None)
+            r2, albedo = residuals(region, images, seen, geometry(), None, settings.colour_field_order)
         c2 = median_scale(r2, seen) * settings.cauchy_scale**2
-        if before is None:
-            before = (seen * cauchy(r2, c2)).sum(-1) / n_seen
-        opt = torch.optim.Adam(params, lr=settings.learning_rate)
+        # the shift's step shrinks with the blur: a wide basin first, then settling to the detail
+        coarsest = max(settings.blur_px)
+        shift_step = settings.translation_step_px * (blur / coarsest if coarsest > 0 else 1.0)
+        groups: list[dict[str, Any]] = [{"params": params}, {"params": [shift], "lr": shift_step}]
+        opt = torch.optim.Adam(groups, lr=settings.learning_rate)
         for _ in range(settings.steps):
             opt.zero_grad()
-            loss, after, albedo = objective(images, c2, albedo)
+            loss, albedo = objective(images, c2, albedo)
             loss.backward()
             if level < settings.identity_from_level:
                 d_id.grad = None
             opt.step()
     with torch.no_grad():
         g = geometry()
+        r2, _ = residuals(region, finest, seen, g, None, settings.colour_field_order)
+        after = (seen * cauchy(r2, c2_start)).sum(-1) / n_seen
         return RefineResult(
             alpha_id=g.alpha_id,
             alpha_exp=g.alpha_exp,
             rotation=g.rotation,
             scale=g.scale,
             translation=g.translation,
-            residual_before=before if before is not None else after,
+            residual_before=before,
             residual_after=after,
             inv_distance=g.inv_distance,
             seen=seen.sum(-1),

@@ -27,7 +27,7 @@ from pipeline.landmarks.scheme import IBUG68
 from pipeline.models.morphable_model import MorphableModel
 from pipeline.refine.region import region_model
 from pipeline.refine.solve import RefineBatch, RefineResult, RefineSettings, refine
-from pipeline.refine.windows import Window, face_window
+from pipeline.refine.windows import FaceWindow, face_window
 
 IDENTITY_KEY = b"morphset.fit.identity"  # the fits' metadata: subject | image
 WINDOW_MARGIN = 0.1  # the window's side is (1 + 2 × this) × the projected face region's extent
@@ -66,12 +66,14 @@ def settings_from_params(p: dict) -> RefineSettings:
         blur_px=tuple(float(b) for b in p["blur_px"]),
         steps=int(p["steps"]),
         learning_rate=float(p["learning_rate"]),
+        translation_step_px=float(p["translation_step_px"]),
         photo_weight=float(p["photo_weight"]),
         landmark_sigma_mm=float(p["landmark_sigma_mm"]),
         identity_prior_weight=float(p["identity_prior_weight"]),
         expression_prior_weight=float(p["expression_prior_weight"]),
         identity_from_level=int(p["identity_from_level"]),
         fit_distance=p["start_distance_mm"] is not None,
+        colour_field_order=int(p["colour_field_order"]),
     )
 
 
@@ -107,10 +109,10 @@ def run_shard(inputs: dict[str, pa.Table], ctx: StageContext) -> pa.Table:
         return _copy(fits, off=True)
     model = load_stage_model(ctx)
     device = torch.device(torch_device(str(params["device"])))
-    spacing = float(params["sample_spacing_mm"])
+    spacing, forehead = float(params["sample_spacing_mm"]), float(params["forehead_mm"])
     region, ids = workercache.get_or_create(
-        ("refine.region", model.sha256, spacing, str(device)),
-        lambda: region_model(model, IBUG68, spacing, device),
+        ("refine.region", model.sha256, spacing, forehead, str(device)),
+        lambda: region_model(model, IBUG68, spacing, device, forehead),
     )
     rows = fits.to_pylist()
     records = index.to_pylist()
@@ -151,13 +153,13 @@ def _windows(
     params: dict,
     ctx: StageContext,
     out: list[dict],
-) -> dict[str, dict[int, tuple[np.ndarray, Window]]]:
+) -> dict[str, dict[int, FaceWindow]]:
     """subject -> {row: (its face window, the window's transform)} for every image decoded."""
     mean = model.mean.reshape(-1, 3)[ids].astype(np.float64)
     root = dataset_root(index)
     max_pixels = max_pixels_from(ctx.config)
     size = int(params["window_px"])
-    found: dict[str, dict[int, tuple[np.ndarray, Window]]] = {}
+    found: dict[str, dict[int, FaceWindow]] = {}
     for s in subjects:
         for i in by_subject[s]:
             r = rows[i]
@@ -177,7 +179,7 @@ def _windows(
 
 def _batch(
     names: list[str],
-    windows: dict[str, dict[int, tuple[np.ndarray, Window]]],
+    windows: dict[str, dict[int, FaceWindow]],
     rows: list[dict],
     model: MorphableModel,
     params: dict,
@@ -187,6 +189,7 @@ def _batch(
     p = int(params["window_px"])
     start = params["start_distance_mm"]
     win = np.zeros((s, m, p, p, 3), np.float32)
+    inside = np.zeros((s, m, p, p), bool)
     valid = np.zeros((s, m), bool)
     a_id = np.zeros((s, model.k_id))
     a_exp = np.zeros((s, m, model.k_exp))
@@ -199,8 +202,9 @@ def _batch(
         slots[n] = sorted(windows[n])
         a_id[a] = np.asarray(rows[slots[n][0]]["alpha_id"], np.float64) / model.id_std
         for b, i in enumerate(slots[n]):
-            r, (image, w) = rows[i], windows[n][i]
-            win[a, b], valid[a, b] = image, True
+            r, fw = rows[i], windows[n][i]
+            w = fw.window
+            win[a, b], inside[a, b], valid[a, b] = fw.pixels, fw.inside, True
             a_exp[a, b] = np.asarray(r["alpha_exp"], np.float64) / model.exp_std
             rot[a, b] = np.asarray(r["rotation"], np.float64).reshape(3, 3)
             scale[a, b], trans[a, b] = w.to_window(float(r["scale"]), np.asarray(r["translation"]))
@@ -212,6 +216,7 @@ def _batch(
 
     batch = RefineBatch(
         windows=t(win),
+        inside=t(inside, torch.bool),
         valid=t(valid, torch.bool),
         alpha_id=t(a_id),
         alpha_exp=t(a_exp),
@@ -227,7 +232,7 @@ def _write_back(
     result: RefineResult,
     batch: RefineBatch,
     slots: dict[str, list[int]],
-    windows: dict[str, dict[int, tuple[np.ndarray, Window]]],
+    windows: dict[str, dict[int, FaceWindow]],
     model: MorphableModel,
     out: list[dict],
 ) -> None:
@@ -237,7 +242,7 @@ def _write_back(
     m = batch.valid.shape[1]
     for a, (n, rows) in enumerate(slots.items()):
         for b, i in enumerate(rows):
-            f, t = windows[n][i][1].to_image(float(res["scale"][a, b]), res["translation"][a, b])
+            f, t = windows[n][i].window.to_image(float(res["scale"][a, b]), res["translation"][a, b])
             rho = float(res["inv_distance"][a, b])
             k = a * m + b
             out[i].update(

@@ -31,9 +31,21 @@ def srgb_to_linear(rgb8: np.ndarray) -> np.ndarray:
     return np.where(c <= 0.04045, c / 12.92, ((c + 0.055) / 1.055) ** 2.4).astype(np.float32)
 
 
-def face_window(image: np.ndarray, points: np.ndarray, size: int, margin: float) -> tuple[np.ndarray, Window]:
-    """(the window (size, size, 3) linear RGB float32, its :class:`Window`): the square around
-    ``points`` (n, 2) image pixels, its side (1 + 2·margin) × their larger extent."""
+@dataclass(frozen=True)
+class FaceWindow:
+    pixels: np.ndarray  # (size, size, 3) linear RGB float32
+    inside: np.ndarray  # (size, size) bool: the pixel comes from the image, not from its padded border
+    window: Window
+
+
+INSIDE_BORDER_PX = 2.0  # window pixels next to the image's edge count as outside (the bilinear tap, a blur)
+
+
+def face_window(image: np.ndarray, points: np.ndarray, size: int, margin: float) -> FaceWindow:
+    """The square around ``points`` (n, 2) image pixels, its side (1 + 2·margin) × their larger
+    extent, resampled to ``size`` pixels. Where the square leaves the image its pixels repeat the
+    border, so that filters are defined, and ``inside`` is false there: a face cut by the photo's
+    edge (a tight crop) must not be explained by the border's streaks."""
     lo, hi = points.min(axis=0), points.max(axis=0)
     centre = (lo + hi) / 2
     side = float(max(hi - lo)) * (1 + 2 * margin)
@@ -49,4 +61,11 @@ def face_window(image: np.ndarray, points: np.ndarray, size: int, margin: float)
     k = size / side
     # pixel centres at integers on both sides: image u ↔ PIL's u + 0.5, window j ↔ x0 + (j + 0.5) / k
     offset = (float(x0) - 0.5 + 0.5 / k, float(y0) - 0.5 + 0.5 / k)
-    return srgb_to_linear(np.asarray(out)), Window(scale=k, offset=offset)
+    window = Window(scale=k, offset=offset)
+    j = np.arange(size, dtype=np.float64)
+    edge = INSIDE_BORDER_PX / k  # image pixels
+    u = offset[0] + j / k
+    v = offset[1] + j / k
+    in_u = (u >= edge) & (u <= image.shape[1] - 1 - edge)
+    in_v = (v >= edge) & (v <= image.shape[0] - 1 - edge)
+    return FaceWindow(srgb_to_linear(np.asarray(out)), in_v[:, None] & in_u[None, :], window)

@@ -54,6 +54,9 @@ class GenovaSettings:
     loopback_pitch_deg: float
     loopback_light: float
     appearance: str = "sampled"  # or "flat": every vertex the visible mean colour
+    loopback_texture: str = "own"  # or "shuffled": each loopback render wears another input's colours
+    loopback_directional: float = 0.0  # share of the loopback light from a random direction
+    loopback_through_render: bool = True  # False: the render is of the prediction with its gradient stopped
 
     @classmethod
     def from_params(cls, p: dict) -> GenovaSettings:
@@ -66,6 +69,9 @@ class GenovaSettings:
             float(p["genova_loopback_pitch_deg"]),
             float(p["genova_loopback_light"]),
             str(p.get("genova_appearance", "sampled")),
+            str(p.get("genova_loopback_texture", "own")),
+            float(p.get("genova_loopback_directional", 0.0)),
+            bool(p.get("genova_loopback_through_render", True)),
         )
 
 
@@ -168,6 +174,20 @@ def flat_light(
     return SHLighting(coeff)
 
 
+def directional_light(gain: Tensor, share: float, direction: Tensor) -> SHLighting:
+    """Order-1 SH lighting whose irradiance at unit normal ``n`` is
+    ``gain (1 − share/2 + share/2 · n·l)`` for unit ``direction`` l (B, 3) in the camera frame: from
+    ``gain`` where the surface faces the light down to ``gain (1 − share)`` where it faces away, so
+    a render's shading shows its shape."""
+    b = gain.shape[0]
+    coeff = flat_light(b, gain.dtype, gain.device, gain * (1.0 - share / 2)).coefficients.clone()
+    y1 = float(sh_basis(torch.tensor([[0.0, 1.0, 0.0]]))[0, 1])  # Y_1,-1 at +y: the band-1 constant
+    amp = gain * share / 2 / (BAND_FACTORS[1] * y1)
+    for index, axis in ((1, 1), (2, 2), (3, 0)):  # sh_basis orders band 1 as y, z, x
+        coeff[:, index, :] = (amp * direction[:, axis])[:, None]
+    return SHLighting(coeff)
+
+
 def to_srgb(linear: Tensor) -> Tensor:
     """Linear RGB -> sRGB in [0, 1] (gamma 2.2, as synth)."""
     return linear.clamp(1e-6, 1.0) ** (1 / 2.2)
@@ -241,6 +261,10 @@ class GenovaLosses(nn.Module):
         random-light render of the prediction and the prediction itself (gradient stopped)."""
         s = self.settings
         b = vertices.shape[0]
+        if not s.loopback_through_render:
+            # the encoder alone learns to give back the coefficients of a render it is shown; the
+            # prediction is not moved to make its render easier to read
+            vertices, colours = vertices.detach(), colours.detach()
         yaw = (torch.rand(b, generator=rng) * 2 - 1) * s.loopback_yaw_deg
         pitch = (torch.rand(b, generator=rng) * 2 - 1) * s.loopback_pitch_deg
         rot = torch.as_tensor(
@@ -252,8 +276,17 @@ class GenovaLosses(nn.Module):
         )
         ref = torch.as_tensor(REFERENCE_POINTS, dtype=vertices.dtype, device=vertices.device).expand(b, 5, 2)
         cam = aligned_camera(rot, five_points(self.landmarks.locate(vertices)).detach(), ref)
-        gain = 1.0 + (torch.rand(b, generator=rng) * 2 - 1) * s.loopback_light
-        light = flat_light(b, vertices.dtype, vertices.device, gain.to(vertices.dtype))
+        gain = (1.0 + (torch.rand(b, generator=rng) * 2 - 1) * s.loopback_light).to(vertices.dtype)
+        if s.loopback_directional > 0:  # a light from the front, up to 55° off the view axis
+            d = torch.cat([(torch.rand(b, 2, generator=rng) * 2 - 1), torch.ones(b, 1)], dim=1)
+            d = (d / d.norm(dim=1, keepdim=True)).to(vertices.dtype).to(vertices.device)
+            light = directional_light(gain.to(vertices.device), s.loopback_directional, d)
+        else:
+            light = flat_light(b, vertices.dtype, vertices.device, gain.to(vertices.device))
+        if s.loopback_texture == "shuffled" and b > 1:
+            # another input's colours: the texture no longer names the prediction, so the encoder
+            # must read the render's shape to give its coefficients back
+            colours = colours.roll(1, dims=0)
         bg = torch.full(
             (b, CROP_HEIGHT, CROP_WIDTH, 3), BACKGROUND, dtype=vertices.dtype, device=vertices.device
         )
