@@ -3,7 +3,9 @@
 - **loopback**: the predicted face (the morphable model's shape of the predicted α, colours taken
   from the input crop) is rendered under a random pose and lighting into a crop framed like the
   trainset's (SphereFace's five points), encoded again, and must give the same coefficients back
-  (normalised units; the first prediction is the target, its gradient stopped);
+  (normalised units; the first prediction is the target, its gradient stopped). Optionally the
+  render wears another input's colours and a directional light (so only its shape and shading
+  tell the coefficients), and its gradient can be kept from the prediction (docs/render.md);
 - **multiview_identity**: renders of the prediction at a few yaws, aligned as dlib's face network
   expects (its 150x150 chip), must look like the input's person to that frozen network:
   ``1 - cos(e_render, e_input)`` averaged over the views;
