@@ -31,8 +31,6 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 if TYPE_CHECKING:
-    import pyarrow as pa
-
     from pipeline.models.morphable_model import MorphableModel
     from pipeline.storage.run import Run
 
@@ -142,14 +140,6 @@ def ratios(e: np.ndarray, boot: int) -> Callable[[int], dict]:
     return ratio
 
 
-def drawn(table: pa.Table, rows: np.ndarray, names: list[str]) -> pa.Table:
-    """The rows of M-subset draws, each draw a subject of its own (``subset_draws``' names)."""
-    import pyarrow as pa
-
-    field = table.schema.get_field_index("subject")
-    return table.take(pa.array(rows)).set_column(field, "subject", pa.array(names, pa.string()))
-
-
 def refined_curve(
     run: Run, model: MorphableModel, truth: dict[str, np.ndarray], ms: list[int], repeats: int, boot: int
 ) -> list[dict]:
@@ -159,7 +149,12 @@ def refined_curve(
     from pipeline.config.resolve import resolve
     from pipeline.core.runner import stage_context
     from pipeline.core.tables import RunTables
-    from pipeline.evaluate.identity_curve import all_vertex_error, identity_shape, subset_draws
+    from pipeline.evaluate.identity_curve import (
+        all_vertex_error,
+        drawn_rows,
+        identity_shape,
+        subset_draws,
+    )
     from pipeline.evaluate.run import run_fit
     from pipeline.refine.stage import RefineStage
 
@@ -179,9 +174,9 @@ def refined_curve(
     points = []
     for m in ms:
         rows, names, draws = subset_draws(subjects, usable, m, repeats, rng)
-        fits = fit(drawn(landmarks, rows, names))
+        fits = fit(drawn_rows(landmarks, rows, names))
         refined = RefineStage().run(
-            {"index": drawn(index, rows, names), "fit": fits}, stage_context(manifest, "refine", run)
+            {"index": drawn_rows(index, rows, names), "fit": fits}, stage_context(manifest, "refine", run)
         )
         first: dict[str, tuple[list, list | None]] = {}
         for f, r in zip(fits.to_pylist(), refined.to_pylist(), strict=True):

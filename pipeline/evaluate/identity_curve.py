@@ -89,6 +89,12 @@ def subset_draws(
     return np.asarray(rows, np.int64), names, draws
 
 
+def drawn_rows(table: pa.Table, rows: np.ndarray, names: list[str]) -> pa.Table:
+    """The rows of :func:`subset_draws`' draws, each draw a subject of its own (its name)."""
+    field = table.schema.get_field_index("subject")
+    return table.take(pa.array(rows)).set_column(field, "subject", pa.array(names, pa.string()))
+
+
 def identity_shape(model: MorphableModel, alpha: np.ndarray) -> np.ndarray:
     """(n, 3) mm: the identity shape of ``alpha`` (float32 bases, as the fit and the renderer)."""
     a = np.asarray(alpha, np.float32)
@@ -130,10 +136,7 @@ def identity_curve(
         rows, names, draws = subset_draws(subjects, usable, m, repeats, rng)
         if not len(rows):
             continue
-        table = landmarks.take(pa.array(rows)).set_column(
-            landmarks.schema.get_field_index("subject"), "subject", pa.array(names, pa.string())
-        )
-        fits = fit(table)
+        fits = fit(drawn_rows(landmarks, rows, names))
         alpha_of: dict[str, np.ndarray] = {}
         for r in fits.select(["subject", "alpha_id"]).to_pylist():
             if r["alpha_id"] is not None:
