@@ -69,7 +69,7 @@ def region_model(
     ids = region[grid_samples(mean[region, :2].astype(np.float64), spacing_mm)]
     xy = mean[ids, :2].astype(np.float64)
     coords = (xy - xy.mean(0)) / np.abs(xy - xy.mean(0)).max()
-    tri = sample_mesh(mean[ids, :2].astype(np.float64), 3.0 * spacing_mm)
+    tri = sample_mesh(xy, 3.0 * spacing_mm)
     k_id, k_exp = model.k_id, model.k_exp
     id_basis = (model.id_basis * model.id_std).reshape(-1, 3, k_id)
     exp_basis = (model.exp_basis * model.exp_std).reshape(-1, 3, k_exp)

@@ -154,7 +154,8 @@ def _windows(
     ctx: StageContext,
     out: list[dict],
 ) -> dict[str, dict[int, FaceWindow]]:
-    """subject -> {row: (its face window, the window's transform)} for every image decoded."""
+    """subject -> {row: its face window (pixels, which of them show the photo, the transform)} for
+    every image decoded."""
     mean = model.mean.reshape(-1, 3)[ids].astype(np.float64)
     root = dataset_root(index)
     max_pixels = max_pixels_from(ctx.config)
