@@ -1,6 +1,7 @@
 """Fit settings on real photographs: per-image identity AUC and split-half consistency; prints JSON.
 
     .venv/bin/python benchmarks/real_identity.py [--photos DIR] [--weights 1 3 10] [--boot 1000]
+    .venv/bin/python benchmarks/real_identity.py --parts scale [--scale-photos DIR]
 
 ``--photos``: real photos in subject folders, several per person (default: ../shared/fixtures/faces,
 8 people x 5 crops). Built with the product's own stages (MTCNN, dlib landmarks, the embed stage
@@ -11,6 +12,13 @@ identity prior weights given without shrinkage, the error model off, the perspec
 the photometric refinement after the default fit (``stages.refine``, its identity weights given). A shrinkage scales each
 identity, so it leaves the AUCs (cosines) as they are and shortens the distances in mm. The measures and their 95 % bootstrap intervals over people are
 :mod:`pipeline.evaluate.photo_identity`'s.
+
+``--parts scale``: the same photos resized ×0.5 / ×1 / ×2 (Lanczos, saved losslessly; default
+../shared/fixtures/people, whose photos are large enough that ×0.5 is still a face dlib sees
+well), each size built as subjects of all their photos: the RMS distance (mm) between one person's
+identity shapes at two sizes, over the size pairs of the people with two photos or more (a
+refinement needs two), for the default fit and the default fit + refine. A setting that means
+the same at any image size keeps these small.
 """
 
 from __future__ import annotations
@@ -63,6 +71,88 @@ def measure(runs: dict[str, Path], model: object, boot: int, seed: int, table: s
     return {"per_image": per_image, "split_half": split}
 
 
+def resized_copies(photos: Path, out: Path, factor: float) -> None:
+    """``photos``' subject folders at ``factor`` × their size in ``out`` (PNG: no new JPEG loss)."""
+    from PIL import Image
+
+    from pipeline.fit.calibrate import IMAGE_SUFFIXES
+
+    for person in sorted(p for p in photos.iterdir() if p.is_dir()):
+        (out / person.name).mkdir(parents=True, exist_ok=True)
+        for f in sorted(person.iterdir()):
+            if f.suffix.lower() not in IMAGE_SUFFIXES:
+                continue
+            with Image.open(f) as im:
+                rgb = im.convert("RGB")
+                size = (max(1, round(rgb.width * factor)), max(1, round(rgb.height * factor)))
+                rgb.resize(size, Image.Resampling.LANCZOS).save(out / person.name / f"{f.stem}.png")
+
+
+def scale_test(photos: Path, work: Path, model: object, scales: list[float]) -> dict:
+    """The RMS distance (mm) between each person's identity shapes at two image sizes, for the
+    default fit and with the refinement after it (see the module docstring)."""
+    from itertools import combinations
+
+    from pipeline import api
+    from pipeline.fit.calibrate import IMAGE_SUFFIXES
+
+    refine_defaults = {"stages.fit.identity": "subject", "stages.refine.enabled": False}
+    runs = {}
+    for f in scales:
+        tag = f"x{f:g}".replace(".", "p")  # a dataset name is a manifest key: no dots
+        root, run = work / f"photos-{tag}", work / f"scale-{tag}"
+        shutil.rmtree(root, ignore_errors=True)
+        shutil.rmtree(run, ignore_errors=True)
+        resized_copies(photos, root, f)
+        report = api.build(
+            run,
+            dataset=f"real-photos-{tag}",
+            root=str(root),
+            landmarks="dlib",
+            until="landmarks",
+            scheduler="sync",
+            progress=False,
+            overrides=refine_defaults,
+        )
+        if not report.ok:
+            sys.exit(f"{run}: build failed: {report.failed_shards}")
+        runs[f] = run
+    several = {
+        p.name
+        for p in photos.iterdir()
+        if p.is_dir() and sum(f.suffix.lower() in IMAGE_SUFFIXES for f in p.iterdir()) >= 2
+    }
+    rows: dict[str, dict] = {}
+    for name, refine in (("default fit", False), ("default fit + refine", True)):
+        alpha: dict[float, dict[str, np.ndarray]] = {}
+        for f, run in runs.items():
+            overrides = {**refine_defaults, "stages.refine.enabled": refine}
+            stages = ["embed", "fit", *(["refine"] if refine else [])]
+            report = api.run_stages(run, stages, overrides=overrides, scheduler="sync", progress=False)
+            if report.get("failed_shards"):
+                sys.exit(f"{run}: {name} failed: {report['failed_shards']}")
+            alpha[f] = {}
+            for r in fit_rows(run, "refine" if refine else "fit"):
+                alpha[f].setdefault(r["subject"], np.asarray(r["alpha_id"], np.float64))
+        people = sorted(several.intersection(*(a.keys() for a in alpha.values())))
+        by_pair: dict[str, list[float]] = {}
+        for a, b in combinations(scales, 2):
+            for person in people:
+                va = np.asarray(model.shape(alpha[a][person].astype(np.float32)), np.float64).reshape(-1, 3)
+                vb = np.asarray(model.shape(alpha[b][person].astype(np.float32)), np.float64).reshape(-1, 3)
+                d = float(np.sqrt(np.mean(np.sum((va - vb) ** 2, axis=1))))
+                by_pair.setdefault(f"x{a:g} vs x{b:g}", []).append(d)
+        dist = [d for ds in by_pair.values() for d in ds]
+        rows[name] = {
+            "people": people,
+            "size_pairs": len(dist),
+            "mean_mm": round(float(np.mean(dist)), 3) if dist else None,
+            "max_mm": round(float(np.max(dist)), 3) if dist else None,
+            "mean_mm_by_sizes": {k: round(float(np.mean(v)), 3) for k, v in by_pair.items()},
+        }
+    return {"photos": str(photos), "scales": scales, "rows": rows}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--photos", type=Path, default=REPO.parent / "shared" / "fixtures" / "faces")
@@ -77,22 +167,49 @@ def main() -> None:
     ap.add_argument("--boot", type=int, default=1000)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--work", type=Path, default=None, help="folder for the runs (default: a temporary one)")
+    ap.add_argument(
+        "--parts", nargs="+", choices=["settings", "scale"], default=["settings"], help="what to measure"
+    )
+    ap.add_argument("--scale-photos", type=Path, default=REPO.parent / "shared" / "fixtures" / "people")
+    ap.add_argument("--scales", type=float, nargs="+", default=[0.5, 1.0, 2.0])
     args = ap.parse_args()
-    if not args.photos.is_dir():
-        sys.exit(f"{args.photos}: not a folder of subject folders of real photos")
-    from pipeline import api
+    for folder in (args.photos, *([args.scale_photos] if "scale" in args.parts else [])):
+        if not folder.is_dir():
+            sys.exit(f"{folder}: not a folder of subject folders of real photos")
     from pipeline.config.manifest import load_manifest
-    from pipeline.fit.calibrate import write_halves
     from pipeline.models.assets import resolve_morphable_model
 
     model = resolve_morphable_model(load_manifest())
     work = args.work or Path(tempfile.mkdtemp(prefix="real-identity-"))
+    t0 = time.perf_counter()
+    doc = {
+        "benchmark": "real_identity",
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+        "load_1min": round(os.getloadavg()[0], 2),
+        "photos": str(args.photos),
+    }
+    if "settings" in args.parts:
+        doc["settings"] = settings_table(args, work, model)
+    if "scale" in args.parts:
+        doc["scale_test"] = scale_test(args.scale_photos, work, model, args.scales)
+    doc["seconds"] = round(time.perf_counter() - t0, 1)
+    print(json.dumps(doc, indent=1))
+    if args.work is None:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def settings_table(args: argparse.Namespace, work: Path, model: object) -> dict:
+    """Every setting's per-image AUC and split-half consistency (see the module docstring)."""
+    from pipeline import api
+    from pipeline.config.manifest import load_manifest
+    from pipeline.fit.calibrate import write_halves
+
     halves_root = work / "halves-photos"
     write_halves(args.photos.resolve(), halves_root)
     runs = {"per_image": work / "per-image", "halves": work / "halves"}
     roots = {"per_image": args.photos, "halves": halves_root}
     modes = {"per_image": "image", "halves": "subject"}
-    t0 = time.perf_counter()
     for key, run in runs.items():
         shutil.rmtree(run, ignore_errors=True)
         report = api.build(
@@ -149,18 +266,7 @@ def main() -> None:
             if report.get("failed_shards"):
                 sys.exit(f"{run}: fit failed for {name}: {report['failed_shards']}")
         results[name] = measure(runs, model, args.boot, args.seed, "refine" if refine else "fit")
-    doc = {
-        "benchmark": "real_identity",
-        "date": time.strftime("%Y-%m-%d %H:%M"),
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores",
-        "load_1min": round(os.getloadavg()[0], 2),
-        "photos": str(args.photos),
-        "seconds": round(time.perf_counter() - t0, 1),
-        "settings": results,
-    }
-    print(json.dumps(doc, indent=1))
-    if args.work is None:
-        shutil.rmtree(work, ignore_errors=True)
+    return results
 
 
 if __name__ == "__main__":

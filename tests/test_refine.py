@@ -15,7 +15,7 @@ from pipeline.config.manifest import load_manifest
 from pipeline.config.schemas import SchemaError, load_schema
 from pipeline.core.registry import input_tables
 from pipeline.landmarks.scheme import IBUG68
-from pipeline.refine.photometric import project, rotation_from_vector, solve_appearance
+from pipeline.refine.photometric import project, region_normals, rotation_from_vector, solve_appearance
 from pipeline.refine.region import region_model
 from pipeline.refine.solve import RefineBatch, RefineSettings, refine, visible_samples
 from pipeline.refine.windows import face_window
@@ -112,6 +112,55 @@ def test_a_per_image_colour_gain_over_the_face_is_explained_only_with_the_colour
 
     # the shading alone cannot make two images of one albedo differ across the face like that
     assert fitted_error(0) > 0.01 and fitted_error(1) < 0.1 * fitted_error(0)
+
+
+def test_with_one_image_a_wrong_shape_leaves_a_residual_only_when_the_albedo_is_mirrored():
+    g = torch.Generator().manual_seed(3)
+    half = 200
+    # a face of mirrored vertex pairs (x, y, z) ↔ (−x, y, z) and one albedo per pair
+    right = torch.nn.functional.normalize(
+        torch.randn(half, 3, generator=g) + torch.tensor([0.8, 0, 2.0]), dim=-1
+    )
+    normals = torch.cat([right, right * torch.tensor([-1.0, 1.0, 1.0])])[None, None]
+    mirror = torch.cat([torch.arange(half, 2 * half), torch.arange(half)])
+    albedo = (0.2 + 0.6 * torch.rand(1, half, 3, generator=g)).repeat(1, 2, 1)
+    light = torch.tensor(
+        [[0.7, 0.6, 0.5], [0.4, 0.3, 0.2], [0.1, 0.1, 0.0], [0.3, 0.3, 0.3]]
+    )  # from the side
+    sh = torch.cat([torch.ones_like(normals[..., :1]), normals], -1)
+    colours = albedo[:, None] * (sh @ light)
+    ones = torch.ones(1, 1, 2 * half)
+
+    def residual(n: torch.Tensor, tie: torch.Tensor | None) -> float:
+        basis = torch.cat([torch.ones_like(n[..., :1]), n], -1)
+        a, lt = solve_appearance(colours, basis, ones, torch.full_like(albedo, 0.5), 60, mirror=tie)
+        return float(((a[:, None] * (basis @ lt) - colours) ** 2).mean())
+
+    # a wrong shape: the right half's normals tilted towards the light, the left half's not
+    tilted = normals.clone()
+    tilted[..., :half, :] = torch.nn.functional.normalize(
+        tilted[..., :half, :] + torch.tensor([0.6, 0.0, 0.0]), dim=-1
+    )
+    assert residual(normals, mirror) < 1e-6  # the true shape: explained with the tied albedo
+    assert residual(tilted, None) < 1e-6  # a free albedo explains any shape from one image
+    assert residual(tilted, mirror) > 300 * max(residual(normals, mirror), 1e-8)
+
+
+def test_the_regions_normals_are_its_shapes_area_weighted_vertex_normals(default_model):
+    from pipeline.render.renderer import vertex_normals
+
+    region, _ = region_model(default_model, IBUG68, 3.0)
+    g = torch.Generator().manual_seed(0)
+    a_id = 2 * torch.randn(2, region.id_basis.shape[-1], generator=g)
+    a_exp = 2 * torch.randn(2, 3, region.exp_basis.shape[-1], generator=g)
+    shapes = region.mean + torch.einsum("rck,sk->src", region.id_basis, a_id)
+    shapes = shapes[:, None] + torch.einsum("rck,smk->smrc", region.exp_basis, a_exp)
+    direct = vertex_normals(shapes.reshape(6, -1, 3), region.triangles).reshape(2, 3, -1, 3)
+    normals = region_normals(region, a_id, a_exp)
+    assert torch.allclose(normals, direct, atol=1e-4)
+    # outward: the face's normals point at a frontal camera (+z), and the expression moves them
+    assert (normals[..., 2] > 0).float().mean() > 0.9
+    assert not torch.allclose(normals[:, 0], normals[:, 1], atol=1e-3)
 
 
 def test_more_forehead_adds_samples_above_the_brows_only(default_model):

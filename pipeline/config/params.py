@@ -250,13 +250,15 @@ class RefineParams(StageParams):
     device: str
     """torch device: auto (CUDA when the process sees one), cpu, cuda or cuda:N"""
     min_images: int
-    """subjects with fewer fitted images keep the landmark fit (with one image a per-point colour explains every pixel: the photometric term says nothing about shape)"""
+    """subjects with fewer fitted images keep the landmark fit (with one image a per-point colour explains every pixel and the photometric term says nothing about shape, unless albedo_symmetry ties each point to its mirror image)"""
     window_px: int
     """each image is cut to a square around its fitted face and resampled to this side, so the settings below mean the same at any image size"""
     sample_spacing_mm: float
     """the photometric term samples one face-region vertex per square of this side on the frontal face"""
     forehead_mm: float
     """the face region is closed over the brows raised by this much (mm): more forehead gives more skin and more hair"""
+    albedo_symmetry: bool
+    """the shared albedo is the same at a point and at its mirror image across the face's midline (a face's skin is near symmetric; its light, pose and shape need not be): the photometric term then constrains the shape even from one image"""
     colour_field_order: int
     """a per-image colour gain over the face besides the shading (make-up, tan, white balance varying across the face): 0 none, 1 linear, 2 quadratic in the frontal face position; solved in closed form with the shading"""
     blur_px: tuple[float, ...]

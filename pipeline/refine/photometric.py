@@ -30,12 +30,17 @@ class RegionModel:
     mean: Tensor  # (R, 3) mm
     id_basis: Tensor  # (R, 3, k_id) mm per σ unit (basis × std)
     exp_basis: Tensor  # (R, 3, k_exp) mm per σ unit
-    triangles: Tensor  # (T, 3) into the region's vertices
-    samples: Tensor  # (V,) region vertices the photometric term samples
+    triangles: Tensor  # (T, 3) into the region's vertices, each one a photometric sample
     landmark_mean: Tensor  # (L, 3) the inner landmarks
     landmark_id: Tensor  # (L, 3, k_id)
     landmark_exp: Tensor  # (L, 3, k_exp)
     coords: Tensor  # (R, 2) frontal face position of each vertex, about −1…1 across the face
+    # each triangle's two edges from its first corner, as linear functions of the coefficients
+    # like the vertices: the normals then need matrix products, not gathers of the vertices
+    edge_mean: Tensor  # (2, T, 3) mm
+    edge_id: Tensor  # (2, T, 3, k_id)
+    edge_exp: Tensor  # (2, T, 3, k_exp)
+    mirror: Tensor  # (R,) the vertex nearest each one's mirror image across the midline (itself on it)
 
 
 def rotation_from_vector(omega: Tensor) -> Tensor:
@@ -56,13 +61,22 @@ def rotation_from_vector(omega: Tensor) -> Tensor:
     return eye + a * k + b * (k @ k)
 
 
-def vertex_normals(vertices: Tensor, triangles: Tensor) -> Tensor:
-    """(..., R, 3) unit area-weighted normals of an outward-wound mesh."""
-    a, b, c = (vertices[..., triangles[:, i], :] for i in range(3))
-    face = torch.cross(b - a, c - a, dim=-1)
-    n = torch.zeros_like(vertices)
-    for i in range(3):
-        n = n.index_add(-2, triangles[:, i], face)
+def _cross(u: Tensor, v: Tensor) -> Tensor:
+    """u × v over the last axis (written out: faster than ``torch.linalg.cross`` here)."""
+    u0, u1, u2 = u.unbind(-1)
+    v0, v1, v2 = v.unbind(-1)
+    return torch.stack([u1 * v2 - u2 * v1, u2 * v0 - u0 * v2, u0 * v1 - u1 * v0], dim=-1)
+
+
+def region_normals(region: RegionModel, alpha_id: Tensor, alpha_exp: Tensor) -> Tensor:
+    """(S, M, R, 3) unit area-weighted vertex normals, in the model's frame, of the region's shapes
+    for identities ``alpha_id`` (S, k_id) and expressions ``alpha_exp`` (S, M, k_exp)."""
+    edges = region.edge_mean[:, None] + torch.einsum("etck,sk->estc", region.edge_id, alpha_id)
+    edges = edges[:, :, None] + torch.einsum("etck,smk->esmtc", region.edge_exp, alpha_exp)
+    face = _cross(edges[0], edges[1])  # (S, M, T, 3), length twice the area, outward
+    corners = region.triangles.T.reshape(-1)  # every face's normal to each of its three corners
+    s, m, t = face.shape[:3]
+    n = face.new_zeros(s, m, region.mean.shape[0], 3).index_add(-2, corners, face.repeat(1, 1, 3, 1))
     return n / n.norm(dim=-1, keepdim=True).clamp_min(1e-9)
 
 
@@ -77,25 +91,38 @@ def cauchy(r2: Tensor, c2: Tensor) -> Tensor:
 
 
 def solve_appearance(
-    colours: Tensor, basis: Tensor, weights: Tensor, albedo: Tensor, iterations: int = 2
+    colours: Tensor,
+    basis: Tensor,
+    weights: Tensor,
+    albedo: Tensor,
+    iterations: int = 2,
+    mirror: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Per-vertex albedo shared over a subject's images, and each image's per-channel shading.
 
     colours (S, M, V, 3) linear RGB, basis (S, M, V, n) the normals' SH (and any colour field), weights (S, M, V) (0 for
-    unseen samples and padded images), albedo (S, V, 3) the previous solution (warm start).
+    unseen samples and padded images), albedo (S, V, 3) the previous solution (warm start),
+    mirror (V,) if given: each sample's mirror image, whose albedo it shares (pooled least squares).
     Returns (albedo (S, V, 3), shading coefficients (S, M, n, 3)). Alternating least squares."""
-    eye = 1e-4 * torch.eye(basis.shape[-1], dtype=colours.dtype, device=colours.device)
+    s, m, v, n = basis.shape
+    eye = 1e-4 * torch.eye(n, dtype=colours.dtype, device=colours.device)
+    # as batched matrix products over (S·M) with the samples contracted (the costly axis)
+    b = basis.reshape(s * m, v, n)
+    bb = torch.cat([b * b[..., i : i + 1] for i in range(n)], dim=-1)  # (S·M, V, n²): b_i b_j per sample
+    wc = (weights[..., None] * colours).reshape(s * m, v, 3)
+    w = weights.reshape(s * m, v, 1)
     for _ in range(iterations):
         # shading given albedo: per image and channel, min Σ w (a·(b·l) − c)²
-        ab = albedo[:, None, :, None, :] * basis[..., :, None]  # (S, M, V, 4, 3)
-        w = weights[..., None, None]
-        lhs = torch.einsum("smvic,smvjc->smcij", ab * w, ab) + eye
-        rhs = torch.einsum("smvic,smvc->smci", ab * w, colours)
+        a = albedo[:, None].expand(s, m, v, 3).reshape(s * m, v, 3)
+        lhs = ((w * a * a).transpose(1, 2) @ bb).reshape(s, m, 3, n, n) + eye
+        rhs = ((wc * a).transpose(1, 2) @ b).reshape(s, m, 3, n)
         light = torch.linalg.solve(lhs, rhs[..., None])[..., 0].transpose(-1, -2)  # (S, M, n, 3)
-        shade = torch.einsum("smvi,smic->smvc", basis, light)
+        shade = (b @ light.reshape(s * m, n, 3)).reshape(s, m, v, 3)
         # albedo given shading: per vertex and channel, over the images that see it
-        num = (weights[..., None] * shade * colours).sum(1)
+        num = (wc.reshape(s, m, v, 3) * shade).sum(1)
         den = (weights[..., None] * shade * shade).sum(1)
+        if mirror is not None:  # one albedo for a point and its mirror image: their equations pooled
+            num, den = num + num[:, mirror], den + den[:, mirror]
         albedo = torch.where(den > 1e-9, num / den.clamp_min(1e-9), albedo)
     return albedo, light
 

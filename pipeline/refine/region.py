@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 from matplotlib.path import Path as PolygonPath
-from scipy.spatial import Delaunay
+from scipy.spatial import Delaunay, cKDTree
 
 from pipeline.landmarks.scheme import LandmarkScheme
 from pipeline.models.morphable_model import MorphableModel
@@ -54,6 +54,16 @@ def sample_mesh(xy: np.ndarray, longest_mm: float) -> np.ndarray:
     return tri
 
 
+def mirror_pairs(points: np.ndarray, face: np.ndarray, spacing_mm: float) -> np.ndarray:
+    """(n,) for each of ``points`` (n, 3) the index of the one nearest its mirror image across
+    the midline of ``face`` (the whole mean face, whose x is near symmetric about its median), or
+    its own index where none lies within a sample spacing (an asymmetric edge of the region)."""
+    x0 = float(np.median(face[:, 0]))
+    mirrored = points * [-1.0, 1.0, 1.0] + [2.0 * x0, 0.0, 0.0]
+    dist, nearest = cKDTree(points).query(mirrored)
+    return np.where(dist <= spacing_mm, nearest, np.arange(len(points)))
+
+
 def region_model(
     model: MorphableModel,
     scheme: LandmarkScheme,
@@ -75,6 +85,7 @@ def region_model(
     exp_basis = (model.exp_basis * model.exp_std).reshape(-1, 3, k_exp)
     lm_mean, lm_id, lm_exp = model.landmark_model(scheme)
     inner = scheme.inner
+    m, i, e = mean[ids].astype(np.float64), id_basis[ids], exp_basis[ids]
 
     def t(a: np.ndarray, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return torch.as_tensor(np.ascontiguousarray(a), dtype=dtype, device=device)
@@ -85,11 +96,14 @@ def region_model(
             id_basis=t(id_basis[ids]),
             exp_basis=t(exp_basis[ids]),
             triangles=t(tri, torch.int64),
-            samples=t(np.arange(ids.size), torch.int64),
             landmark_mean=t(lm_mean[inner]),
             landmark_id=t(lm_id[inner] * model.id_std),
             landmark_exp=t(lm_exp[inner] * model.exp_std),
             coords=t(coords),
+            edge_mean=t(np.stack([m[tri[:, 1]] - m[tri[:, 0]], m[tri[:, 2]] - m[tri[:, 0]]])),
+            edge_id=t(np.stack([i[tri[:, 1]] - i[tri[:, 0]], i[tri[:, 2]] - i[tri[:, 0]]])),
+            edge_exp=t(np.stack([e[tri[:, 1]] - e[tri[:, 0]], e[tri[:, 2]] - e[tri[:, 0]]])),
+            mirror=t(mirror_pairs(m, model.mean.reshape(-1, 3), spacing_mm), torch.int64),
         ),
         ids,
     )

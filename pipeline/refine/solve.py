@@ -15,10 +15,10 @@ from pipeline.refine.photometric import (
     RegionModel,
     cauchy,
     project,
+    region_normals,
     rotation_from_vector,
     sh_basis,
     solve_appearance,
-    vertex_normals,
 )
 from pipeline.render.appearance import sample_image
 from pipeline.render.raster import rasterize
@@ -42,6 +42,7 @@ class RefineSettings:
     cauchy_scale: float = 1.0  # the Cauchy scale, in units of the level's median residual
     fit_distance: bool = True  # each image's pinhole distance is an unknown (from the batch's start)
     colour_field_order: int = 0  # per-image colour gain over the face: 0 none, 1 linear, 2 quadratic
+    albedo_symmetry: bool = True  # a point and its mirror image share one albedo
 
 
 @dataclass
@@ -94,19 +95,20 @@ def visible_samples(region: RegionModel, batch: RefineBatch) -> Tensor:
     with torch.no_grad():
         verts = _shapes(region, batch.alpha_id, batch.alpha_exp)
         cam = verts @ batch.rotation.transpose(-1, -2)
-        normals = vertex_normals(cam, region.triangles)
+        facing = (region_normals(region, batch.alpha_id, batch.alpha_exp) @ batch.rotation.transpose(-1, -2))[
+            ..., 2
+        ]
         xy = project(verts, batch.rotation, batch.scale, batch.translation, batch.inv_distance)
-    out = np.zeros((s, m, region.samples.numel()), np.float32)
+    out = np.zeros((s, m, region.mean.shape[0]), np.float32)
     tri = region.triangles.cpu().numpy()
-    smp = region.samples.cpu().numpy()
     inside_image = batch.inside.cpu().numpy()
     for i, j in zip(*np.nonzero(batch.valid.cpu().numpy()), strict=True):
         screen = torch.cat([xy[i, j], cam[i, j, :, 2:]], dim=-1).cpu().double().numpy()
         depth = rasterize(screen, tri, p, p).depth_buffer()
-        px = np.clip(np.round(screen[smp, :2]).astype(np.int64), 0, p - 1)
-        inside = (screen[smp, :2] >= 0).all(1) & (screen[smp, :2] <= p - 1).all(1)
-        front = normals[i, j, smp, 2].cpu().numpy() > 0.2
-        near = screen[smp, 2] >= depth[px[:, 1], px[:, 0]] - 2.0  # mm
+        px = np.clip(np.round(screen[:, :2]).astype(np.int64), 0, p - 1)
+        inside = (screen[:, :2] >= 0).all(1) & (screen[:, :2] <= p - 1).all(1)
+        front = facing[i, j].cpu().numpy() > 0.2
+        near = screen[:, 2] >= depth[px[:, 1], px[:, 0]] - 2.0  # mm
         shown = inside_image[i, j][px[:, 1], px[:, 0]]
         out[i, j] = (inside & front & near & shown).astype(np.float32)
     return torch.as_tensor(out, device=batch.windows.device)
@@ -161,22 +163,25 @@ def residuals(
     g: Geometry,
     albedo: Tensor | None,
     field_order: int = 0,
+    symmetric: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """((S, M, V) squared colour residuals of the samples, the albedo solved for them)."""
     s, m = seen.shape[:2]
     verts = _shapes(region, g.alpha_id, g.alpha_exp)
-    normals = vertex_normals(verts @ g.rotation.transpose(-1, -2), region.triangles)[:, :, region.samples]
-    xy = project(verts[:, :, region.samples], g.rotation, g.scale, g.translation, g.inv_distance)
+    normals = region_normals(region, g.alpha_id, g.alpha_exp) @ g.rotation.transpose(-1, -2)
+    xy = project(verts, g.rotation, g.scale, g.translation, g.inv_distance)
     colours = sample_image(images, xy.reshape(s * m, -1, 2)).reshape(s, m, -1, 3)
     basis = sh_basis(normals)
     if field_order > 0:
-        field = colour_field(region.coords[region.samples], field_order).to(basis.dtype)
+        field = colour_field(region.coords, field_order).to(basis.dtype)
         basis = torch.cat([basis, field.expand(s, m, *field.shape)], dim=-1)
     with torch.no_grad():
         if albedo is None:
             albedo = (seen[..., None] * colours).sum(1) / seen.sum(1).clamp_min(1.0)[..., None]
-        albedo, light = solve_appearance(colours, basis, seen, albedo)
-    pred = albedo[:, None] * torch.einsum("smvi,smic->smvc", basis, light)
+        albedo, light = solve_appearance(
+            colours, basis, seen, albedo, mirror=region.mirror if symmetric else None
+        )
+    pred = albedo[:, None] * (basis @ light)
     return ((colours - pred) ** 2).sum(-1), albedo
 
 
@@ -216,6 +221,7 @@ def refine(region: RegionModel, batch: RefineBatch, settings: RefineSettings) ->
     params = [d_id, d_exp, omega, log_f, *([log_d] if perspective else [])]
     lm_sigma2 = (settings.landmark_sigma_mm * batch.scale[..., None]) ** 2  # (S, M, 1) window px²
     flat = batch.windows.reshape(s * m, p, p, 3)
+    appearance = (settings.colour_field_order, settings.albedo_symmetry)
 
     def geometry() -> Geometry:
         return Geometry(
@@ -229,7 +235,7 @@ def refine(region: RegionModel, batch: RefineBatch, settings: RefineSettings) ->
 
     def objective(images: Tensor, c2: Tensor, albedo: Tensor | None) -> tuple[Tensor, Tensor]:
         g = geometry()
-        r2, albedo = residuals(region, images, seen, g, albedo, settings.colour_field_order)
+        r2, albedo = residuals(region, images, seen, g, albedo, *appearance)
         photo_per_image = (seen * cauchy(r2, c2)).sum(-1) / n_seen  # (S, M) mean per seen sample
         lm = project(
             _landmarks(region, g.alpha_id, g.alpha_exp), g.rotation, g.scale, g.translation, g.inv_distance
@@ -240,19 +246,20 @@ def refine(region: RegionModel, batch: RefineBatch, settings: RefineSettings) ->
         prior = settings.identity_prior_weight * (d_id**2).sum(-1) + settings.expression_prior_weight * (
             (g.alpha_exp**2).sum(-1) * batch.valid
         ).sum(-1)
-        photo = settings.photo_weight * region.samples.numel() * photo_per_image
+        photo = settings.photo_weight * region.mean.shape[0] * photo_per_image
         return (photo + lm_term).sum() + prior.sum(), albedo
 
+    blurred = {b: _blur(flat, b) for b in set(settings.blur_px)}  # each blur once
     # the residual before and after, both at the finest blur and the start's scale (comparable)
-    finest = _blur(flat, settings.blur_px[-1])
+    finest = blurred[settings.blur_px[-1]]
     with torch.no_grad():
-        r2, _ = residuals(region, finest, seen, geometry(), None, settings.colour_field_order)
+        r2, _ = residuals(region, finest, seen, geometry(), None, *appearance)
         c2_start = median_scale(r2, seen) * settings.cauchy_scale**2
         before = (seen * cauchy(r2, c2_start)).sum(-1) / n_seen
     for level, blur in enumerate(settings.blur_px):
-        images = _blur(flat, blur)
+        images = blurred[blur]
         with torch.no_grad():
-            r2, albedo = residuals(region, images, seen, geometry(), None, settings.colour_field_order)
+            r2, albedo = residuals(region, images, seen, geometry(), None, *appearance)
         c2 = median_scale(r2, seen) * settings.cauchy_scale**2
         # the shift's step shrinks with the blur: a wide basin first, then settling to the detail
         coarsest = max(settings.blur_px)
@@ -268,7 +275,7 @@ def refine(region: RegionModel, batch: RefineBatch, settings: RefineSettings) ->
             opt.step()
     with torch.no_grad():
         g = geometry()
-        r2, _ = residuals(region, finest, seen, g, None, settings.colour_field_order)
+        r2, _ = residuals(region, finest, seen, g, None, *appearance)
         after = (seen * cauchy(r2, c2_start)).sum(-1) / n_seen
         return RefineResult(
             alpha_id=g.alpha_id,

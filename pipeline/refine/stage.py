@@ -74,6 +74,7 @@ def settings_from_params(p: dict) -> RefineSettings:
         identity_from_level=int(p["identity_from_level"]),
         fit_distance=p["start_distance_mm"] is not None,
         colour_field_order=int(p["colour_field_order"]),
+        albedo_symmetry=bool(p["albedo_symmetry"]),
     )
 
 
