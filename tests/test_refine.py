@@ -232,6 +232,19 @@ def test_a_face_cut_by_the_photos_edge_is_seen_only_inside_the_photo(default_mod
     assert (seen == (seen_uncut & on_photo)).all()
 
 
+def test_one_image_subjects_are_refined_only_with_the_mirrored_albedo():
+    from pipeline.config.manifest import ManifestError
+
+    ok = load_manifest(overrides={"stages.refine.min_images": 1}).stage_params("refine")
+    assert ok["min_images"] == 1 and ok["albedo_symmetry"] is True
+    with pytest.raises(
+        ManifestError, match=r"stages.refine.albedo_symmetry: expected true \(min_images 1 needs"
+    ):
+        load_manifest(overrides={"stages.refine.min_images": 1, "stages.refine.albedo_symmetry": False})
+    with pytest.raises(ManifestError, match="stages.refine.min_images"):
+        load_manifest(overrides={"stages.refine.min_images": 0})
+
+
 def test_refined_fits_are_fits_with_their_own_columns():
     fits, refined = load_schema("fits"), load_schema("refined_fits")
     assert refined.columns[: len(fits.columns)] == fits.columns

@@ -74,6 +74,9 @@ def _describe(err: jsonschema.ValidationError) -> str:
         return err.message.replace("is a required property", "is required but missing")
     if v == "enum":
         return f"expected one of {err.validator_value}, got {inst!r}"
+    if v == "const":
+        why = f" ({err.schema['description']})" if err.schema.get("description") else ""
+        return f"expected {json.dumps(err.validator_value)}{why}, got {json.dumps(inst, default=repr)}"
     if v == "pattern":
         return f"expected {err.schema.get('description') or 'a match of ' + repr(err.validator_value)}, got {inst!r}"
     return err.message
