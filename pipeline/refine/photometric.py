@@ -11,7 +11,10 @@ look the same in every image once lighting is taken out (photo-consistency), whi
 shape and pose give where the views differ. Albedo and shading are solved in closed form at every
 step without gradient (at their optimum the objective's gradient in the geometry is the partial
 one); a Cauchy loss weights away what the model cannot explain (hair, glasses, cast shadows,
-highlights). With one image the albedo explains every colour, and the term is zero.
+highlights). With one image a free albedo explains every colour, and the term is zero; with the
+albedo shared by each sample and its mirror image across the face's midline
+(``solve_appearance(mirror=...)``) the two sides of every image must agree too, which a shape
+with wrong normals on one side cannot.
 """
 
 from __future__ import annotations
