@@ -82,10 +82,13 @@ def resized_copies(photos: Path, out: Path, factor: float) -> None:
         for f in sorted(person.iterdir()):
             if f.suffix.lower() not in IMAGE_SUFFIXES:
                 continue
-            with Image.open(f) as im:
-                rgb = im.convert("RGB")
-                size = (max(1, round(rgb.width * factor)), max(1, round(rgb.height * factor)))
-                rgb.resize(size, Image.Resampling.LANCZOS).save(out / person.name / f"{f.stem}.png")
+            try:
+                with Image.open(f) as im:
+                    rgb = im.convert("RGB")
+            except OSError as exc:
+                sys.exit(f"{f}: not a readable image ({exc})")
+            size = (max(1, round(rgb.width * factor)), max(1, round(rgb.height * factor)))
+            rgb.resize(size, Image.Resampling.LANCZOS).save(out / person.name / f"{f.stem}.png")
 
 
 def scale_test(photos: Path, work: Path, model: object, scales: list[float]) -> dict:
@@ -94,9 +97,10 @@ def scale_test(photos: Path, work: Path, model: object, scales: list[float]) -> 
     from itertools import combinations
 
     from pipeline import api
+    from pipeline.evaluate.photo_identity import Pairs, shape_distances
     from pipeline.fit.calibrate import IMAGE_SUFFIXES
 
-    refine_defaults = {"stages.fit.identity": "subject", "stages.refine.enabled": False}
+    base = {"stages.fit.identity": "subject", "stages.refine.enabled": False}  # a run remembers overrides
     runs = {}
     for f in scales:
         tag = f"x{f:g}".replace(".", "p")  # a dataset name is a manifest key: no dots
@@ -112,7 +116,7 @@ def scale_test(photos: Path, work: Path, model: object, scales: list[float]) -> 
             until="landmarks",
             scheduler="sync",
             progress=False,
-            overrides=refine_defaults,
+            overrides=base,
         )
         if not report.ok:
             sys.exit(f"{run}: build failed: {report.failed_shards}")
@@ -126,7 +130,7 @@ def scale_test(photos: Path, work: Path, model: object, scales: list[float]) -> 
     for name, refine in (("default fit", False), ("default fit + refine", True)):
         alpha: dict[float, dict[str, np.ndarray]] = {}
         for f, run in runs.items():
-            overrides = {**refine_defaults, "stages.refine.enabled": refine}
+            overrides = {**base, "stages.refine.enabled": refine}
             stages = ["embed", "fit", *(["refine"] if refine else [])]
             report = api.run_stages(run, stages, overrides=overrides, scheduler="sync", progress=False)
             if report.get("failed_shards"):
@@ -135,13 +139,16 @@ def scale_test(photos: Path, work: Path, model: object, scales: list[float]) -> 
             for r in fit_rows(run, "refine" if refine else "fit"):
                 alpha[f].setdefault(r["subject"], np.asarray(r["alpha_id"], np.float64))
         people = sorted(several.intersection(*(a.keys() for a in alpha.values())))
-        by_pair: dict[str, list[float]] = {}
-        for a, b in combinations(scales, 2):
-            for person in people:
-                va = np.asarray(model.shape(alpha[a][person].astype(np.float32)), np.float64).reshape(-1, 3)
-                vb = np.asarray(model.shape(alpha[b][person].astype(np.float32)), np.float64).reshape(-1, 3)
-                d = float(np.sqrt(np.mean(np.sum((va - vb) ** 2, axis=1))))
-                by_pair.setdefault(f"x{a:g} vs x{b:g}", []).append(d)
+        n = len(people)
+        same_person = Pairs(i=np.arange(n), j=np.arange(n) + n, same=np.ones(n, bool))
+        by_pair = {
+            f"x{a:g} vs x{b:g}": shape_distances(
+                np.array([alpha[a][p] for p in people] + [alpha[b][p] for p in people]),
+                lambda x: model.shape(x.astype(np.float32)),
+                same_person,
+            ).tolist()
+            for a, b in combinations(scales, 2)
+        }
         dist = [d for ds in by_pair.values() for d in ds]
         rows[name] = {
             "people": people,
