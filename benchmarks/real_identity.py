@@ -32,8 +32,12 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from pipeline.models.morphable_model import MorphableModel
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -48,7 +52,7 @@ def fit_rows(run: Path, table: str = "fit") -> list[dict]:
     return [r for r in t.to_pylist() if r["failure_reason"] is None and r["alpha_id"] is not None]
 
 
-def measure(runs: dict[str, Path], model: object, boot: int, seed: int, table: str = "fit") -> dict:
+def measure(runs: dict[str, Path], model: MorphableModel, boot: int, seed: int, table: str = "fit") -> dict:
     from pipeline.evaluate.photo_identity import auc_with_interval, split_half_consistency
 
     rows = fit_rows(runs["per_image"], table)
@@ -91,7 +95,7 @@ def resized_copies(photos: Path, out: Path, factor: float) -> None:
             rgb.resize(size, Image.Resampling.LANCZOS).save(out / person.name / f"{f.stem}.png")
 
 
-def scale_test(photos: Path, work: Path, model: object, scales: list[float]) -> dict:
+def scale_test(photos: Path, work: Path, model: MorphableModel, scales: list[float]) -> dict:
     """The RMS distance (mm) between each person's identity shapes at two image sizes, for the
     default fit and with the refinement after it (see the module docstring)."""
     from itertools import combinations
@@ -132,9 +136,9 @@ def scale_test(photos: Path, work: Path, model: object, scales: list[float]) -> 
         for f, run in runs.items():
             overrides = {**base, "stages.refine.enabled": refine}
             stages = ["embed", "fit", *(["refine"] if refine else [])]
-            report = api.run_stages(run, stages, overrides=overrides, scheduler="sync", progress=False)
-            if report.get("failed_shards"):
-                sys.exit(f"{run}: {name} failed: {report['failed_shards']}")
+            ran = api.run_stages(run, stages, overrides=overrides, scheduler="sync", progress=False)
+            if ran.get("failed_shards"):
+                sys.exit(f"{run}: {name} failed: {ran['failed_shards']}")
             alpha[f] = {}
             for r in fit_rows(run, "refine" if refine else "fit"):
                 alpha[f].setdefault(r["subject"], np.asarray(r["alpha_id"], np.float64))
@@ -206,7 +210,7 @@ def main() -> None:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def settings_table(args: argparse.Namespace, work: Path, model: object) -> dict:
+def settings_table(args: argparse.Namespace, work: Path, model: MorphableModel) -> dict:
     """Every setting's per-image AUC and split-half consistency (see the module docstring)."""
     from pipeline import api
     from pipeline.config.manifest import load_manifest
@@ -269,9 +273,9 @@ def settings_table(args: argparse.Namespace, work: Path, model: object) -> dict:
             }
             refine = bool(extra.get("stages.refine.enabled"))
             stages = ["embed", "fit", *(["refine"] if refine else [])]
-            report = api.run_stages(run, stages, overrides=overrides, scheduler="sync", progress=False)
-            if report.get("failed_shards"):
-                sys.exit(f"{run}: fit failed for {name}: {report['failed_shards']}")
+            ran = api.run_stages(run, stages, overrides=overrides, scheduler="sync", progress=False)
+            if ran.get("failed_shards"):
+                sys.exit(f"{run}: fit failed for {name}: {ran['failed_shards']}")
         results[name] = measure(runs, model, args.boot, args.seed, "refine" if refine else "fit")
     return results
 
