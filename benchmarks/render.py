@@ -1,7 +1,7 @@
 """Cost of the differentiable renderer (pipeline/render) on the default morphable model; prints JSON.
 
 A batch of 32 faces (random identities, expressions and yaws within +-40 deg, SH lighting), each
-of the model's full mesh, at 112x96 (the training crop) and 224x224: the z-buffer alone (NumPy,
+of the model's full mesh, at 112x96 (the training crop) and 224x224: the z-buffer alone (torch,
 no gradient), the whole forward pass, and forward + backward (gradients for the vertices, the
 albedo and the lighting). Best of ``--repeat``; CPU threads as given, and CUDA when present.
 

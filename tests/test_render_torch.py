@@ -1,5 +1,5 @@
 """The differentiable renderer (pipeline/render): gradients checked against finite differences in
-double precision, forward values against the NumPy renderer on the same scene."""
+double precision, forward values against closed forms and a brute-force z-buffer."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch
 
 from pipeline.render import camera as cam
 from pipeline.render.interpolate import barycentrics, interpolate, perspective_correct, triangle_ids
-from pipeline.render.raster import rasterize
+from pipeline.render.raster import rasterize, rasterize_batch
 from pipeline.render.renderer import Orthographic, PhongLighting, SHLighting, render, vertex_normals
 from pipeline.render.shading import BAND_FACTORS, lambertian_sh, phong, sh_basis
 from pipeline.render.silhouette import soft_silhouette
@@ -28,19 +28,61 @@ def scene(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.tensor(pts, dtype=D)[None], torch.tensor([[0, 1, 2], [1, 3, 2]])
 
 
-def test_triangle_ids_and_weights_are_those_of_the_numpy_zbuffer():
+def _brute_force_zbuffer(
+    verts: np.ndarray, tris: np.ndarray, h: int, w: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Every pixel centre against every triangle: ((H, W) nearest triangle or -1, (H, W, 3) weights);
+    the nearest wins, the lowest id among equally near ones."""
+    owner, weights = np.full((h, w), -1), np.zeros((h, w, 3))
+    best = np.full((h, w), -np.inf)
+    yy, xx = np.mgrid[0:h, 0:w].astype(float)
+    for t, (i, j, k) in enumerate(tris):
+        (ax, ay, az), (bx, by, bz), (cx, cy, cz) = verts[i], verts[j], verts[k]
+        area = (bx - ax) * (cy - ay) - (cx - ax) * (by - ay)
+        if abs(area) <= 1e-12:
+            continue
+        inv = 1.0 / area  # multiplied, as the rasteriser does, so exact depth ties stay ties
+        wa = ((bx - xx) * (cy - yy) - (cx - xx) * (by - yy)) * inv
+        wb = ((cx - xx) * (ay - yy) - (ax - xx) * (cy - yy)) * inv
+        wc = 1 - wa - wb
+        depth = wa * az + wb * bz + wc * cz
+        wins = (wa >= -1e-9) & (wb >= -1e-9) & (wc >= -1e-9) & (depth > best)
+        owner[wins], best[wins], weights[wins] = t, depth[wins], np.stack([wa, wb, wc], -1)[wins]
+    return owner, weights
+
+
+def test_triangle_ids_and_weights_are_those_of_a_brute_force_zbuffer():
     rng = np.random.default_rng(1)
     verts = rng.uniform(0, 30, (40, 3))
+    verts[:10, :2] = np.round(verts[:10, :2])  # corners on pixel centres: edges through them
     tris = rng.integers(0, 40, (60, 3))
     tris = tris[(tris[:, 0] != tris[:, 1]) & (tris[:, 1] != tris[:, 2]) & (tris[:, 0] != tris[:, 2])]
-    frags = rasterize(verts, tris, 32, 32, cull_backfaces=False)
+    owner, want_w = _brute_force_zbuffer(verts, tris, 32, 32)
     screen, triangles = torch.tensor(verts, dtype=D)[None], torch.tensor(tris)
     tid = triangle_ids(screen, triangles, 32, 32)
+    np.testing.assert_array_equal(tid[0].numpy(), owner)
     w, covered = barycentrics(screen, triangles, tid)
-    assert covered.sum() == len(frags.pixel)
-    flat = tid.reshape(-1)
-    np.testing.assert_array_equal(flat[frags.pixel].numpy(), frags.triangle)
-    np.testing.assert_allclose(w.reshape(-1, 3)[frags.pixel].numpy(), frags.bary, atol=1e-9)
+    np.testing.assert_array_equal(covered[0].numpy(), owner >= 0)
+    np.testing.assert_allclose(w[0].numpy(), want_w, atol=1e-9)
+    frags = rasterize(verts, tris, 32, 32, cull_backfaces=False)  # the NumPy view of the same
+    np.testing.assert_array_equal(frags.pixel, np.flatnonzero(owner >= 0))
+    np.testing.assert_array_equal(frags.triangle, owner[owner >= 0])
+
+
+def test_a_batch_is_rasterised_as_each_of_its_images_alone():
+    """Images pooled into one pass (flat triangle ids across the batch) give each image's own
+    result, with a per-triangle cull mask, overlapping and off-screen triangles."""
+    rng = np.random.default_rng(2)
+    screens = rng.uniform(-8, 40, (3, 50, 3))
+    screens[2, :, :2] *= 3  # large triangles: the row-span path
+    tris = rng.integers(0, 50, (90, 3))
+    cull = rng.random(90) < 0.5
+    batch = rasterize_batch(torch.tensor(screens), torch.tensor(tris), 30, 36, cull)
+    for b in range(3):
+        alone = rasterize_batch(torch.tensor(screens[b : b + 1]), torch.tensor(tris), 30, 36, cull)
+        assert torch.equal(batch.triangle[b], alone.triangle[0])
+        assert torch.equal(batch.bary[b], alone.bary[0]) and torch.equal(batch.depth[b], alone.depth[0])
+        assert int((alone.triangle[0] >= 0).sum()) > 0
 
 
 def test_interpolation_gradients_match_finite_differences():

@@ -21,7 +21,7 @@ from pipeline.refine.photometric import (
     solve_appearance,
 )
 from pipeline.render.appearance import sample_image
-from pipeline.render.raster import rasterize
+from pipeline.render.raster import rasterize_batch
 
 Tensor = torch.Tensor
 
@@ -99,19 +99,18 @@ def visible_samples(region: RegionModel, batch: RefineBatch) -> Tensor:
             ..., 2
         ]
         xy = project(verts, batch.rotation, batch.scale, batch.translation, batch.inv_distance)
-    out = np.zeros((s, m, region.mean.shape[0]), np.float32)
-    tri = region.triangles.cpu().numpy()
-    inside_image = batch.inside.cpu().numpy()
-    for i, j in zip(*np.nonzero(batch.valid.cpu().numpy()), strict=True):
-        screen = torch.cat([xy[i, j], cam[i, j, :, 2:]], dim=-1).cpu().double().numpy()
-        depth = rasterize(screen, tri, p, p).depth_buffer()
-        px = np.clip(np.round(screen[:, :2]).astype(np.int64), 0, p - 1)
-        inside = (screen[:, :2] >= 0).all(1) & (screen[:, :2] <= p - 1).all(1)
-        front = facing[i, j].cpu().numpy() > 0.2
-        near = screen[:, 2] >= depth[px[:, 1], px[:, 0]] - 2.0  # mm
-        shown = inside_image[i, j][px[:, 1], px[:, 0]]
-        out[i, j] = (inside & front & near & shown).astype(np.float32)
-    return torch.as_tensor(out, device=batch.windows.device)
+        valid = torch.nonzero(batch.valid, as_tuple=True)
+        screen = torch.cat([xy, cam[..., 2:]], dim=-1)[valid].double()  # (N, V, 3) the fitted images
+        depth = rasterize_batch(screen, region.triangles, p, p).depth  # on the batch's device
+        px = screen[..., :2].round().long().clamp(0, p - 1)
+        image = torch.arange(len(screen), device=screen.device)[:, None]
+        inside = ((screen[..., :2] >= 0) & (screen[..., :2] <= p - 1)).all(dim=-1)
+        front = facing[valid] > 0.2
+        near = screen[..., 2] >= depth[image, px[..., 1], px[..., 0]] - 2.0  # mm
+        shown = batch.inside[valid][image, px[..., 1], px[..., 0]]
+        out = torch.zeros(s, m, region.mean.shape[0], dtype=torch.float32, device=batch.windows.device)
+        out[valid] = (inside & front & near & shown).float()
+    return out
 
 
 def _blur_rows(t: Tensor, kernel: Tensor) -> Tensor:

@@ -1,5 +1,5 @@
-"""One renderer for morphable-model faces: rasterisation (NumPy, :mod:`.raster`) and differentiable
-deferred shading in torch, batched, on the CPU or CUDA.
+"""One renderer for morphable-model faces: rasterisation (:mod:`.raster`) and differentiable
+deferred shading, all in torch, batched, on the CPU or CUDA.
 
 - :mod:`.camera`: scaled-orthographic and perspective projection to screen space;
 - :mod:`.raster`: the z-buffer (triangle ids; not differentiable, and need not be);

@@ -13,25 +13,21 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from pipeline.render.raster import rasterize
+from pipeline.render.raster import rasterize_batch
 
 Tensor = torch.Tensor
 
 
-@torch.no_grad()
 def triangle_ids(
-    screen: Tensor, triangles: Tensor, height: int, width: int, cull_backfaces: bool | np.ndarray = False
+    screen: Tensor,
+    triangles: Tensor,
+    height: int,
+    width: int,
+    cull_backfaces: bool | np.ndarray | Tensor = False,
 ) -> Tensor:
-    """(B, H, W) int64 index of the nearest triangle at each pixel centre, -1 where none.
-
-    Runs the NumPy z-buffer per image (vectorised over triangles and pixels); the result goes back
-    to ``screen``'s device."""
-    tri = triangles.detach().cpu().numpy().astype(np.int64)
-    out = np.full((screen.shape[0], height * width), -1, np.int64)
-    for b, s in enumerate(screen.detach().cpu().double().numpy()):
-        frags = rasterize(s, tri, height, width, cull_backfaces=cull_backfaces)
-        out[b, frags.pixel] = frags.triangle
-    return torch.from_numpy(out.reshape(-1, height, width)).to(screen.device)
+    """(B, H, W) int64 index of the nearest triangle at each pixel centre, -1 where none
+    (:func:`pipeline.render.raster.rasterize_batch`, on ``screen``'s device, no gradient)."""
+    return rasterize_batch(screen, triangles, height, width, cull_backfaces).triangle
 
 
 def barycentrics(screen: Tensor, triangles: Tensor, tri_id: Tensor) -> tuple[Tensor, Tensor]:

@@ -117,8 +117,7 @@ def render(
     them (B, m, L) (:mod:`.shadow`), and a pinhole's highlights look from its eye. ``silhouette``
     False: a hard edge (coverage 0 or 1) instead of the antialiased one."""
     screen, view_distance = camera.project(vertices)
-    mask = cull.detach().cpu().numpy() if isinstance(cull, Tensor) else bool(cull)
-    full_ids = triangle_ids(screen, triangles, height, width, cull_backfaces=mask)
+    full_ids = triangle_ids(screen, triangles, height, width, cull_backfaces=cull)
     # the per-pixel work runs in the window the meshes cover (with a pixel of background around it
     # for the silhouette), in the window's own pixel coordinates; the rest is background
     rows, cols = (full_ids >= 0).any(dim=0).any(dim=1), (full_ids >= 0).any(dim=0).any(dim=0)

@@ -1,14 +1,14 @@
-"""A vectorised NumPy z-buffer renderer for morphable-model faces (``morphset synth``).
+"""Synth's renders of morphable-model faces (``morphset synth``), through the project's one
+renderer (:func:`pipeline.render.renderer.render`, float64 on the CPU).
 
 Camera: scaled orthographic, the fit stage's convention. A model point X (mm, y up, z towards the
 camera) lands at image pixel ``u_x = t_x + f (R X)_x``, ``u_y = t_y - f (R X)_y`` (image y down);
 its depth is ``(R X)_z`` (larger = nearer). Pixel centres are at integer coordinates.
 
-Rasterisation: triangles are grouped by the size of their pixel bounding box. Small ones test
-every pixel centre of their box at once with edge functions (barycentrics); large ones get exact
-per-row x-intervals, so work follows the covered area. There is no Python loop over pixels or
-triangles. Per pixel the nearest fragment wins (a sort, deterministic). A 250x250 image of the
-100k-triangle face takes ~0.05 s on one core, ~0.1 s with 2x supersampling (docs/BENCHMARKS.md).
+Rasterisation is :mod:`pipeline.render.raster`'s (the nearest fragment per pixel centre,
+deterministic); what is synth's own is around it: the head proxy, supersampling with area-averaged
+downsampling, the mesh's holes filled, sRGB over the background, landmark visibility from the
+depth buffer.
 
 Shading (Genova et al. 2018, §3.2.2): Phong with an ambient term and two point lights at random
 positions, in a random colour temperature, on a per-vertex albedo painted from the landmark
