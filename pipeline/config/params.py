@@ -237,6 +237,10 @@ class LandmarksParams(StageParams):
     """FAN: when the checkpoint is not found locally, try to download it from models.fan.source into $TORCH_HOME/hub/checkpoints (atomically; nothing partial is left behind)"""
     download_timeout_s: float
     """FAN: network timeout of that download"""
+    dlib_face_px: int | None
+    """dlib: the face is resampled so its box's longer side is this many pixels before the predictor runs (its points then mean the same at any image size and are not rounded to the photo's pixels; 300 with dlib_jitter 8 is the measured option, docs/fit.md); null = the photo's own pixels"""
+    dlib_jitter: int
+    """dlib: predictions averaged per face, on the box and on copies of it moved by up to 3 % of its side and scaled by up to 4 % (a fixed pattern): dlib's points jump with single pixels, and the average steadies them (about 1.5 ms per face for each: off by default for the build's speed, docs/fit.md); 1 = the box alone"""
     torch_threads: int | None
     """FAN: torch intra-op threads per worker process; null = torch's default"""
 
