@@ -156,15 +156,14 @@ def rasterize_batch(
     # signed double area in image coordinates (y down): negative = counter-clockwise with y up
     area = (b[:, 0] - a[:, 0]) * (c[:, 1] - a[:, 1]) - (c[:, 0] - a[:, 0]) * (b[:, 1] - a[:, 1])
     keep = area.abs() > 1e-12
-    cull = torch.as_tensor(np.asarray(cull_backfaces) if isinstance(cull_backfaces, np.ndarray) else cull_backfaces,
-                           dtype=torch.bool, device=dev)  # fmt: skip
+    cull = torch.as_tensor(cull_backfaces, dtype=torch.bool, device=dev)
     keep &= ~cull.expand(n_tri).repeat(bsz) | (area < 0)
     xs = torch.stack([a[:, 0], b[:, 0], c[:, 0]], dim=1)
     ys = torch.stack([a[:, 1], b[:, 1], c[:, 1]], dim=1)
-    big = float(1 << 40)  # far off-screen corners: keep the integer casts defined
-    x0 = torch.ceil(xs.amin(dim=1)).clamp(0, big).long()
+    # clipped to the image (one past it where a box misses it), so far-off corners cast safely
+    x0 = torch.ceil(xs.amin(dim=1)).clamp(0, width).long()
     x1 = torch.floor(xs.amax(dim=1)).clamp(-1, width - 1).long()
-    y0 = torch.ceil(ys.amin(dim=1)).clamp(0, big).long()
+    y0 = torch.ceil(ys.amin(dim=1)).clamp(0, height).long()
     y1 = torch.floor(ys.amax(dim=1)).clamp(-1, height - 1).long()
     keep &= (x1 >= x0) & (y1 >= y0) & finite
     ids = torch.nonzero(keep).flatten()
