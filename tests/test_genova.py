@@ -211,3 +211,21 @@ def test_the_loopback_moves_the_prediction_only_through_the_render_when_asked(mo
     moved = alpha_id.grad is not None and float(alpha_id.grad.abs().sum()) > 0
     assert moved == through
     assert encoder.gain.grad is not None and float(encoder.gain.grad) != 0  # the encoder learns either way
+
+
+def test_genova_alone_trains_the_encoder_from_scratch_at_the_phase_one_rate(model):
+    """Without Phase I the encoder starts random, so Phase III's fine-tuning rate (lr / 10) would
+    leave it near its start: under genova alone it trains at lr unless lr_phase3 says otherwise."""
+    from pipeline.train.loop import build_optimizer
+    from pipeline.train.network import MorphNet
+
+    net = MorphNet(model.k_id, model.k_exp, model.n_vertices, 4, 0.125, 32)
+
+    def encoder_rate(**over) -> float:
+        opt, _ = build_optimizer(net, 3, validate_params({"lr": 0.002, **over}))
+        return opt.param_groups[0]["lr"]  # the encoder's group comes first
+
+    assert encoder_rate(objective="liu") == pytest.approx(0.0002)
+    assert encoder_rate(objective="liu+genova") == pytest.approx(0.0002)  # Phase I ran: fine-tuning
+    assert encoder_rate(objective="genova") == pytest.approx(0.002)
+    assert encoder_rate(objective="genova", lr_phase3=0.0005) == pytest.approx(0.0005)

@@ -85,6 +85,29 @@ def test_albedo_and_shading_are_recovered_in_closed_form():
     assert torch.allclose(pred, colours, atol=1e-3)  # up to the product's scale, exact
 
 
+def test_a_point_left_dark_by_the_shading_keeps_its_albedo_and_a_singular_system_does_not_fail():
+    """Real photos at half size (session 10): a point the lights barely reached took colour /
+    shading as its albedo, a runaway value that made a shading system singular in float32 and
+    failed the refine shard. Such a point keeps its previous albedo, and a singular system in a
+    batch gets its least-squares solution instead of failing the others."""
+    from pipeline.refine.photometric import _solve_spd, albedo_step
+
+    den = torch.tensor([[[1.0, 2.0, 1.0], [0.9, 1.5, 1.1], [1e-6, 1e-6, 1e-6], [0.0, 0.0, 0.0]]])
+    num = torch.tensor([[[0.5, 0.6, 0.4], [0.45, 0.3, 0.55], [3e-4, 2e-4, 1e-4], [0.0, 0.0, 0.0]]])
+    previous = torch.full((1, 4, 3), 0.7)
+    a = albedo_step(num, den, previous)
+    assert torch.allclose(a[:, :2], num[:, :2] / den[:, :2])  # well lit: least squares
+    assert torch.equal(a[:, 2:], previous[:, 2:])  # dark (300 without the floor) or unseen: kept
+    rng = torch.Generator().manual_seed(0)
+    m = torch.randn(3, 4, 4, generator=rng)
+    lhs = m @ m.transpose(-1, -2) + torch.eye(4)
+    lhs[1] = torch.outer(torch.arange(1.0, 5.0), torch.arange(1.0, 5.0))  # rank one: singular
+    rhs = torch.randn(3, 4, generator=rng)
+    x = _solve_spd(lhs, rhs)
+    assert torch.allclose(x[[0, 2]], torch.linalg.solve(lhs[[0, 2]], rhs[[0, 2]]), atol=1e-5)
+    assert torch.allclose(x[1], torch.linalg.pinv(lhs[1]) @ rhs[1], atol=1e-5)
+
+
 def test_a_per_image_colour_gain_over_the_face_is_explained_only_with_the_colour_field():
     from pipeline.refine.solve import colour_field
 

@@ -368,7 +368,7 @@ class TrainParams(StageParams):
     lr: float
     """learning rate of Phases I and III"""
     lr_phase3: float | None
-    """learning rate of the encoder in Phase III (fine-tuning; the classifier uses lr); null = lr / 10"""
+    """learning rate of the encoder in Phase III (fine-tuning; the classifier uses lr); null = lr / 10, or lr under objective genova (no Phase I: the encoder trains from its random start)"""
     lr_classifier: float | None
     """learning rate of the identification classifier (a new layer in Phase III); null = 10 * lr"""
     lr_decoder: float

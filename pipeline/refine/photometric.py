@@ -119,15 +119,40 @@ def solve_appearance(
         a = albedo[:, None].expand(s, m, v, 3).reshape(s * m, v, 3)
         lhs = ((w * a * a).transpose(1, 2) @ bb).reshape(s, m, 3, n, n) + eye
         rhs = ((wc * a).transpose(1, 2) @ b).reshape(s, m, 3, n)
-        light = torch.linalg.solve(lhs, rhs[..., None])[..., 0].transpose(-1, -2)  # (S, M, n, 3)
+        light = _solve_spd(lhs, rhs).transpose(-1, -2)  # (S, M, n, 3)
         shade = (b @ light.reshape(s * m, n, 3)).reshape(s, m, v, 3)
         # albedo given shading: per vertex and channel, over the images that see it
         num = (wc.reshape(s, m, v, 3) * shade).sum(1)
         den = (weights[..., None] * shade * shade).sum(1)
         if mirror is not None:  # one albedo for a point and its mirror image: their equations pooled
             num, den = num + num[:, mirror], den + den[:, mirror]
-        albedo = torch.where(den > 1e-9, num / den.clamp_min(1e-9), albedo)
+        albedo = albedo_step(num, den, albedo)
     return albedo, light
+
+
+def albedo_step(num: Tensor, den: Tensor, previous: Tensor) -> Tensor:
+    """Each point's least-squares albedo ``num / den`` (S, V, 3), where ``den`` is its squared
+    shading summed over the images that see it; ``previous`` where ``den`` is below a thousandth
+    of the subject's median. A point the shading leaves (nearly) dark in every image says nothing
+    about its albedo: its colour over its tiny shading would be a runaway value that then
+    dominates the shading's least squares (on real photos it made those normal equations singular
+    in float32 and failed the shard; on the demo's renders at most one point in a solve falls
+    below the floor)."""
+    typical = torch.nanmedian(torch.where(den > 0, den, torch.nan), dim=1).values  # (S, 3)
+    floor = (1e-3 * torch.nan_to_num(typical, nan=0.0)).clamp_min(1e-9)[:, None]
+    return torch.where(den > floor, num / torch.maximum(den, floor), previous)
+
+
+def _solve_spd(lhs: Tensor, rhs: Tensor) -> Tensor:
+    """``lhs⁻¹ rhs`` for a batch of symmetric positive semi-definite systems (..., n, n), (..., n);
+    an element whose matrix is singular in its precision gets the least-squares solution (the
+    pseudo-inverse) rather than failing the batch."""
+    x, info = torch.linalg.solve_ex(lhs, rhs[..., None])
+    bad = info != 0
+    if bool(bad.any()):
+        x = x.clone()
+        x[bad] = torch.linalg.pinv(lhs[bad], hermitian=True) @ rhs[bad][..., None]
+    return x[..., 0]
 
 
 def project(

@@ -208,9 +208,15 @@ def _group_lr(group: str, phase: int, params: dict) -> float:
         # thousands of steps before L_C carries any signal
         return params["lr_classifier"] if params["lr_classifier"] is not None else 10 * params["lr"]
     if phase == 3:
+        if params["lr_phase3"] is not None:
+            return params["lr_phase3"]
+        if params.get("objective") == "genova":
+            # Genova's losses alone skip Phase I: Phase III trains the encoder from its random
+            # start, which needs the Phase I rate (a tenth of it left it near the mean face)
+            return params["lr"]
         # Phase III fine-tunes the trained encoder; a fresh optimiser at the Phase I rate knocks it
         # off its Phase I solution
-        return params["lr_phase3"] if params["lr_phase3"] is not None else params["lr"] / 10
+        return params["lr"] / 10
     return params["lr"]
 
 
