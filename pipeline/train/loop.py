@@ -212,7 +212,7 @@ def _group_lr(group: str, phase: int, params: dict) -> float:
             return params["lr_phase3"]
         if params.get("objective") == "genova":
             # Genova's losses alone skip Phase I: Phase III trains the encoder from its random
-            # start, which needs the Phase I rate (a tenth of it left it near the mean face)
+            # start, so it takes the rate Phase I trains the same encoder with from scratch
             return params["lr"]
         # Phase III fine-tunes the trained encoder; a fresh optimiser at the Phase I rate knocks it
         # off its Phase I solution
